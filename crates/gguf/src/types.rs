@@ -164,3 +164,28 @@ impl std::fmt::Display for GgmlType {
         f.write_str(self.name())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip() {
+        for id in 0..64 {
+            if let Some(t) = GgmlType::from_u32(id) {
+                assert_eq!(t.id(), id);
+            }
+        }
+        assert_eq!(GgmlType::from_u32(4), None);
+        assert_eq!(GgmlType::from_u32(5), None);
+    }
+
+    #[test]
+    fn row_bytes() {
+        assert_eq!(GgmlType::Q4_0.row_bytes(64), Some(36));
+        assert_eq!(GgmlType::Q4_K.row_bytes(512), Some(288));
+        assert_eq!(GgmlType::Q4_0.row_bytes(33), None);
+        assert_eq!(GgmlType::F32.row_bytes(u64::MAX), None);
+        assert_eq!(GgmlType::F16.row_bytes(3), Some(6));
+    }
+}
