@@ -1,0 +1,352 @@
+//! `modu run`, `modu chat`, `modu tokenize`, `modu info`.
+
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use modu_engine::chat::{ChatMessage, ChatTemplate};
+use modu_engine::generate::{generate, GenerateParams};
+use modu_engine::{load_model, Model, SamplingParams, Tokenizer};
+use modu_gguf::GgufFile;
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a GGUF path, a known name (pulled on demand) or hf:OWNER/REPO/FILE.gguf.
+    #[arg(short, long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    pub model: String,
+    /// Worker threads (default: all cores).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: min(4096, the model's training context)).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+    pub n_predict: usize,
+    /// Temperature; 0 = greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: i32,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// RNG seed: same seed and settings give the same output.
+    #[arg(long, default_value_t = 0xC0FFEE)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Do not stop at end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn params(&self, logprobs: Option<usize>) -> Result<GenerateParams> {
+        let sampling = SamplingParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+        };
+        sampling.validate().map_err(anyhow::Error::msg)?;
+        Ok(GenerateParams { max_tokens: self.n_predict, sampling, stop: self.stop.clone(), logprobs, ignore_eos: self.ignore_eos })
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Prompt text. Special tokens written in it (e.g. <|im_start|>) are parsed as such.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long = "file", conflicts_with = "prompt")]
+    pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Use this Jinja chat template instead of the model's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Report the K most likely tokens with log-probabilities at each step.
+    #[arg(long)]
+    pub logprobs: Option<usize>,
+    /// Print one JSON object (prompt tokens, generated tokens with log-probabilities) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Print timings to stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print the ids as a JSON array.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not parse special-token text.
+    #[arg(long)]
+    pub no_parse_special: bool,
+    /// Do not add BOS/EOS even if the model asks for them.
+    #[arg(long)]
+    pub no_bos: bool,
+    pub text: String,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Model: a GGUF path, a known name or hf: source.
+    pub model: String,
+    /// Also list every tensor.
+    #[arg(long)]
+    pub tensors: bool,
+}
+
+/// A model ready to generate.
+pub struct Loaded {
+    pub model: Box<dyn Model>,
+    pub tokenizer: Tokenizer,
+    pub file: Arc<GgufFile>,
+    pub ctx: usize,
+}
+
+pub fn open_gguf(spec: &str) -> Result<Arc<GgufFile>> {
+    let path = crate::pull::resolve_with_progress(spec)?;
+    let file = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Arc::new(file))
+}
+
+pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    if let Some(t) = args.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
+    }
+    let file = open_gguf(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file).context("building the tokenizer from GGUF metadata")?;
+    let model = load_model(file.clone()).context("loading the model")?;
+    let ctx = args.ctx.unwrap_or_else(|| model.info().n_ctx_train.min(4096));
+    if ctx == 0 {
+        bail!("--ctx must be at least 1");
+    }
+    Ok(Loaded { model, tokenizer, file, ctx })
+}
+
+fn template(file: &GgufFile, override_path: &Option<PathBuf>) -> Result<ChatTemplate> {
+    if let Some(p) = override_path {
+        let src = std::fs::read_to_string(p).with_context(|| format!("reading chat template {}", p.display()))?;
+        return Ok(ChatTemplate::new(src)?);
+    }
+    Ok(ChatTemplate::for_model(file)?)
+}
+
+fn render_chat(l: &Loaded, tpl: &ChatTemplate, messages: &[ChatMessage]) -> Result<String> {
+    let tok = &l.tokenizer;
+    let bos = tok.bos_id().map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned()).unwrap_or_default();
+    let eos = tok.eos_id().map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned()).unwrap_or_default();
+    Ok(tpl.render(messages, true, &bos, &eos)?)
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))?,
+        (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
+    };
+    let params = a.sampling.params(a.logprobs)?;
+    let l = load(&a.model)?;
+    let text = if a.chat {
+        let tpl = template(&l.file, &a.chat_template)?;
+        let mut msgs = vec![];
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &prompt));
+        render_chat(&l, &tpl, &msgs)?
+    } else {
+        prompt
+    };
+    let ids = l.tokenizer.encode(&text, true, true)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    if ids.len() >= l.ctx {
+        bail!("prompt is {} tokens, the context holds {} (raise --ctx)", ids.len(), l.ctx);
+    }
+    let mut cache = l.model.new_cache(l.ctx);
+    let t0 = Instant::now();
+    let mut first: Option<f64> = None;
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let gen = generate(l.model.as_ref(), &l.tokenizer, &mut cache, &ids, &params, |piece, _| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        if !json {
+            let mut o = stdout.lock();
+            let _ = o.write_all(piece.as_bytes());
+            let _ = o.flush();
+        }
+        ControlFlow::Continue(())
+    })?;
+    let total = t0.elapsed().as_secs_f64();
+    if json {
+        let tokens: Vec<serde_json::Value> = gen
+            .tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id,
+                    "text": t.piece,
+                    "logprob": t.logprob,
+                    "top": t.top.iter().map(|&(id, lp)| serde_json::json!({"id": id, "logprob": lp})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({"prompt_tokens": ids, "tokens": tokens}));
+    } else {
+        println!();
+    }
+    if a.verbose {
+        let n = gen.tokens.len();
+        let ttft = first.unwrap_or(total);
+        eprintln!(
+            "prompt: {} tokens, first token after {:.1} ms; generated {} tokens in {:.2} s ({:.1} tok/s); finish: {}",
+            ids.len(),
+            ttft * 1e3,
+            n,
+            total,
+            if total > ttft { (n.saturating_sub(1)) as f64 / (total - ttft) } else { 0.0 },
+            gen.finish.as_str()
+        );
+    }
+    Ok(())
+}
+
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let params = a.sampling.params(None)?;
+    let l = load(&a.model)?;
+    let tpl = template(&l.file, &a.chat_template)?;
+    let mut msgs = vec![];
+    if let Some(s) = &a.system {
+        msgs.push(ChatMessage::new("system", s));
+    }
+    let mut cache = l.model.new_cache(l.ctx);
+    let mut cached_ids: Vec<u32> = Vec::new();
+    eprintln!("modu chat: {} — type a message, an empty line or Ctrl-D to quit.", l.model.info().name.as_deref().unwrap_or(&a.model.model));
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        msgs.push(ChatMessage::new("user", line.trim_end_matches(['\n', '\r'])));
+        let text = render_chat(&l, &tpl, &msgs)?;
+        let ids = l.tokenizer.encode(&text, true, true)?;
+        if ids.len() + params.max_tokens > l.ctx {
+            bail!("the conversation ({} tokens) no longer fits the context of {} tokens", ids.len(), l.ctx);
+        }
+        // The cache keeps the longest common prefix with the previous turn.
+        cache.truncate(common_prefix(&cached_ids, &ids));
+        let gen = generate(l.model.as_ref(), &l.tokenizer, &mut cache, &ids, &params, |piece, _| {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
+            ControlFlow::Continue(())
+        })?;
+        println!();
+        // Everything but the last sampled token has been through the model.
+        cached_ids = ids;
+        cached_ids.extend(gen.tokens.iter().map(|t| t.id));
+        cached_ids.truncate(cache.len());
+        msgs.push(ChatMessage::new("assistant", gen.text.trim()));
+    }
+    Ok(())
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let file = open_gguf(&a.model.model)?;
+    let tok = Tokenizer::from_gguf(&file)?;
+    let ids = tok.encode(&a.text, !a.no_bos, !a.no_parse_special)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        for id in ids {
+            println!("{id:>8} {:?}", String::from_utf8_lossy(tok.token_bytes(id)));
+        }
+    }
+    Ok(())
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let file = open_gguf(&a.model)?;
+    println!("GGUF version {}; {} metadata keys; {} tensors", file.version(), file.metadata().len(), file.tensors().len());
+    for (k, v) in file.metadata() {
+        let s = format!("{v}");
+        let s = if s.chars().count() > 120 { format!("{}…", s.chars().take(120).collect::<String>()) } else { s };
+        println!("  {k} = {s}");
+    }
+    let mut by_type: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    for t in file.tensors() {
+        let e = by_type.entry(t.ty.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.n_bytes();
+    }
+    println!("tensor types:");
+    for (ty, (n, bytes)) in by_type {
+        println!("  {ty:>6}: {n:>4} tensors, {:>8.1} MB", bytes as f64 / 1e6);
+    }
+    if a.tensors {
+        for t in file.tensors() {
+            println!("  {:<40} {:>6} {:?}", t.name, t.ty.to_string(), t.dims);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! Errors of model loading and the forward pass.
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("GGUF: {0}")]
+    Gguf(#[from] modu_gguf::GgufError),
+    #[error("unsupported architecture '{0}' (supported: llama, qwen2, gemma3)")]
+    UnsupportedArch(String),
+    #[error("model has no general.architecture key")]
+    NoArch,
+    #[error("missing metadata key '{0}'")]
+    MissingKey(String),
+    #[error("bad metadata value for '{key}': {reason}")]
+    BadKey { key: String, reason: String },
+    #[error("missing tensor '{0}' (is this file complete and of the architecture it claims?)")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    BadShape { name: String, expected: Vec<u64>, got: Vec<u64> },
+    #[error("kernel: {0}")]
+    Kernel(String),
+    #[error("context full: {have} cached + {adding} new tokens exceeds the context size {max}")]
+    ContextFull { have: usize, adding: usize, max: usize },
+    #[error("token id {id} out of range (vocabulary size {vocab})")]
+    BadToken { id: u32, vocab: usize },
+    #[error("empty input")]
+    EmptyInput,
+}

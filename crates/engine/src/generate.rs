@@ -1,0 +1,205 @@
+//! The generation loop shared by `modu run`, `modu chat` and the server: prefill the prompt, then
+//! sample one token at a time until end-of-generation, a stop string, the token limit or the end
+//! of the context. Text is streamed in whole UTF-8 characters, and text that might be the start
+//! of a stop string is held back until it is known not to be one.
+
+use std::ops::ControlFlow;
+
+use crate::error::ModelError;
+use crate::kv_cache::KvCache;
+use crate::models::{Logits, Model};
+use crate::sampling::{top_logprobs, Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends when the text contains one of these; the stop string is not returned.
+    pub stop: Vec<String>,
+    /// Report this many most likely alternatives (with log-probabilities) per token.
+    pub logprobs: Option<usize>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self { max_tokens: 256, sampling: SamplingParams::default(), stop: vec![], logprobs: None, ignore_eos: false }
+    }
+}
+
+/// One generated token.
+#[derive(Debug, Clone)]
+pub struct GeneratedToken {
+    pub id: u32,
+    /// The token's own text (lossy where it is part of a multi-byte character).
+    pub piece: String,
+    /// Log-probability under the model's raw distribution (before penalties and filters).
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token.
+    Eos,
+    /// `max_tokens` reached.
+    Length,
+    /// A stop string appeared.
+    Stop,
+    /// The KV cache is full.
+    ContextFull,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI-style name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Length | FinishReason::ContextFull => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<GeneratedToken>,
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// Holds back text that could still turn into a stop string.
+struct StopMatcher<'a> {
+    stops: &'a [String],
+    pending: String,
+}
+
+impl<'a> StopMatcher<'a> {
+    /// Feed new text; returns (text safe to emit, whether a stop string was hit).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        // Longest suffix of pending that is a proper prefix of some stop string.
+        let mut keep = 0;
+        for s in self.stops {
+            for (i, _) in self.pending.char_indices() {
+                let suffix = &self.pending[i..];
+                if suffix.len() > keep && s.starts_with(suffix) {
+                    keep = suffix.len();
+                }
+            }
+        }
+        let cut = self.pending.len() - keep;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// Generate from `prompt` (already tokenized, BOS included if wanted), continuing `cache`
+/// (which may already hold a prefix of the prompt: only the uncached tail is prefilled).
+/// `on_text` receives each piece of finished text and the token that completed it; returning
+/// `ControlFlow::Break` cancels.
+pub fn generate(
+    model: &dyn Model,
+    tokenizer: &Tokenizer,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
+) -> Result<Generation, ModelError> {
+    if prompt.is_empty() {
+        return Err(ModelError::EmptyInput);
+    }
+    // Reuse a cached prefix; always recompute at least the last prompt token to get its logits.
+    let cached = cache.len().min(prompt.len() - 1);
+    cache.truncate(cached);
+    cache.check_room(prompt.len() - cached)?;
+    let mut logits = model.forward(&prompt[cached..], cache, Logits::Last)?;
+
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut history = prompt.to_vec();
+    let mut decoder = StreamDecoder::new(tokenizer);
+    let mut stopper = StopMatcher { stops: &params.stop, pending: String::new() };
+    let mut out = Generation { prompt_tokens: prompt.len(), tokens: vec![], text: String::new(), finish: FinishReason::Length };
+    let mut finish = FinishReason::Length;
+    while out.tokens.len() < params.max_tokens {
+        let id = sampler.sample(&logits, &history);
+        let (logprob, top) = top_logprobs(&logits, id, params.logprobs.unwrap_or(0));
+        let tok = GeneratedToken { id, piece: String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned(), logprob, top };
+        history.push(id);
+        let eog = !params.ignore_eos && tokenizer.is_eog(id);
+        if eog {
+            out.tokens.push(tok);
+            finish = FinishReason::Eos;
+            break;
+        }
+        let text = decoder.push(id);
+        let (emit, hit) = stopper.push(&text);
+        out.text.push_str(&emit);
+        let flow = on_text(&emit, &tok);
+        out.tokens.push(tok);
+        if hit {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if flow.is_break() {
+            finish = FinishReason::Cancelled;
+            break;
+        }
+        if out.tokens.len() >= params.max_tokens {
+            break;
+        }
+        if cache.check_room(1).is_err() {
+            finish = FinishReason::ContextFull;
+            break;
+        }
+        logits = model.forward(&[id], cache, Logits::Last)?;
+    }
+    if finish != FinishReason::Stop {
+        let mut rest = decoder.finish();
+        rest = {
+            let (emit, _) = stopper.push(&rest);
+            emit + &stopper.flush()
+        };
+        if !rest.is_empty() {
+            out.text.push_str(&rest);
+            if let Some(last) = out.tokens.last() {
+                let last = last.clone();
+                let _ = on_text(&rest, &last);
+            }
+        }
+    }
+    out.finish = finish;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_strings_are_held_back_and_cut() {
+        let stops = vec!["</end>".to_string()];
+        let mut m = StopMatcher { stops: &stops, pending: String::new() };
+        assert_eq!(m.push("hello </"), ("hello ".to_string(), false));
+        assert_eq!(m.push("en"), (String::new(), false));
+        assert_eq!(m.push("d> more"), (String::new(), true));
+        let mut m = StopMatcher { stops: &stops, pending: String::new() };
+        assert_eq!(m.push("a </b"), ("a </b".to_string(), false));
+        assert_eq!(m.push("안녕"), ("안녕".to_string(), false));
+    }
+}

@@ -1,0 +1,307 @@
+//! Building blocks shared by the architectures: weights backed by the mmap'd GGUF, RMS norm,
+//! rotary embeddings and causal attention over the KV cache. Activations are row-major
+//! `[n_tokens, dim]` f32 buffers.
+
+use std::sync::Arc;
+
+use modu_gguf::{GgmlType, GgufFile, TensorInfo};
+use modu_kernels::QMatrix;
+
+use crate::error::ModelError;
+use crate::kv_cache::LayerKv;
+
+/// A 2-D weight matrix stored in the GGUF file (`rows` outputs × `cols` inputs, ggml dims
+/// `[cols, rows]`), read in place from the memory map.
+#[derive(Debug, Clone)]
+pub struct Weight {
+    pub info: TensorInfo,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Weight {
+    pub fn ty(&self) -> GgmlType {
+        self.info.ty
+    }
+
+    pub fn mat<'a>(&self, file: &'a GgufFile) -> QMatrix<'a> {
+        QMatrix { ty: self.info.ty, rows: self.rows, cols: self.cols, data: file.tensor_data(&self.info) }
+    }
+}
+
+/// Looks tensors up by name and checks their shapes once, at load time.
+pub struct TensorLoader {
+    pub file: Arc<GgufFile>,
+}
+
+impl TensorLoader {
+    pub fn new(file: Arc<GgufFile>) -> Self {
+        Self { file }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.file.tensor_info(name).is_some()
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo, ModelError> {
+        self.file.tensor_info(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    /// A matrix with ggml dims `[cols, rows]`.
+    pub fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Weight, ModelError> {
+        let info = self.info(name)?;
+        let dims: Vec<u64> = info.dims.clone();
+        if dims.len() != 2 || dims[0] as usize != cols || dims[1] as usize != rows {
+            return Err(ModelError::BadShape { name: name.to_string(), expected: vec![cols as u64, rows as u64], got: dims });
+        }
+        Ok(Weight { info: info.clone(), rows, cols })
+    }
+
+    pub fn opt_matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Option<Weight>, ModelError> {
+        if self.has(name) {
+            self.matrix(name, cols, rows).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A 1-D tensor (norm weights, biases) dequantized to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let info = self.info(name)?;
+        if info.n_elements() != len as u64 || info.dims.len() != 1 {
+            return Err(ModelError::BadShape { name: name.to_string(), expected: vec![len as u64], got: info.dims.clone() });
+        }
+        let mut out = vec![0f32; len];
+        modu_kernels::dequantize_row(info.ty, self.file.tensor_data(info), &mut out)
+            .map_err(|e| ModelError::Kernel(format!("{name}: {e}")))?;
+        Ok(out)
+    }
+
+    pub fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// A projection `y = W·x (+ b)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn load(l: &TensorLoader, name: &str, cols: usize, rows: usize) -> Result<Self, ModelError> {
+        let weight = l.matrix(&format!("{name}.weight"), cols, rows)?;
+        let bias = l.opt_vector(&format!("{name}.bias"), rows)?;
+        Ok(Self { weight, bias })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.rows
+    }
+
+    /// `x` is `[n_tokens, cols]`, `y` becomes `[n_tokens, rows]`.
+    pub fn forward(&self, file: &GgufFile, x: &[f32], n_tokens: usize, y: &mut Vec<f32>) -> Result<(), ModelError> {
+        y.resize(n_tokens * self.weight.rows, 0.0);
+        modu_kernels::matmul(&self.weight.mat(file), x, n_tokens, y).map_err(|e| ModelError::Kernel(e.to_string()))?;
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(b.len()) {
+                for (v, bv) in row.iter_mut().zip(b) {
+                    *v += bv;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `1/sqrt(mean(x²) + eps)`, the sum of squares accumulated in f64 as ggml does.
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let ss: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt()
+}
+
+/// RMS norm of each `dim`-sized row of `x` into `out`, scaled by `w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let dim = w.len();
+    out.resize(x.len(), 0.0);
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let scale = rms_scale(xr, eps);
+        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = xv * scale * wv;
+        }
+    }
+}
+
+/// In-place RMS norm of each `w.len()`-sized chunk (per-head QK norm).
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let dim = w.len();
+    for xr in x.chunks_exact_mut(dim) {
+        let scale = rms_scale(xr, eps);
+        for (xv, wv) in xr.iter_mut().zip(w) {
+            *xv = *xv * scale * wv;
+        }
+    }
+}
+
+/// Largest supported head dimension (RoPE keeps its per-pair angles on the stack).
+pub const MAX_HEAD_DIM: usize = 1024;
+
+/// How rotary pairs are formed within a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)` (llama; GGUF conversion permutes Q/K rows for this).
+    Interleaved,
+    /// Pairs `(i, i + d/2)` (NeoX: qwen2, gemma).
+    Neox,
+}
+
+/// Rotary position embedding parameters for one layer: `head_dim/2` numbers, never a table over
+/// the whole context.
+///
+/// The angle of pair `i` at position `p` is `p·base^(-2i/d)`; like ggml we form it by repeated
+/// f32 multiplication (`θ_i = θ_{i-1}·base^(-2/d)`, `θ_0 = p`) rather than `powf` per pair, so
+/// that angles at large positions round the way llama.cpp's do.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub style: RopeStyle,
+    /// `base^(-2/d)`.
+    pub theta_scale: f32,
+    /// Per-pair frequency divisors (Llama 3 `rope_freqs`), if any.
+    pub freq_factors: Option<Vec<f32>>,
+    /// Linear RoPE scaling: angles are multiplied by `1/factor`.
+    pub freq_scale: f32,
+}
+
+impl Rope {
+    pub fn new(style: RopeStyle, head_dim: usize, base: f32, freq_factors: Option<&[f32]>, freq_scale: f32) -> Self {
+        Self {
+            style,
+            theta_scale: base.powf(-2.0 / head_dim as f32),
+            freq_factors: freq_factors.map(<[f32]>::to_vec),
+            freq_scale,
+        }
+    }
+
+    /// Rotate every head of `x` (`n_heads * head_dim` floats) for position `pos`.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
+        let half = head_dim / 2;
+        let mut sin_cos = [(0f32, 0f32); MAX_HEAD_DIM / 2];
+        let mut theta = pos as f32;
+        for (i, sc) in sin_cos.iter_mut().take(half).enumerate() {
+            let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+            *sc = (self.freq_scale * (theta / ff)).sin_cos();
+            theta *= self.theta_scale;
+        }
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &(s, c)) in sin_cos.iter().take(half).enumerate() {
+                let (a, b) = match self.style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let x0 = head[a];
+                let x1 = head[b];
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// Attention geometry of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Multiplier applied to `q·k`.
+    pub scale: f32,
+    /// Sliding window: a query at position p sees keys at positions > p - window.
+    pub window: Option<usize>,
+}
+
+/// Causal attention for `n_tokens` new queries at positions `pos0..pos0+n_tokens`, whose keys and
+/// values have already been appended to `kv`. `q` is `[n_tokens, n_head*head_dim]`, `out` the same.
+///
+/// Computed the way llama.cpp's CPU flash attention does, so that results agree closely: the
+/// query is rounded to f16 (the cache's type), scores are accumulated in f32, and the softmax is
+/// taken online (running maximum and sum) with the weighted sum of values kept in f16.
+pub fn attention(q: &[f32], kv: &LayerKv, pos0: usize, n_tokens: usize, s: AttnShape, out: &mut Vec<f32>) {
+    let hd = s.head_dim;
+    let q_dim = s.n_head * hd;
+    let group = s.n_head / s.n_head_kv;
+    out.clear();
+    out.resize(n_tokens * q_dim, 0.0);
+    let mut qh16 = vec![0f32; hd];
+    let mut acc = vec![half::f16::ZERO; hd];
+    for t in 0..n_tokens {
+        let pos = pos0 + t;
+        let start = match s.window {
+            Some(w) if pos + 1 > w => pos + 1 - w,
+            _ => 0,
+        };
+        for h in 0..s.n_head {
+            let kvh = h / group;
+            for (d, &x) in qh16.iter_mut().zip(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd]) {
+                *d = half::f16::from_f32(x).to_f32();
+            }
+            acc.iter_mut().for_each(|a| *a = half::f16::ZERO);
+            let mut max = f32::NEG_INFINITY;
+            let mut sum = 0f32;
+            for kp in start..=pos {
+                let score = kv.dot_key(kp, kvh, &qh16) * s.scale;
+                let (ms, vs) = if score > max {
+                    let ms = (max - score).exp();
+                    max = score;
+                    if ms != 1.0 {
+                        acc.iter_mut().for_each(|a| *a = half::f16::from_f32(a.to_f32() * ms));
+                    }
+                    (ms, 1.0)
+                } else {
+                    (1.0, (score - max).exp())
+                };
+                kv.mad_value_f16(kp, kvh, vs, &mut acc);
+                sum = sum * ms + vs;
+            }
+            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            let oh = &mut out[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            for (o, a) in oh.iter_mut().zip(&acc) {
+                *o = a.to_f32() * inv;
+            }
+        }
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (what Gemma uses).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+/// GELU as llama.cpp's CPU backend evaluates it: clamped outside ±10, otherwise the tanh form
+/// at the f16-rounded input, rounded to f16 (ggml reads it from a 64K-entry f16 table). Matching
+/// this rounding keeps Gemma's logits within llama.cpp's.
+pub fn gelu_ggml(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        let xr = half::f16::from_f32(x).to_f32();
+        half::f16::from_f32(gelu_tanh(xr)).to_f32()
+    }
+}
+
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

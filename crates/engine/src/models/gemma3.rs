@@ -1,0 +1,241 @@
+//! Gemma 3 decoder.
+//!
+//! Differences from Llama: the token embedding is scaled by `sqrt(n_embd)`; Q and K are
+//! RMS-normalised per head before RoPE; attention and feed-forward outputs are RMS-normalised
+//! again before the residual add ("sandwich" norms); the feed-forward uses GELU (tanh); five of
+//! every six layers attend over a sliding window with their own RoPE base (10 000), while every
+//! sixth layer is global and uses `rope.freq_base` (and any linear RoPE scaling). The GGUF
+//! conversion already folds Gemma's `1 + w` norm weights into `w`, so norms here are plain RMS
+//! norms. The output projection is tied to the token embedding unless `output.weight` exists.
+
+use std::sync::Arc;
+
+use modu_gguf::GgufFile;
+
+use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
+use crate::error::ModelError;
+use crate::kv_cache::KvCache;
+use crate::layers::{
+    add_inplace, attention, gelu_ggml, rms_norm, rms_norm_inplace, AttnShape, Linear, Rope, RopeStyle, TensorLoader,
+    Weight,
+};
+
+/// Hyper-parameters, parsed once from `gemma3.*` metadata.
+#[derive(Debug, Clone)]
+pub struct Gemma3Config {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope_base_global: f32,
+    pub rope_base_local: f32,
+    /// Linear RoPE scaling of the global layers (1 when absent).
+    pub rope_scale_global: f32,
+    pub sliding_window: usize,
+    /// Every `swa_pattern`-th layer (the last of each group) is global.
+    pub swa_pattern: usize,
+    pub n_ctx_train: usize,
+}
+
+impl Gemma3Config {
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let hp = Hparams { file, arch: "gemma3" };
+        let n_embd = hp.usize("embedding_length")?;
+        let n_head = hp.usize("attention.head_count")?;
+        let n_head_kv = hp.usize_or("attention.head_count_kv", n_head)?;
+        let head_dim = hp.usize_or("attention.key_length", 256)?;
+        let v_dim = hp.usize_or("attention.value_length", head_dim)?;
+        if v_dim != head_dim || n_head % n_head_kv != 0 || head_dim % 2 != 0 || head_dim > crate::layers::MAX_HEAD_DIM {
+            return Err(ModelError::BadKey {
+                key: "gemma3.attention".into(),
+                reason: format!("unsupported head layout: {n_head} heads, {n_head_kv} KV heads, K dim {head_dim}, V dim {v_dim}"),
+            });
+        }
+        let rope_scale_global = match hp.str_opt("rope.scaling.type") {
+            Some("linear") => hp.f32_or("rope.scaling.factor", 1.0)?,
+            _ => 1.0,
+        };
+        Ok(Self {
+            n_layer: hp.usize("block_count")?,
+            n_embd,
+            n_ff: hp.usize("feed_forward_length")?,
+            n_head,
+            n_head_kv,
+            head_dim,
+            rms_eps: hp.f32_or("attention.layer_norm_rms_epsilon", 1e-6)?,
+            rope_base_global: hp.f32_or("rope.freq_base", 1_000_000.0)?,
+            rope_base_local: hp.f32_or("rope.freq_base_swa", 10_000.0)?,
+            rope_scale_global,
+            sliding_window: hp.usize_or("attention.sliding_window", 512)?,
+            swa_pattern: 6,
+            n_ctx_train: hp.usize_or("context_length", 32768)?,
+        })
+    }
+
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        layer % self.swa_pattern < self.swa_pattern - 1
+    }
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    wo: Linear,
+    post_attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+    post_ffn_norm: Vec<f32>,
+    sliding: bool,
+}
+
+pub struct Gemma3 {
+    file: Arc<GgufFile>,
+    cfg: Gemma3Config,
+    info: ModelInfo,
+    tok_embd: Weight,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    output: Linear,
+    rope_local: Rope,
+    rope_global: Rope,
+}
+
+impl Gemma3 {
+    pub fn load(file: Arc<GgufFile>) -> Result<Self, ModelError> {
+        let cfg = Gemma3Config::from_gguf(&file)?;
+        let l = TensorLoader::new(file.clone());
+        let d = cfg.n_embd;
+        let hd = cfg.head_dim;
+        let n_vocab = l
+            .file
+            .tensor_info("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))? as usize;
+        let tok_embd = l.matrix("token_embd.weight", d, n_vocab)?;
+        let q_dim = cfg.n_head * hd;
+        let kv_dim = cfg.n_head_kv * hd;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            blocks.push(Block {
+                attn_norm: l.vector(&p("attn_norm.weight"), d)?,
+                wq: Linear::load(&l, &p("attn_q"), d, q_dim)?,
+                wk: Linear::load(&l, &p("attn_k"), d, kv_dim)?,
+                wv: Linear::load(&l, &p("attn_v"), d, kv_dim)?,
+                q_norm: l.vector(&p("attn_q_norm.weight"), hd)?,
+                k_norm: l.vector(&p("attn_k_norm.weight"), hd)?,
+                wo: Linear::load(&l, &p("attn_output"), q_dim, d)?,
+                post_attn_norm: l.vector(&p("post_attention_norm.weight"), d)?,
+                ffn_norm: l.vector(&p("ffn_norm.weight"), d)?,
+                w_gate: Linear::load(&l, &p("ffn_gate"), d, cfg.n_ff)?,
+                w_up: Linear::load(&l, &p("ffn_up"), d, cfg.n_ff)?,
+                w_down: Linear::load(&l, &p("ffn_down"), cfg.n_ff, d)?,
+                post_ffn_norm: l.vector(&p("post_ffw_norm.weight"), d)?,
+                sliding: cfg.is_sliding(i),
+            });
+        }
+        let output_norm = l.vector("output_norm.weight", d)?;
+        let output = l.opt_matrix("output.weight", d, n_vocab)?.unwrap_or_else(|| tok_embd.clone());
+        let rope_local = Rope::new(RopeStyle::Neox, hd, cfg.rope_base_local, None, 1.0);
+        let rope_global = Rope::new(RopeStyle::Neox, hd, cfg.rope_base_global, None, 1.0 / cfg.rope_scale_global);
+        let info = ModelInfo {
+            arch: "gemma3".into(),
+            name: file.get_str("general.name").map(str::to_string),
+            n_vocab,
+            n_layer: cfg.n_layer,
+            n_embd: d,
+            n_ctx_train: cfg.n_ctx_train,
+        };
+        Ok(Self {
+            file,
+            cfg,
+            info,
+            tok_embd,
+            blocks,
+            output_norm,
+            output: Linear { weight: output, bias: None },
+            rope_local,
+            rope_global,
+        })
+    }
+
+    pub fn config(&self) -> &Gemma3Config {
+        &self.cfg
+    }
+}
+
+impl Model for Gemma3 {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(&vec![(self.cfg.n_head_kv, self.cfg.head_dim); self.cfg.n_layer], max_len)
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        cache.check_room(tokens.len())?;
+        let f = &*self.file;
+        let c = &self.cfg;
+        let n = tokens.len();
+        let pos0 = cache.len();
+        let hd = c.head_dim;
+        let (q_dim, kv_dim) = (c.n_head * hd, c.n_head_kv * hd);
+
+        let mut x = Vec::new();
+        embed_tokens(f, &self.tok_embd, tokens, &mut x)?;
+        let emb_scale = (c.n_embd as f32).sqrt();
+        x.iter_mut().for_each(|v| *v *= emb_scale);
+
+        let (mut h, mut q, mut k, mut v, mut att, mut o) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut gate, mut up) = (vec![], vec![]);
+        for (il, b) in self.blocks.iter().enumerate() {
+            let (rope, window) = if b.sliding { (&self.rope_local, Some(c.sliding_window)) } else { (&self.rope_global, None) };
+            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt(), window };
+
+            rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
+            b.wq.forward(f, &h, n, &mut q)?;
+            b.wk.forward(f, &h, n, &mut k)?;
+            b.wv.forward(f, &h, n, &mut v)?;
+            rms_norm_inplace(&mut q, &b.q_norm, c.rms_eps);
+            rms_norm_inplace(&mut k, &b.k_norm, c.rms_eps);
+            for t in 0..n {
+                rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], hd, pos0 + t);
+                rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, pos0 + t);
+            }
+            cache.layer_mut(il).append(&k, &v);
+            attention(&q, cache.layer(il), pos0, n, shape, &mut att);
+            b.wo.forward(f, &att, n, &mut o)?;
+            rms_norm(&o, &b.post_attn_norm, c.rms_eps, &mut h);
+            add_inplace(&mut x, &h);
+
+            rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut h);
+            b.w_gate.forward(f, &h, n, &mut gate)?;
+            b.w_up.forward(f, &h, n, &mut up)?;
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = gelu_ggml(*g) * u;
+            }
+            b.w_down.forward(f, &gate, n, &mut o)?;
+            rms_norm(&o, &b.post_ffn_norm, c.rms_eps, &mut h);
+            add_inplace(&mut x, &h);
+        }
+
+        let rows = select_rows(&x, c.n_embd, which);
+        rms_norm(rows, &self.output_norm, c.rms_eps, &mut h);
+        let mut logits = Vec::new();
+        self.output.forward(f, &h, rows.len() / c.n_embd, &mut logits)?;
+        Ok(logits)
+    }
+}

@@ -1,0 +1,207 @@
+//! Llama-family decoder: Llama 2/3, the Llama-architecture Korean models (HyperCLOVA X SEED,
+//! Kanana) and Qwen2/Qwen2.5, which is the same network with biases on the Q/K/V projections
+//! and NeoX-style rotary pairs.
+//!
+//! Per layer: `x += Wo·attn(rope(Wq·n), rope(Wk·n), Wv·n)` with `n = rmsnorm(x)`, then
+//! `x += Wdown·(silu(Wgate·n) ⊙ Wup·n)` with `n = rmsnorm(x)`. Grouped-query attention shares
+//! each K/V head between `n_head / n_head_kv` query heads.
+
+use std::sync::Arc;
+
+use modu_gguf::GgufFile;
+
+use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
+use crate::error::ModelError;
+use crate::kv_cache::KvCache;
+use crate::layers::{add_inplace, attention, rms_norm, silu, AttnShape, Linear, Rope, RopeStyle, TensorLoader, Weight};
+
+/// Hyper-parameters, parsed once from `{arch}.*` metadata.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub rope_base: f32,
+    pub rope_style: RopeStyle,
+    /// Linear RoPE scaling factor (1 when absent).
+    pub rope_scale: f32,
+    pub rms_eps: f32,
+    pub n_ctx_train: usize,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(file: &GgufFile, arch: &str) -> Result<Self, ModelError> {
+        let hp = Hparams { file, arch };
+        let n_embd = hp.usize("embedding_length")?;
+        let n_head = hp.usize("attention.head_count")?;
+        let n_head_kv = hp.usize_or("attention.head_count_kv", n_head)?;
+        let head_dim = hp.usize_or("attention.key_length", n_embd / n_head)?;
+        if n_head % n_head_kv != 0 || head_dim % 2 != 0 || head_dim > crate::layers::MAX_HEAD_DIM {
+            return Err(ModelError::BadKey {
+                key: format!("{arch}.attention.head_count_kv"),
+                reason: format!("{n_head} heads cannot be grouped over {n_head_kv} KV heads of dim {head_dim}"),
+            });
+        }
+        let rope_scale = match hp.str_opt("rope.scaling.type") {
+            Some("linear") => hp.f32_or("rope.scaling.factor", 1.0)?,
+            _ => 1.0,
+        };
+        Ok(Self {
+            n_layer: hp.usize("block_count")?,
+            n_embd,
+            n_ff: hp.usize("feed_forward_length")?,
+            n_head,
+            n_head_kv,
+            head_dim,
+            rope_base: hp.f32_or("rope.freq_base", 10_000.0)?,
+            rope_style: if arch == "llama" { RopeStyle::Interleaved } else { RopeStyle::Neox },
+            rope_scale,
+            rms_eps: hp.f32_or("attention.layer_norm_rms_epsilon", 1e-5)?,
+            n_ctx_train: hp.usize_or("context_length", 4096)?,
+        })
+    }
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+pub struct Llama {
+    file: Arc<GgufFile>,
+    cfg: LlamaConfig,
+    info: ModelInfo,
+    tok_embd: Weight,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    /// `output.weight`, or the token embedding when the two are tied.
+    output: Linear,
+    rope: Rope,
+}
+
+impl Llama {
+    pub fn load(file: Arc<GgufFile>) -> Result<Self, ModelError> {
+        let arch = file.architecture().ok_or(ModelError::NoArch)?.to_string();
+        let cfg = LlamaConfig::from_gguf(&file, &arch)?;
+        let l = TensorLoader::new(file.clone());
+        let d = cfg.n_embd;
+        let n_vocab = l
+            .file
+            .tensor_info("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))? as usize;
+        let tok_embd = l.matrix("token_embd.weight", d, n_vocab)?;
+        let q_dim = cfg.n_head * cfg.head_dim;
+        let kv_dim = cfg.n_head_kv * cfg.head_dim;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            blocks.push(Block {
+                attn_norm: l.vector(&p("attn_norm.weight"), d)?,
+                wq: Linear::load(&l, &p("attn_q"), d, q_dim)?,
+                wk: Linear::load(&l, &p("attn_k"), d, kv_dim)?,
+                wv: Linear::load(&l, &p("attn_v"), d, kv_dim)?,
+                wo: Linear::load(&l, &p("attn_output"), q_dim, d)?,
+                ffn_norm: l.vector(&p("ffn_norm.weight"), d)?,
+                w_gate: Linear::load(&l, &p("ffn_gate"), d, cfg.n_ff)?,
+                w_up: Linear::load(&l, &p("ffn_up"), d, cfg.n_ff)?,
+                w_down: Linear::load(&l, &p("ffn_down"), cfg.n_ff, d)?,
+            });
+        }
+        let output_norm = l.vector("output_norm.weight", d)?;
+        let output = l.opt_matrix("output.weight", d, n_vocab)?.unwrap_or_else(|| tok_embd.clone());
+        let output = Linear { weight: output, bias: None };
+        // Llama 3 ships per-dimension RoPE frequency divisors as a tensor.
+        let freq_factors = l.opt_vector("rope_freqs.weight", cfg.head_dim / 2)?;
+        let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.rope_base, freq_factors.as_deref(), 1.0 / cfg.rope_scale);
+        let info = ModelInfo {
+            arch,
+            name: file.get_str("general.name").map(str::to_string),
+            n_vocab,
+            n_layer: cfg.n_layer,
+            n_embd: d,
+            n_ctx_train: cfg.n_ctx_train,
+        };
+        Ok(Self { file, cfg, info, tok_embd, blocks, output_norm, output, rope })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+}
+
+impl Model for Llama {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(&vec![(self.cfg.n_head_kv, self.cfg.head_dim); self.cfg.n_layer], max_len)
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        cache.check_room(tokens.len())?;
+        let f = &*self.file;
+        let c = &self.cfg;
+        let n = tokens.len();
+        let pos0 = cache.len();
+        let hd = c.head_dim;
+        let shape = AttnShape {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: None,
+        };
+
+        let mut x = Vec::new();
+        embed_tokens(f, &self.tok_embd, tokens, &mut x)?;
+        let (mut h, mut q, mut k, mut v, mut att, mut o) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut gate, mut up) = (vec![], vec![]);
+        for (il, b) in self.blocks.iter().enumerate() {
+            // Attention.
+            rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
+            b.wq.forward(f, &h, n, &mut q)?;
+            b.wk.forward(f, &h, n, &mut k)?;
+            b.wv.forward(f, &h, n, &mut v)?;
+            for t in 0..n {
+                self.rope.apply(&mut q[t * c.n_head * hd..(t + 1) * c.n_head * hd], hd, pos0 + t);
+                self.rope.apply(&mut k[t * c.n_head_kv * hd..(t + 1) * c.n_head_kv * hd], hd, pos0 + t);
+            }
+            cache.layer_mut(il).append(&k, &v);
+            attention(&q, cache.layer(il), pos0, n, shape, &mut att);
+            b.wo.forward(f, &att, n, &mut o)?;
+            add_inplace(&mut x, &o);
+
+            // Feed-forward (SwiGLU).
+            rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut h);
+            b.w_gate.forward(f, &h, n, &mut gate)?;
+            b.w_up.forward(f, &h, n, &mut up)?;
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = silu(*g) * u;
+            }
+            b.w_down.forward(f, &gate, n, &mut o)?;
+            add_inplace(&mut x, &o);
+        }
+
+        let rows = select_rows(&x, c.n_embd, which);
+        rms_norm(rows, &self.output_norm, c.rms_eps, &mut h);
+        let n_out = rows.len() / c.n_embd;
+        let mut logits = Vec::new();
+        self.output.forward(f, &h, n_out, &mut logits)?;
+        Ok(logits)
+    }
+}

@@ -1,0 +1,127 @@
+//! Model architectures, one file each. Every architecture parses its hyper-parameters once into a
+//! typed config and implements [`Model`]; [`load_model`] picks one from `general.architecture`.
+
+pub mod gemma3;
+pub mod llama;
+
+use std::sync::Arc;
+
+use modu_gguf::GgufFile;
+
+use crate::error::ModelError;
+use crate::kv_cache::KvCache;
+use crate::layers::Weight;
+
+/// What callers need to know about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub arch: String,
+    pub name: Option<String>,
+    pub n_vocab: usize,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    /// Context length the model was trained with.
+    pub n_ctx_train: usize,
+}
+
+/// Which positions of a forward pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (perplexity, evaluation).
+    All,
+}
+
+pub trait Model: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// An empty cache sized for this model, holding at most `max_len` positions.
+    fn new_cache(&self, max_len: usize) -> KvCache;
+
+    /// Run `tokens` at positions `cache.len()..` (appending their keys and values) and return
+    /// logits `[n, n_vocab]` for the positions `which` asks for.
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Load the architecture named in the file's metadata.
+pub fn load_model(file: Arc<GgufFile>) -> Result<Box<dyn Model>, ModelError> {
+    let arch = file.architecture().ok_or(ModelError::NoArch)?.to_string();
+    match arch.as_str() {
+        "llama" | "qwen2" => Ok(Box::new(llama::Llama::load(file)?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::load(file)?)),
+        other => Err(ModelError::UnsupportedArch(other.to_string())),
+    }
+}
+
+/// Typed access to `{arch}.*` hyper-parameters.
+pub(crate) struct Hparams<'a> {
+    pub file: &'a GgufFile,
+    pub arch: &'a str,
+}
+
+impl Hparams<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{}", self.arch, k)
+    }
+
+    pub fn usize(&self, k: &str) -> Result<usize, ModelError> {
+        let key = self.key(k);
+        match self.file.get(&key) {
+            None => Err(ModelError::MissingKey(key)),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0 && n < (1 << 32))
+                .map(|n| n as usize)
+                .ok_or(ModelError::BadKey { key, reason: "expected a positive integer".into() }),
+        }
+    }
+
+    pub fn usize_or(&self, k: &str, default: usize) -> Result<usize, ModelError> {
+        if self.file.get(&self.key(k)).is_none() {
+            Ok(default)
+        } else {
+            self.usize(k)
+        }
+    }
+
+    pub fn f32_or(&self, k: &str, default: f32) -> Result<f32, ModelError> {
+        let key = self.key(k);
+        match self.file.get(&key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f32()
+                .filter(|x| x.is_finite())
+                .ok_or(ModelError::BadKey { key, reason: "expected a finite number".into() }),
+        }
+    }
+
+    pub fn str_opt(&self, k: &str) -> Option<&str> {
+        self.file.get_str(&self.key(k))
+    }
+}
+
+/// Dequantize embedding rows for `tokens` into `out` (`[n, n_embd]`).
+pub(crate) fn embed_tokens(file: &GgufFile, emb: &Weight, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+    let d = emb.cols;
+    let row_bytes = emb.ty().row_bytes(d as u64).expect("embedding shape checked at load") as usize;
+    let data = file.tensor_data(&emb.info);
+    out.resize(tokens.len() * d, 0.0);
+    for (i, &t) in tokens.iter().enumerate() {
+        if t as usize >= emb.rows {
+            return Err(ModelError::BadToken { id: t, vocab: emb.rows });
+        }
+        let src = &data[t as usize * row_bytes..(t as usize + 1) * row_bytes];
+        modu_kernels::dequantize_row(emb.ty(), src, &mut out[i * d..(i + 1) * d])
+            .map_err(|e| ModelError::Kernel(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Rows of `x` (`[n, dim]`) selected by `which`.
+pub(crate) fn select_rows(x: &[f32], dim: usize, which: Logits) -> &[f32] {
+    match which {
+        Logits::All => x,
+        Logits::Last => &x[x.len() - dim..],
+    }
+}

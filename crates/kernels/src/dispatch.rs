@@ -1,0 +1,247 @@
+//! Run-time selection between the scalar reference kernels and the SIMD ones.
+//!
+//! The public functions here take the same arguments as their [`crate::scalar`] counterparts
+//! and use the fastest implementation the CPU supports. Dot products run over the shorter of
+//! the two slices; quantizers over `min(x.len() / block, y.len())` blocks.
+
+use crate::blocks::*;
+use crate::scalar;
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+/// Which kernel family is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    Scalar,
+    /// x86_64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+/// The kernel family chosen for this process (detected once; `MODU_KERNELS=scalar` forces the
+/// scalar reference).
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var("MODU_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
+            return SimdLevel::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::x86::available() {
+            return SimdLevel::Avx2;
+        }
+        SimdLevel::Scalar
+    })
+}
+
+#[inline(always)]
+#[allow(dead_code)]
+pub(crate) fn use_avx2() -> bool {
+    simd_level() == SimdLevel::Avx2
+}
+
+/// Signature of a dot product of a weight row against an activation row.
+pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
+
+macro_rules! dot {
+    ($(#[$m:meta])* $name:ident, $sel:ident, $w:ty, $a:ty, $scalar:path $(, $simd:path)?) => {
+        #[inline]
+        pub(crate) fn $sel() -> DotFn<$w, $a> {
+            $(
+                #[cfg(target_arch = "x86_64")]
+                if use_avx2() {
+                    return $simd;
+                }
+            )?
+            $scalar
+        }
+        $(#[$m])*
+        pub fn $name(x: &[$w], y: &[$a]) -> f32 {
+            $sel()(x, y)
+        }
+    };
+}
+
+dot!(
+    vec_dot_q4_0_q8_0,
+    sel_q4_0,
+    BlockQ4_0,
+    BlockQ8_0,
+    scalar::vec_dot_q4_0_q8_0,
+    crate::x86::dot_q4_0
+);
+dot!(
+    vec_dot_q4_1_q8_1,
+    sel_q4_1,
+    BlockQ4_1,
+    BlockQ8_1,
+    scalar::vec_dot_q4_1_q8_1,
+    crate::x86::dot_q4_1
+);
+dot!(
+    vec_dot_q5_0_q8_0,
+    sel_q5_0,
+    BlockQ5_0,
+    BlockQ8_0,
+    scalar::vec_dot_q5_0_q8_0,
+    crate::x86::dot_q5_0
+);
+dot!(
+    vec_dot_q5_1_q8_1,
+    sel_q5_1,
+    BlockQ5_1,
+    BlockQ8_1,
+    scalar::vec_dot_q5_1_q8_1,
+    crate::x86::dot_q5_1
+);
+dot!(
+    vec_dot_q8_0_q8_0,
+    sel_q8_0,
+    BlockQ8_0,
+    BlockQ8_0,
+    scalar::vec_dot_q8_0_q8_0,
+    crate::x86::dot_q8_0
+);
+dot!(
+    vec_dot_q2_k_q8_k,
+    sel_q2_k,
+    BlockQ2K,
+    BlockQ8K,
+    scalar::vec_dot_q2_k_q8_k,
+    crate::x86::dot_q2_k
+);
+dot!(
+    vec_dot_q3_k_q8_k,
+    sel_q3_k,
+    BlockQ3K,
+    BlockQ8K,
+    scalar::vec_dot_q3_k_q8_k,
+    crate::x86::dot_q3_k
+);
+dot!(
+    vec_dot_q4_k_q8_k,
+    sel_q4_k,
+    BlockQ4K,
+    BlockQ8K,
+    scalar::vec_dot_q4_k_q8_k,
+    crate::x86::dot_q4_k
+);
+dot!(
+    vec_dot_q5_k_q8_k,
+    sel_q5_k,
+    BlockQ5K,
+    BlockQ8K,
+    scalar::vec_dot_q5_k_q8_k,
+    crate::x86::dot_q5_k
+);
+dot!(
+    vec_dot_q6_k_q8_k,
+    sel_q6_k,
+    BlockQ6K,
+    BlockQ8K,
+    scalar::vec_dot_q6_k_q8_k,
+    crate::x86::dot_q6_k
+);
+dot!(
+    /// F32 weights as little-endian bytes against f32 activations.
+    vec_dot_f32_bytes, sel_f32, u8, f32, scalar::vec_dot_f32, crate::x86::dot_f32
+);
+dot!(
+    /// F16 weights as little-endian bytes against f16 activations.
+    vec_dot_f16_bytes, sel_f16, u8, f16, scalar::vec_dot_f16, crate::x86::dot_f16
+);
+dot!(
+    /// BF16 weights as little-endian bytes against bf16 activations.
+    vec_dot_bf16_bytes, sel_bf16, u8, bf16, scalar::vec_dot_bf16, crate::x86::dot_bf16
+);
+
+/// Dot product of two f32 vectors (over the shorter length).
+pub fn vec_dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    // SAFETY: any f32 is 4 initialized bytes; u8 has alignment 1; the byte length is the exact
+    // size of `x`, borrowed for the same lifetime.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) };
+    sel_f32()(bytes, y)
+}
+
+/// Dot product of two f16 vectors (over the shorter length).
+pub fn vec_dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    // SAFETY: f16 is a transparent u16 (2 initialized bytes); u8 has alignment 1; the byte
+    // length is the exact size of `x`.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) };
+    sel_f16()(bytes, y)
+}
+
+macro_rules! quant {
+    ($(#[$m:meta])* $name:ident, $sel:ident, $b:ty, $scalar:path $(, $simd:path)?) => {
+        #[inline]
+        pub(crate) fn $sel() -> fn(&[f32], &mut [$b]) {
+            $(
+                #[cfg(target_arch = "x86_64")]
+                if use_avx2() {
+                    return $simd;
+                }
+            )?
+            $scalar
+        }
+        $(#[$m])*
+        pub fn $name(x: &[f32], y: &mut [$b]) {
+            $sel()(x, y)
+        }
+    };
+}
+
+quant!(
+    /// Quantize activations to Q8_0 (`x.len() == 32 * y.len()`).
+    quantize_row_q8_0, sel_quant_q8_0, BlockQ8_0, scalar::quantize_row_q8_0, crate::x86::quant_q8_0
+);
+quant!(
+    /// Quantize activations to Q8_1 (`x.len() == 32 * y.len()`).
+    quantize_row_q8_1, sel_quant_q8_1, BlockQ8_1, scalar::quantize_row_q8_1, crate::x86::quant_q8_1
+);
+quant!(
+    /// Quantize activations to Q8_K (`x.len() == 256 * y.len()`).
+    quantize_row_q8_k, sel_quant_q8_k, BlockQ8K, scalar::quantize_row_q8_k, crate::x86::quant_q8_k
+);
+
+/// F16 bytes to f32.
+pub(crate) fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        return crate::x86::deq_f16(src, dst);
+    }
+    scalar::dequantize_f16(src, dst)
+}
+
+/// Signature of a dot product of one weight row against four activation rows.
+pub type Dot4Fn<W, A> = fn(&[W], [&[A]; 4]) -> [f32; 4];
+
+macro_rules! dot4 {
+    ($sel4:ident, $w:ty, $a:ty $(, $simd:path)?) => {
+        /// The four-row kernel, if this CPU has one (results bit-identical to the single one).
+        #[inline]
+        pub(crate) fn $sel4() -> Option<Dot4Fn<$w, $a>> {
+            $(
+                #[cfg(target_arch = "x86_64")]
+                if use_avx2() {
+                    return Some($simd);
+                }
+            )?
+            None
+        }
+    };
+}
+
+dot4!(sel4_q4_0, BlockQ4_0, BlockQ8_0, crate::x86::dot4_q4_0);
+dot4!(sel4_q5_0, BlockQ5_0, BlockQ8_0, crate::x86::dot4_q5_0);
+dot4!(sel4_q8_0, BlockQ8_0, BlockQ8_0, crate::x86::dot4_q8_0);
+dot4!(sel4_q4_k, BlockQ4K, BlockQ8K, crate::x86::dot4_q4_k);
+dot4!(sel4_q6_k, BlockQ6K, BlockQ8K, crate::x86::dot4_q6_k);
+dot4!(sel4_q4_1, BlockQ4_1, BlockQ8_1);
+dot4!(sel4_q5_1, BlockQ5_1, BlockQ8_1);
+dot4!(sel4_q2_k, BlockQ2K, BlockQ8K);
+dot4!(sel4_q3_k, BlockQ3K, BlockQ8K);
+dot4!(sel4_q5_k, BlockQ5K, BlockQ8K);
+dot4!(sel4_f32, u8, f32);
+dot4!(sel4_f16, u8, f16);
+dot4!(sel4_bf16, u8, bf16);

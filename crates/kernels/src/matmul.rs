@@ -1,0 +1,372 @@
+//! Weights × activations.
+//!
+//! `matmul` quantizes every activation row once into the weight type's dot type, then computes
+//! one dot product per (weight row, token), parallel over chunks of weight rows. Inside a chunk
+//! all tokens are processed, so each weight chunk is read from memory once per call.
+//!
+//! To share one quantization of the activations between several matrices (the Q, K and V
+//! projections), use [`quantize_activations`] then [`matmul_quantized`] for each matrix.
+
+use crate::blocks::*;
+use crate::dispatch::{self, Dot4Fn, DotFn};
+use crate::{row_bytes, KernelError, QMatrix};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use modu_gguf::GgmlType;
+use rayon::prelude::*;
+
+/// The activation type a weight type is multiplied with (as in llama.cpp): Q8_0 for
+/// Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, and the weight's own type for
+/// F32/F16/BF16.
+pub fn vec_dot_type(ty: GgmlType) -> Result<GgmlType, KernelError> {
+    use GgmlType as T;
+    Ok(match ty {
+        T::F32 => T::F32,
+        T::F16 => T::F16,
+        T::BF16 => T::BF16,
+        T::Q4_0 | T::Q5_0 | T::Q8_0 => T::Q8_0,
+        T::Q4_1 | T::Q5_1 => T::Q8_1,
+        T::Q2_K | T::Q3_K | T::Q4_K | T::Q5_K | T::Q6_K => T::Q8_K,
+        other => return Err(KernelError::UnsupportedType(other)),
+    })
+}
+
+/// Activation rows in a dot type, `n_tokens` rows of `cols` elements each.
+#[derive(Debug, Clone)]
+pub enum ActivationData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q8_1(Vec<BlockQ8_1>),
+    Q8K(Vec<BlockQ8K>),
+}
+
+/// Activations quantized once, reusable against every weight matrix with the same dot type.
+#[derive(Debug, Clone)]
+pub struct QuantizedActivations {
+    ty: GgmlType,
+    cols: usize,
+    n_tokens: usize,
+    data: ActivationData,
+}
+
+impl QuantizedActivations {
+    /// An empty buffer for dot type `ty` (one of F32, F16, BF16, Q8_0, Q8_1, Q8_K); fill it
+    /// with [`QuantizedActivations::quantize`] (which reuses the allocation).
+    pub fn new(ty: GgmlType) -> Result<Self, KernelError> {
+        use GgmlType as T;
+        let data = match ty {
+            T::F32 => ActivationData::F32(Vec::new()),
+            T::F16 => ActivationData::F16(Vec::new()),
+            T::BF16 => ActivationData::BF16(Vec::new()),
+            T::Q8_0 => ActivationData::Q8_0(Vec::new()),
+            T::Q8_1 => ActivationData::Q8_1(Vec::new()),
+            T::Q8_K => ActivationData::Q8K(Vec::new()),
+            other => return Err(KernelError::UnsupportedType(other)),
+        };
+        Ok(QuantizedActivations {
+            ty,
+            cols: 0,
+            n_tokens: 0,
+            data,
+        })
+    }
+
+    /// Quantize `n_tokens` rows of `cols` values (`x.len() == n_tokens * cols`).
+    pub fn quantize(&mut self, x: &[f32], n_tokens: usize, cols: usize) -> Result<(), KernelError> {
+        let total = n_tokens.checked_mul(cols).ok_or(KernelError::Overflow)?;
+        if x.len() != total {
+            return Err(KernelError::Length {
+                what: "activations",
+                expected: total,
+                got: x.len(),
+                unit: "values",
+            });
+        }
+        let bs = self.ty.block_size();
+        if cols % bs != 0 {
+            return Err(KernelError::NotBlockMultiple {
+                ty: self.ty,
+                n: cols,
+                block: bs,
+            });
+        }
+        let nb = cols / bs; // blocks (or elements) per row
+        fn fill<B: Clone + Default + Send>(
+            v: &mut Vec<B>,
+            x: &[f32],
+            n_tokens: usize,
+            cols: usize,
+            nb: usize,
+            f: fn(&[f32], &mut [B]),
+        ) {
+            v.clear();
+            v.resize(n_tokens * nb, B::default());
+            if nb == 0 {
+                return;
+            }
+            if n_tokens > 1 && cols >= 1024 {
+                v.par_chunks_mut(nb)
+                    .zip(x.par_chunks(cols))
+                    .for_each(|(o, xr)| f(xr, o));
+            } else {
+                v.chunks_mut(nb)
+                    .zip(x.chunks(cols))
+                    .for_each(|(o, xr)| f(xr, o));
+            }
+        }
+        match &mut self.data {
+            ActivationData::F32(v) => {
+                v.clear();
+                v.extend_from_slice(x);
+            }
+            ActivationData::F16(v) => {
+                v.clear();
+                v.resize(x.len(), f16::ZERO);
+                v.convert_from_f32_slice(x);
+            }
+            ActivationData::BF16(v) => {
+                v.clear();
+                v.resize(x.len(), bf16::ZERO);
+                v.convert_from_f32_slice(x);
+            }
+            ActivationData::Q8_0(v) => fill(v, x, n_tokens, cols, nb, dispatch::sel_quant_q8_0()),
+            ActivationData::Q8_1(v) => fill(v, x, n_tokens, cols, nb, dispatch::sel_quant_q8_1()),
+            ActivationData::Q8K(v) => fill(v, x, n_tokens, cols, nb, dispatch::sel_quant_q8_k()),
+        }
+        self.cols = cols;
+        self.n_tokens = n_tokens;
+        Ok(())
+    }
+
+    /// The dot type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+    pub fn data(&self) -> &ActivationData {
+        &self.data
+    }
+}
+
+/// Quantize `n_tokens` activation rows of `cols` values into `dot_ty` (see [`vec_dot_type`]).
+pub fn quantize_activations(
+    dot_ty: GgmlType,
+    x: &[f32],
+    n_tokens: usize,
+    cols: usize,
+) -> Result<QuantizedActivations, KernelError> {
+    let mut q = QuantizedActivations::new(dot_ty)?;
+    q.quantize(x, n_tokens, cols)?;
+    Ok(q)
+}
+
+/// `y[t*rows + r] = Σ_c W[r,c]·x[t*cols + c]` for `t < n_tokens`, with the activations
+/// quantized to `vec_dot_type(w.ty)` first.
+pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f32]) -> Result<(), KernelError> {
+    w.validate()?;
+    let dot_ty = vec_dot_type(w.ty)?;
+    check_lengths(w, x.len(), n_tokens, y.len(), "activations", "values")?;
+    if dot_ty == GgmlType::F32 {
+        // No conversion needed: use the activations in place.
+        return run(
+            w,
+            x,
+            w.cols,
+            n_tokens,
+            y,
+            dispatch::sel_f32(),
+            dispatch::sel4_f32(),
+        );
+    }
+    let qa = quantize_activations(dot_ty, x, n_tokens, w.cols)?;
+    matmul_quantized(w, &qa, y)
+}
+
+/// As [`matmul`] with activations already quantized to the weight type's dot type;
+/// `y.len()` must be `a.n_tokens() * w.rows`.
+pub fn matmul_quantized(
+    w: &QMatrix,
+    a: &QuantizedActivations,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    w.validate()?;
+    let dot_ty = vec_dot_type(w.ty)?;
+    if a.ty != dot_ty {
+        return Err(KernelError::ActivationType {
+            weight: w.ty,
+            expected: dot_ty,
+            got: a.ty,
+        });
+    }
+    if a.cols != w.cols && a.n_tokens > 0 {
+        return Err(KernelError::Columns {
+            expected: w.cols,
+            got: a.cols,
+        });
+    }
+    let n_tokens = a.n_tokens;
+    let per_tok = w.cols / dot_ty.block_size();
+    use GgmlType as T;
+    macro_rules! go {
+        ($v:expr, $sel:path, $sel4:path) => {{
+            check_lengths(
+                w,
+                $v.len() * dot_ty.block_size(),
+                n_tokens,
+                y.len(),
+                "activation rows",
+                "values",
+            )?;
+            run(w, $v, per_tok, n_tokens, y, $sel(), $sel4())
+        }};
+    }
+    match (&a.data, w.ty) {
+        (ActivationData::F32(v), T::F32) => go!(v, dispatch::sel_f32, dispatch::sel4_f32),
+        (ActivationData::F16(v), T::F16) => go!(v, dispatch::sel_f16, dispatch::sel4_f16),
+        (ActivationData::BF16(v), T::BF16) => go!(v, dispatch::sel_bf16, dispatch::sel4_bf16),
+        (ActivationData::Q8_0(v), T::Q4_0) => go!(v, dispatch::sel_q4_0, dispatch::sel4_q4_0),
+        (ActivationData::Q8_0(v), T::Q5_0) => go!(v, dispatch::sel_q5_0, dispatch::sel4_q5_0),
+        (ActivationData::Q8_0(v), T::Q8_0) => go!(v, dispatch::sel_q8_0, dispatch::sel4_q8_0),
+        (ActivationData::Q8_1(v), T::Q4_1) => go!(v, dispatch::sel_q4_1, dispatch::sel4_q4_1),
+        (ActivationData::Q8_1(v), T::Q5_1) => go!(v, dispatch::sel_q5_1, dispatch::sel4_q5_1),
+        (ActivationData::Q8K(v), T::Q2_K) => go!(v, dispatch::sel_q2_k, dispatch::sel4_q2_k),
+        (ActivationData::Q8K(v), T::Q3_K) => go!(v, dispatch::sel_q3_k, dispatch::sel4_q3_k),
+        (ActivationData::Q8K(v), T::Q4_K) => go!(v, dispatch::sel_q4_k, dispatch::sel4_q4_k),
+        (ActivationData::Q8K(v), T::Q5_K) => go!(v, dispatch::sel_q5_k, dispatch::sel4_q5_k),
+        (ActivationData::Q8K(v), T::Q6_K) => go!(v, dispatch::sel_q6_k, dispatch::sel4_q6_k),
+        _ => Err(KernelError::UnsupportedType(w.ty)),
+    }
+}
+
+fn check_lengths(
+    w: &QMatrix,
+    x_len: usize,
+    n_tokens: usize,
+    y_len: usize,
+    what: &'static str,
+    unit: &'static str,
+) -> Result<(), KernelError> {
+    let nx = n_tokens.checked_mul(w.cols).ok_or(KernelError::Overflow)?;
+    if x_len != nx {
+        return Err(KernelError::Length {
+            what,
+            expected: nx,
+            got: x_len,
+            unit,
+        });
+    }
+    let ny = n_tokens.checked_mul(w.rows).ok_or(KernelError::Overflow)?;
+    if y_len != ny {
+        return Err(KernelError::Length {
+            what: "output",
+            expected: ny,
+            got: y_len,
+            unit: "values",
+        });
+    }
+    Ok(())
+}
+
+/// Output pointer shared by the row-chunk tasks.
+struct OutPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements (each (token, row) pair belongs to exactly one row
+// chunk), and the pointer outlives the parallel section (it borrows `y` mutably throughout).
+unsafe impl Send for OutPtr {}
+// SAFETY: see `Send`; no element is read or written by two tasks.
+unsafe impl Sync for OutPtr {}
+
+/// Core loop. `act` holds `n_tokens` rows of `per_tok` elements; lengths were validated.
+fn run<W: RowView, A: Sync>(
+    w: &QMatrix,
+    act: &[A],
+    per_tok: usize,
+    n_tokens: usize,
+    y: &mut [f32],
+    dot: DotFn<W, A>,
+    dot4: Option<Dot4Fn<W, A>>,
+) -> Result<(), KernelError> {
+    let rows = w.rows;
+    if rows == 0 || n_tokens == 0 {
+        return Ok(());
+    }
+    let wv = W::view_all(w.data).ok_or(KernelError::Overflow)?;
+    let per_row = wv.len() / rows;
+    debug_assert_eq!(wv.len(), per_row * rows);
+    debug_assert_eq!(act.len(), per_tok * n_tokens);
+    let row_bytes = row_bytes(w.ty, w.cols)?;
+
+    let out = OutPtr(y.as_mut_ptr());
+    let out = &out;
+    // All (token, row) outputs for rows r0..r1.
+    let do_rows = |r0: usize, r1: usize| {
+        let tok = |t: usize| &act[t * per_tok..(t + 1) * per_tok];
+        let mut t = 0;
+        if let Some(dot4) = dot4 {
+            // Four tokens per weight-row pass: each weight block is decoded once for all four.
+            while t + 4 <= n_tokens {
+                let a = [tok(t), tok(t + 1), tok(t + 2), tok(t + 3)];
+                for r in r0..r1 {
+                    let v = dot4(&wv[r * per_row..(r + 1) * per_row], a);
+                    for (k, &vk) in v.iter().enumerate() {
+                        // SAFETY: t + k < n_tokens and r < rows, and y.len() == n_tokens * rows
+                        // (validated), so the index is in bounds; row ranges of concurrent
+                        // calls are disjoint, so no other task touches this element.
+                        unsafe { *out.0.add((t + k) * rows + r) = vk };
+                    }
+                }
+                t += 4;
+            }
+        }
+        for t in t..n_tokens {
+            let a = tok(t);
+            for r in r0..r1 {
+                let v = dot(&wv[r * per_row..(r + 1) * per_row], a);
+                // SAFETY: as above: in bounds, and no other task writes this element.
+                unsafe { *out.0.add(t * rows + r) = v };
+            }
+        }
+    };
+
+    // Rows per task: small enough that a chunk of weight rows stays in cache while every token
+    // passes over it, and enough chunks to balance the threads.
+    let threads = rayon::current_num_threads().max(1);
+    let max_chunk = (256 * 1024 / row_bytes.max(1)).clamp(1, 64);
+    let chunk = rows.div_ceil(threads * 4).clamp(1, max_chunk);
+    let n_chunks = rows.div_ceil(chunk);
+    let work = row_bytes.saturating_mul(rows).saturating_mul(n_tokens);
+    if threads == 1 || n_chunks == 1 || work < 64 * 1024 {
+        // Small problems: not worth waking the pool.
+        for ci in 0..n_chunks {
+            let r0 = ci * chunk;
+            do_rows(r0, (r0 + chunk).min(rows));
+        }
+        return Ok(());
+    }
+    (0..n_chunks).into_par_iter().for_each(|ci| {
+        let r0 = ci * chunk;
+        do_rows(r0, (r0 + chunk).min(rows));
+    });
+    Ok(())
+}
+
+/// How `run` views a weight matrix's bytes as row elements.
+trait RowView: Sync + Sized + 'static {
+    fn view_all(bytes: &[u8]) -> Option<&[Self]>;
+}
+impl<T: ByteBlock> RowView for T {
+    fn view_all(bytes: &[u8]) -> Option<&[T]> {
+        as_blocks(bytes)
+    }
+}
+impl RowView for u8 {
+    fn view_all(bytes: &[u8]) -> Option<&[u8]> {
+        Some(bytes)
+    }
+}
