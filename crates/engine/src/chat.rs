@@ -476,7 +476,7 @@ mod tests {
     #[test]
     fn utc_formatting() {
         // 2026-11-23T14:05:09Z is a Monday, day 327 of the year.
-        let t = 1_795_443_909;
+        let t = 1_795_442_709;
         assert_eq!(
             format_utc(t, "%Y-%m-%dT%H:%M:%S%Z"),
             "2026-11-23T14:05:09UTC"

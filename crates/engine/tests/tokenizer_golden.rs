@@ -132,6 +132,17 @@ fn qwen_special_ids_and_eog() {
         assert!(tok.is_eog(tok.token_to_id(t).unwrap()), "{t}");
     }
     assert!(!tok.is_eog(tok.token_to_id("<|im_start|>").unwrap()));
+    // llama.cpp's end-of-generation set for this vocabulary, including `</s>` (a normal token in
+    // Qwen's vocabulary that llama.cpp turns into a control token because of its text).
+    assert_eq!(
+        tok.eog_ids(),
+        [128247, 151643, 151645, 151662, 151663, 151664]
+    );
+    assert_eq!(tok.encode("a</s>b", false, true).unwrap(), [64, 128247, 65]);
+    assert_eq!(
+        tok.encode("a</s>b", false, false).unwrap(),
+        [64, 522, 82, 51407]
+    );
     assert!(!tok.is_eog(tok.token_to_id("Hello").unwrap()));
     assert_eq!(tok.id_to_token(9707), Some("Hello"));
     assert_eq!(tok.token_bytes(220), b" ");
@@ -165,6 +176,17 @@ fn gemma_special_ids_and_eog() {
     assert_eq!(eot, 106);
     assert!(tok.is_eog(1) && tok.is_eog(eot));
     assert!(!tok.is_eog(tok.token_to_id("<start_of_turn>").unwrap()));
+    assert_eq!(tok.eog_ids(), [1, 106, 212]);
+    // `</s>` is user-defined in Gemma's vocabulary; llama.cpp makes it a control (EOG) token, so
+    // it is matched only when special tokens are parsed (ids from llama.cpp).
+    assert_eq!(
+        tok.encode("a</s>b", false, true).unwrap(),
+        [236746, 212, 236763]
+    );
+    assert_eq!(
+        tok.encode("a</s>b", false, false).unwrap(),
+        [236746, 954, 236751, 236813, 236763]
+    );
     assert_eq!(tok.encode("", true, true).unwrap(), vec![2]);
     assert_eq!(tok.encode("", false, true).unwrap(), Vec::<u32>::new());
     // SentencePiece pieces: ▁ is a space, <0xXX> is a byte.

@@ -15,6 +15,13 @@
 //! Before either algorithm runs, the text is partitioned on special tokens (see
 //! [`Tokenizer::encode`]), as llama.cpp does.
 //!
+//! Token types follow llama.cpp, including its load-time fix-ups: tokens whose text is a known
+//! end-of-turn / fill-in-the-middle / end-of-generation marker (`<|im_end|>`, `<end_of_turn>`,
+//! `</s>`, `<|file_sep|>` …) become control tokens even when the file says "normal" or
+//! "user-defined", and form the end-of-generation set ([`Tokenizer::is_eog`]) together with EOS.
+//! Token attributes that llama.cpp sets only for other model families (lstrip/rstrip for Phi-3,
+//! Jina, ModernBERT) are not modelled.
+//!
 //! Data layout: the vocabulary is kept as parallel vectors indexed by token id (`tokens`, `scores`,
 //! `types`), plus a `token text → id` hash map and, for detokenization, every token's raw bytes
 //! packed into one buffer (`piece_bytes`, sliced by `piece_offsets`), so [`Tokenizer::token_bytes`]
@@ -118,7 +125,11 @@ pub enum VocabKind {
     SentencePiece,
 }
 
-/// Texts that llama.cpp treats as end-of-turn markers (EOT) when the file names none.
+// Token texts llama.cpp recognizes when the file does not name the token by id (converters often
+// leave these keys out). A token found this way is forced to be a control token, so that the text
+// is only turned into it when special tokens are parsed.
+
+/// End-of-turn marker (EOT).
 const EOT_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
@@ -128,28 +139,38 @@ const EOT_TEXTS: &[&str] = &[
     "<|end_of_text|>",
     "<EOT>",
     "_<EOT>",
-    "<｜end▁of▁sentence｜>",
+    "[EOT]",
     "<end_of_utterance>",
 ];
-
-/// Texts whose tokens always end generation (llama.cpp's end-of-generation list).
-const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>",
-    "<|im_end|>",
-    "<|end|>",
-    "<|return|>",
-    "<|call|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|eom_id|>",
-    "<EOT>",
-    "_<EOT>",
-    "<|end_of_text|>",
-    "<end_of_utterance>",
+/// End of message (tool call pending).
+const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
+/// Fill-in-the-middle markers. PAD, REP and SEP also end generation (a code model emits them at a
+/// file boundary).
+const FIM_PRE_TEXTS: &[&str] = &[
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
 ];
-
-/// Fill-in-the-middle tokens that also end generation (code models emit them at a file boundary).
-const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<PAD>"];
+const FIM_SUF_TEXTS: &[&str] = &[
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+];
+const FIM_MID_TEXTS: &[&str] = &[
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+];
+const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
 const FIM_REP_TEXTS: &[&str] = &[
     "<|fim_repo|>",
     "<|repo_name|>",
@@ -157,7 +178,36 @@ const FIM_REP_TEXTS: &[&str] = &[
     "<REPO>",
     "<reponame>",
 ];
-const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>", "<fim-sep>", "<|fim_sep|>"];
+const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
+
+/// Every token with one of these texts ends generation (llama.cpp's end-of-generation list).
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+];
+
+/// Harmony-format (gpt-oss) markers that must always be rendered: llama.cpp makes them
+/// user-defined whatever the file says.
+const ALWAYS_RENDERED_TEXTS: &[&str] =
+    &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
 
 /// A tokenizer for one model. Cheap to share (`&Tokenizer` is `Sync`).
 pub struct Tokenizer {
@@ -453,38 +503,56 @@ impl Tokenizer {
         let eos = pick(spec.eos, def_eos);
         let unk = pick(spec.unk, def_unk);
         let pad = pick(spec.pad, None);
-        let mut eot = pick(spec.eot, None);
-        let eom = pick(spec.eom, None);
-        let find_first = |texts: &[&str]| texts.iter().find_map(|t| token_to_id.get(*t).copied());
-        let fim_pad = pick(spec.fim_pad, None).or_else(|| find_first(FIM_PAD_TEXTS));
-        let fim_rep = pick(spec.fim_rep, None).or_else(|| find_first(FIM_REP_TEXTS));
-        let fim_sep = pick(spec.fim_sep, None).or_else(|| find_first(FIM_SEP_TEXTS));
+        let given_eot = pick(spec.eot, None);
+        let given_eom = pick(spec.eom, None);
 
-        // End-of-generation set, built as llama.cpp does: EOT/FIM tokens found by text, every
-        // token whose text is a known end marker (forced to control so it is never produced from
-        // plain text), and the EOS/EOT/EOM ids.
-        if eot.is_none() {
-            eot = find_first(EOT_TEXTS);
-        }
-        if let Some(id) = eot {
-            let t = &mut types[id as usize];
-            if *t != TokenType::Control {
-                *t = TokenType::Control;
+        // Special tokens found by text (see EOT_TEXTS …), then the end-of-generation set, in
+        // llama.cpp's order, since later steps override the token types set by earlier ones.
+        let detect = |given: Option<u32>, texts: &[&str], types: &mut [TokenType]| -> Option<u32> {
+            if given.is_some() {
+                return given;
             }
-        }
-        let mut eog = HashSet::new();
-        for id in [fim_pad, fim_rep, fim_sep].into_iter().flatten() {
-            eog.insert(id);
+            let id = texts.iter().find_map(|t| token_to_id.get(*t).copied())?;
             types[id as usize] = TokenType::Control;
-        }
+            Some(id)
+        };
+        let eot = detect(given_eot, EOT_TEXTS, &mut types);
+        let eom = detect(given_eom, EOM_TEXTS, &mut types);
+        detect(None, FIM_PRE_TEXTS, &mut types);
+        detect(None, FIM_SUF_TEXTS, &mut types);
+        detect(None, FIM_MID_TEXTS, &mut types);
+        let fim_pad = detect(pick(spec.fim_pad, None), FIM_PAD_TEXTS, &mut types);
+        let fim_rep = detect(pick(spec.fim_rep, None), FIM_REP_TEXTS, &mut types);
+        let fim_sep = detect(pick(spec.fim_sep, None), FIM_SEP_TEXTS, &mut types);
+
+        let mut eog: HashSet<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
         for text in EOG_TEXTS {
             if let Some(&id) = token_to_id.get(*text) {
                 eog.insert(id);
                 types[id as usize] = TokenType::Control;
             }
         }
-        for id in [eos, eot, eom].into_iter().flatten() {
-            eog.insert(id);
+        for text in ALWAYS_RENDERED_TEXTS {
+            if let Some(&id) = token_to_id.get(*text) {
+                types[id as usize] = TokenType::UserDefined;
+            }
+        }
+        eog.extend([eos, eot, eom].into_iter().flatten());
+        let has = |eog: &HashSet<u32>, text: &str| {
+            token_to_id.get(text).is_some_and(|id| eog.contains(id))
+        };
+        // Harmony / Solar-Open: `<|end|>` separates messages there and must not stop generation.
+        let has_call = has(&eog, "<|call|>") || has(&eog, "<|calls|>");
+        if has(&eog, "<|end|>") && has_call && (has(&eog, "<|return|>") || has(&eog, "<|flush|>")) {
+            let id = token_to_id["<|end|>"];
+            eog.remove(&id);
+            types[id as usize] = TokenType::UserDefined;
+        }
+        // Gemma 4 (which has `<|tool_response>`) uses `</s>` as text.
+        if has(&eog, "<|tool_response>") && has(&eog, "</s>") {
+            let id = token_to_id["</s>"];
+            eog.remove(&id);
+            types[id as usize] = TokenType::Normal;
         }
 
         let mut special_by_len: Vec<u32> = (0..n as u32)

@@ -117,7 +117,10 @@ fn every_supported_pre_tokenizer_compiles() {
         assert_eq!(pre.split(text).concat(), text, "{name}");
     }
     let qwen = PreTokenizer::from_name("qwen2").unwrap();
-    assert_eq!(qwen.split("I'm 123  ok\n\n x"), ["I", "'m", " ", "1", "2", "3", " ", " ok", "\n\n", " x"]);
+    assert_eq!(
+        qwen.split("I'm 123  ok\n\n x"),
+        ["I", "'m", " ", "1", "2", "3", " ", " ok", "\n\n", " x"]
+    );
     let llama3 = PreTokenizer::from_name("llama-bpe").unwrap();
     assert_eq!(llama3.split("12345 abc"), ["123", "45", " abc"]);
 }
