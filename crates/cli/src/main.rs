@@ -6,7 +6,11 @@ mod run;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "modu", version, about = "Lightweight, modular LLM inference on CPUs")]
+#[command(
+    name = "modu",
+    version,
+    about = "Lightweight, modular LLM inference on CPUs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

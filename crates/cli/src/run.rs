@@ -73,7 +73,13 @@ impl SamplingArgs {
             seed: self.seed,
         };
         sampling.validate().map_err(anyhow::Error::msg)?;
-        Ok(GenerateParams { max_tokens: self.n_predict, sampling, stop: self.stop.clone(), logprobs, ignore_eos: self.ignore_eos })
+        Ok(GenerateParams {
+            max_tokens: self.n_predict,
+            sampling,
+            stop: self.stop.clone(),
+            logprobs,
+            ignore_eos: self.ignore_eos,
+        })
     }
 }
 
@@ -165,21 +171,33 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         if t == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .ok();
     }
     let file = open_gguf(&args.model)?;
-    let tokenizer = Tokenizer::from_gguf(&file).context("building the tokenizer from GGUF metadata")?;
+    let tokenizer =
+        Tokenizer::from_gguf(&file).context("building the tokenizer from GGUF metadata")?;
     let model = load_model(file.clone()).context("loading the model")?;
-    let ctx = args.ctx.unwrap_or_else(|| model.info().n_ctx_train.min(4096));
+    let ctx = args
+        .ctx
+        .unwrap_or_else(|| model.info().n_ctx_train.min(4096));
     if ctx == 0 {
         bail!("--ctx must be at least 1");
     }
-    Ok(Loaded { model, tokenizer, file, ctx })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        file,
+        ctx,
+    })
 }
 
 fn template(file: &GgufFile, override_path: &Option<PathBuf>) -> Result<ChatTemplate> {
     if let Some(p) = override_path {
-        let src = std::fs::read_to_string(p).with_context(|| format!("reading chat template {}", p.display()))?;
+        let src = std::fs::read_to_string(p)
+            .with_context(|| format!("reading chat template {}", p.display()))?;
         return Ok(ChatTemplate::new(src)?);
     }
     Ok(ChatTemplate::for_model(file)?)
@@ -187,15 +205,22 @@ fn template(file: &GgufFile, override_path: &Option<PathBuf>) -> Result<ChatTemp
 
 fn render_chat(l: &Loaded, tpl: &ChatTemplate, messages: &[ChatMessage]) -> Result<String> {
     let tok = &l.tokenizer;
-    let bos = tok.bos_id().map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned()).unwrap_or_default();
-    let eos = tok.eos_id().map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned()).unwrap_or_default();
+    let bos = tok
+        .bos_id()
+        .map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned())
+        .unwrap_or_default();
+    let eos = tok
+        .eos_id()
+        .map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned())
+        .unwrap_or_default();
     Ok(tpl.render(messages, true, &bos, &eos)?)
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))?,
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading prompt file {}", f.display()))?,
         (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
     };
     let params = a.sampling.params(a.logprobs)?;
@@ -216,22 +241,33 @@ pub fn run(a: RunArgs) -> Result<()> {
         bail!("the prompt is empty after tokenization");
     }
     if ids.len() >= l.ctx {
-        bail!("prompt is {} tokens, the context holds {} (raise --ctx)", ids.len(), l.ctx);
+        bail!(
+            "prompt is {} tokens, the context holds {} (raise --ctx)",
+            ids.len(),
+            l.ctx
+        );
     }
     let mut cache = l.model.new_cache(l.ctx);
     let t0 = Instant::now();
     let mut first: Option<f64> = None;
     let stdout = std::io::stdout();
     let json = a.json;
-    let gen = generate(l.model.as_ref(), &l.tokenizer, &mut cache, &ids, &params, |piece, _| {
-        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-        if !json {
-            let mut o = stdout.lock();
-            let _ = o.write_all(piece.as_bytes());
-            let _ = o.flush();
-        }
-        ControlFlow::Continue(())
-    })?;
+    let gen = generate(
+        l.model.as_ref(),
+        &l.tokenizer,
+        &mut cache,
+        &ids,
+        &params,
+        |piece, _| {
+            first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+            if !json {
+                let mut o = stdout.lock();
+                let _ = o.write_all(piece.as_bytes());
+                let _ = o.flush();
+            }
+            ControlFlow::Continue(())
+        },
+    )?;
     let total = t0.elapsed().as_secs_f64();
     if json {
         let tokens: Vec<serde_json::Value> = gen
@@ -246,7 +282,10 @@ pub fn run(a: RunArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({"prompt_tokens": ids, "tokens": tokens}));
+        println!(
+            "{}",
+            serde_json::json!({"prompt_tokens": ids, "tokens": tokens})
+        );
     } else {
         println!();
     }
@@ -276,7 +315,10 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     }
     let mut cache = l.model.new_cache(l.ctx);
     let mut cached_ids: Vec<u32> = Vec::new();
-    eprintln!("modu chat: {} — type a message, an empty line or Ctrl-D to quit.", l.model.info().name.as_deref().unwrap_or(&a.model.model));
+    eprintln!(
+        "modu chat: {} — type a message, an empty line or Ctrl-D to quit.",
+        l.model.info().name.as_deref().unwrap_or(&a.model.model)
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -284,19 +326,33 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
-        msgs.push(ChatMessage::new("user", line.trim_end_matches(['\n', '\r'])));
+        msgs.push(ChatMessage::new(
+            "user",
+            line.trim_end_matches(['\n', '\r']),
+        ));
         let text = render_chat(&l, &tpl, &msgs)?;
         let ids = l.tokenizer.encode(&text, true, true)?;
         if ids.len() + params.max_tokens > l.ctx {
-            bail!("the conversation ({} tokens) no longer fits the context of {} tokens", ids.len(), l.ctx);
+            bail!(
+                "the conversation ({} tokens) no longer fits the context of {} tokens",
+                ids.len(),
+                l.ctx
+            );
         }
         // The cache keeps the longest common prefix with the previous turn.
         cache.truncate(common_prefix(&cached_ids, &ids));
-        let gen = generate(l.model.as_ref(), &l.tokenizer, &mut cache, &ids, &params, |piece, _| {
-            print!("{piece}");
-            let _ = std::io::stdout().flush();
-            ControlFlow::Continue(())
-        })?;
+        let gen = generate(
+            l.model.as_ref(),
+            &l.tokenizer,
+            &mut cache,
+            &ids,
+            &params,
+            |piece, _| {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+                ControlFlow::Continue(())
+            },
+        )?;
         println!();
         // Everything but the last sampled token has been through the model.
         cached_ids = ids;
@@ -327,10 +383,19 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 pub fn info(a: InfoArgs) -> Result<()> {
     let file = open_gguf(&a.model)?;
-    println!("GGUF version {}; {} metadata keys; {} tensors", file.version(), file.metadata().len(), file.tensors().len());
+    println!(
+        "GGUF version {}; {} metadata keys; {} tensors",
+        file.version(),
+        file.metadata().len(),
+        file.tensors().len()
+    );
     for (k, v) in file.metadata() {
         let s = format!("{v}");
-        let s = if s.chars().count() > 120 { format!("{}…", s.chars().take(120).collect::<String>()) } else { s };
+        let s = if s.chars().count() > 120 {
+            format!("{}…", s.chars().take(120).collect::<String>())
+        } else {
+            s
+        };
         println!("  {k} = {s}");
     }
     let mut by_type: std::collections::BTreeMap<String, (usize, u64)> = Default::default();

@@ -15,11 +15,19 @@ pub enum ModelError {
     #[error("missing tensor '{0}' (is this file complete and of the architecture it claims?)")]
     MissingTensor(String),
     #[error("tensor '{name}' has shape {got:?}, expected {expected:?}")]
-    BadShape { name: String, expected: Vec<u64>, got: Vec<u64> },
+    BadShape {
+        name: String,
+        expected: Vec<u64>,
+        got: Vec<u64>,
+    },
     #[error("kernel: {0}")]
     Kernel(String),
     #[error("context full: {have} cached + {adding} new tokens exceeds the context size {max}")]
-    ContextFull { have: usize, adding: usize, max: usize },
+    ContextFull {
+        have: usize,
+        adding: usize,
+        max: usize,
+    },
     #[error("token id {id} out of range (vocabulary size {vocab})")]
     BadToken { id: u32, vocab: usize },
     #[error("empty input")]

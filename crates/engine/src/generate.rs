@@ -25,7 +25,13 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 256, sampling: SamplingParams::default(), stop: vec![], logprobs: None, ignore_eos: false }
+        Self {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            logprobs: None,
+            ignore_eos: false,
+        }
     }
 }
 
@@ -83,7 +89,12 @@ impl<'a> StopMatcher<'a> {
     /// Feed new text; returns (text safe to emit, whether a stop string was hit).
     fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return (out, true);
@@ -133,13 +144,26 @@ pub fn generate(
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut history = prompt.to_vec();
     let mut decoder = StreamDecoder::new(tokenizer);
-    let mut stopper = StopMatcher { stops: &params.stop, pending: String::new() };
-    let mut out = Generation { prompt_tokens: prompt.len(), tokens: vec![], text: String::new(), finish: FinishReason::Length };
+    let mut stopper = StopMatcher {
+        stops: &params.stop,
+        pending: String::new(),
+    };
+    let mut out = Generation {
+        prompt_tokens: prompt.len(),
+        tokens: vec![],
+        text: String::new(),
+        finish: FinishReason::Length,
+    };
     let mut finish = FinishReason::Length;
     while out.tokens.len() < params.max_tokens {
         let id = sampler.sample(&logits, &history);
         let (logprob, top) = top_logprobs(&logits, id, params.logprobs.unwrap_or(0));
-        let tok = GeneratedToken { id, piece: String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned(), logprob, top };
+        let tok = GeneratedToken {
+            id,
+            piece: String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned(),
+            logprob,
+            top,
+        };
         history.push(id);
         let eog = !params.ignore_eos && tokenizer.is_eog(id);
         if eog {
@@ -194,11 +218,17 @@ mod tests {
     #[test]
     fn stop_strings_are_held_back_and_cut() {
         let stops = vec!["</end>".to_string()];
-        let mut m = StopMatcher { stops: &stops, pending: String::new() };
+        let mut m = StopMatcher {
+            stops: &stops,
+            pending: String::new(),
+        };
         assert_eq!(m.push("hello </"), ("hello ".to_string(), false));
         assert_eq!(m.push("en"), (String::new(), false));
         assert_eq!(m.push("d> more"), (String::new(), true));
-        let mut m = StopMatcher { stops: &stops, pending: String::new() };
+        let mut m = StopMatcher {
+            stops: &stops,
+            pending: String::new(),
+        };
         assert_eq!(m.push("a </b"), ("a </b".to_string(), false));
         assert_eq!(m.push("안녕"), ("안녕".to_string(), false));
     }

@@ -16,7 +16,12 @@ pub struct LayerKv {
 
 impl LayerKv {
     fn new(n_head_kv: usize, head_dim: usize) -> Self {
-        Self { kv_dim: n_head_kv * head_dim, head_dim, k: Vec::new(), v: Vec::new() }
+        Self {
+            kv_dim: n_head_kv * head_dim,
+            head_dim,
+            k: Vec::new(),
+            v: Vec::new(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -49,7 +54,11 @@ impl LayerKv {
     /// `q · key(pos, head)`, accumulated in f32.
     pub fn dot_key(&self, pos: usize, head: usize, q: &[f32]) -> f32 {
         let o = pos * self.kv_dim + head * self.head_dim;
-        self.k[o..o + self.head_dim].iter().zip(q).map(|(k, q)| k.to_f32() * q).sum()
+        self.k[o..o + self.head_dim]
+            .iter()
+            .zip(q)
+            .map(|(k, q)| k.to_f32() * q)
+            .sum()
     }
 
     /// `acc = f16(acc + w · value(pos, head))`: an f16 accumulator, as ggml's flash attention.
@@ -79,7 +88,13 @@ pub struct KvCache {
 impl KvCache {
     /// `layer_dims[i] = (n_head_kv, head_dim)` of layer `i`; `max_len` bounds the context.
     pub fn new(layer_dims: &[(usize, usize)], max_len: usize) -> Self {
-        Self { layers: layer_dims.iter().map(|&(h, d)| LayerKv::new(h, d)).collect(), max_len }
+        Self {
+            layers: layer_dims
+                .iter()
+                .map(|&(h, d)| LayerKv::new(h, d))
+                .collect(),
+            max_len,
+        }
     }
 
     /// Number of cached positions.
@@ -98,7 +113,11 @@ impl KvCache {
     /// Fail before a forward pass that would run past the context limit.
     pub fn check_room(&self, n_new: usize) -> Result<(), ModelError> {
         if self.len() + n_new > self.max_len {
-            return Err(ModelError::ContextFull { have: self.len(), adding: n_new, max: self.max_len });
+            return Err(ModelError::ContextFull {
+                have: self.len(),
+                adding: n_new,
+                max: self.max_len,
+            });
         }
         Ok(())
     }
@@ -124,6 +143,9 @@ impl KvCache {
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 2).sum()
+        self.layers
+            .iter()
+            .map(|l| (l.k.len() + l.v.len()) * 2)
+            .sum()
     }
 }

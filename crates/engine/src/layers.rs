@@ -25,7 +25,12 @@ impl Weight {
     }
 
     pub fn mat<'a>(&self, file: &'a GgufFile) -> QMatrix<'a> {
-        QMatrix { ty: self.info.ty, rows: self.rows, cols: self.cols, data: file.tensor_data(&self.info) }
+        QMatrix {
+            ty: self.info.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: file.tensor_data(&self.info),
+        }
     }
 }
 
@@ -44,7 +49,9 @@ impl TensorLoader {
     }
 
     fn info(&self, name: &str) -> Result<&TensorInfo, ModelError> {
-        self.file.tensor_info(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+        self.file
+            .tensor_info(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
 
     /// A matrix with ggml dims `[cols, rows]`.
@@ -52,12 +59,25 @@ impl TensorLoader {
         let info = self.info(name)?;
         let dims: Vec<u64> = info.dims.clone();
         if dims.len() != 2 || dims[0] as usize != cols || dims[1] as usize != rows {
-            return Err(ModelError::BadShape { name: name.to_string(), expected: vec![cols as u64, rows as u64], got: dims });
+            return Err(ModelError::BadShape {
+                name: name.to_string(),
+                expected: vec![cols as u64, rows as u64],
+                got: dims,
+            });
         }
-        Ok(Weight { info: info.clone(), rows, cols })
+        Ok(Weight {
+            info: info.clone(),
+            rows,
+            cols,
+        })
     }
 
-    pub fn opt_matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Option<Weight>, ModelError> {
+    pub fn opt_matrix(
+        &self,
+        name: &str,
+        cols: usize,
+        rows: usize,
+    ) -> Result<Option<Weight>, ModelError> {
         if self.has(name) {
             self.matrix(name, cols, rows).map(Some)
         } else {
@@ -69,7 +89,11 @@ impl TensorLoader {
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let info = self.info(name)?;
         if info.n_elements() != len as u64 || info.dims.len() != 1 {
-            return Err(ModelError::BadShape { name: name.to_string(), expected: vec![len as u64], got: info.dims.clone() });
+            return Err(ModelError::BadShape {
+                name: name.to_string(),
+                expected: vec![len as u64],
+                got: info.dims.clone(),
+            });
         }
         let mut out = vec![0f32; len];
         modu_kernels::dequantize_row(info.ty, self.file.tensor_data(info), &mut out)
@@ -94,7 +118,12 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(l: &TensorLoader, name: &str, cols: usize, rows: usize) -> Result<Self, ModelError> {
+    pub fn load(
+        l: &TensorLoader,
+        name: &str,
+        cols: usize,
+        rows: usize,
+    ) -> Result<Self, ModelError> {
         let weight = l.matrix(&format!("{name}.weight"), cols, rows)?;
         let bias = l.opt_vector(&format!("{name}.bias"), rows)?;
         Ok(Self { weight, bias })
@@ -105,9 +134,16 @@ impl Linear {
     }
 
     /// `x` is `[n_tokens, cols]`, `y` becomes `[n_tokens, rows]`.
-    pub fn forward(&self, file: &GgufFile, x: &[f32], n_tokens: usize, y: &mut Vec<f32>) -> Result<(), ModelError> {
+    pub fn forward(
+        &self,
+        file: &GgufFile,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         y.resize(n_tokens * self.weight.rows, 0.0);
-        modu_kernels::matmul(&self.weight.mat(file), x, n_tokens, y).map_err(|e| ModelError::Kernel(e.to_string()))?;
+        modu_kernels::matmul(&self.weight.mat(file), x, n_tokens, y)
+            .map_err(|e| ModelError::Kernel(e.to_string()))?;
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(b.len()) {
                 for (v, bv) in row.iter_mut().zip(b) {
@@ -178,7 +214,13 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(style: RopeStyle, head_dim: usize, base: f32, freq_factors: Option<&[f32]>, freq_scale: f32) -> Self {
+    pub fn new(
+        style: RopeStyle,
+        head_dim: usize,
+        base: f32,
+        freq_factors: Option<&[f32]>,
+        freq_scale: f32,
+    ) -> Self {
         Self {
             style,
             theta_scale: base.powf(-2.0 / head_dim as f32),
@@ -230,7 +272,14 @@ pub struct AttnShape {
 /// Computed the way llama.cpp's CPU flash attention does, so that results agree closely: the
 /// query is rounded to f16 (the cache's type), scores are accumulated in f32, and the softmax is
 /// taken online (running maximum and sum) with the weighted sum of values kept in f16.
-pub fn attention(q: &[f32], kv: &LayerKv, pos0: usize, n_tokens: usize, s: AttnShape, out: &mut Vec<f32>) {
+pub fn attention(
+    q: &[f32],
+    kv: &LayerKv,
+    pos0: usize,
+    n_tokens: usize,
+    s: AttnShape,
+    out: &mut Vec<f32>,
+) {
     let hd = s.head_dim;
     let q_dim = s.n_head * hd;
     let group = s.n_head / s.n_head_kv;
@@ -246,7 +295,10 @@ pub fn attention(q: &[f32], kv: &LayerKv, pos0: usize, n_tokens: usize, s: AttnS
         };
         for h in 0..s.n_head {
             let kvh = h / group;
-            for (d, &x) in qh16.iter_mut().zip(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd]) {
+            for (d, &x) in qh16
+                .iter_mut()
+                .zip(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd])
+            {
                 *d = half::f16::from_f32(x).to_f32();
             }
             acc.iter_mut().for_each(|a| *a = half::f16::ZERO);
@@ -258,7 +310,8 @@ pub fn attention(q: &[f32], kv: &LayerKv, pos0: usize, n_tokens: usize, s: AttnS
                     let ms = (max - score).exp();
                     max = score;
                     if ms != 1.0 {
-                        acc.iter_mut().for_each(|a| *a = half::f16::from_f32(a.to_f32() * ms));
+                        acc.iter_mut()
+                            .for_each(|a| *a = half::f16::from_f32(a.to_f32() * ms));
                     }
                     (ms, 1.0)
                 } else {

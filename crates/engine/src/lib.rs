@@ -3,18 +3,18 @@
 //! model's forward pass turns them into logits with the kernels, and the sampler picks the next
 //! token.
 
+pub mod chat;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod layers;
 pub mod models;
 pub mod sampling;
-pub mod chat;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use models::{load_model, Logits, Model, ModelInfo};
 pub use sampling::{Sampler, SamplingParams};
-pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError};

@@ -44,13 +44,19 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     /// A description of the first invalid field, if any.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -59,7 +65,10 @@ impl SamplingParams {
             return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
-            return Err(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+            return Err(format!(
+                "repeat_penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         if !self.presence_penalty.is_finite() || !self.frequency_penalty.is_finite() {
             return Err("presence/frequency penalties must be finite".into());
@@ -78,7 +87,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Self { params, rng, cand: Vec::new() }
+        Self {
+            params,
+            rng,
+            cand: Vec::new(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -95,8 +108,8 @@ impl Sampler {
             n if n < 0 => history.len(),
             n => (n as usize).min(history.len()),
         };
-        let penalise =
-            window > 0 && (p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0);
+        let penalise = window > 0
+            && (p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0);
         if penalise {
             logits_owned = logits.to_vec();
             let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
@@ -104,7 +117,9 @@ impl Sampler {
                 *counts.entry(t).or_default() += 1;
             }
             for (&t, &cnt) in &counts {
-                let Some(l) = logits_owned.get_mut(t as usize) else { continue };
+                let Some(l) = logits_owned.get_mut(t as usize) else {
+                    continue;
+                };
                 if *l > 0.0 {
                     *l /= p.repeat_penalty;
                 } else {
@@ -121,13 +136,20 @@ impl Sampler {
 
         // Candidates sorted by logit, descending; top-k first so the sort stays small.
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
-        let k = if p.top_k == 0 { self.cand.len() } else { p.top_k.min(self.cand.len()) };
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        let k = if p.top_k == 0 {
+            self.cand.len()
+        } else {
+            p.top_k.min(self.cand.len())
+        };
         if k < self.cand.len() {
-            self.cand.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+            self.cand
+                .select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
             self.cand.truncate(k);
         }
-        self.cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.cand
+            .sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
 
         // Probabilities at temperature 1 for the top-p / min-p filters (as llama.cpp).
         let max = self.cand[0].0;
@@ -152,7 +174,11 @@ impl Sampler {
         self.cand.truncate(keep);
 
         // Temperature, then draw.
-        let weights: Vec<f32> = self.cand.iter().map(|c| ((c.0 - max) / p.temperature).exp()).collect();
+        let weights: Vec<f32> = self
+            .cand
+            .iter()
+            .map(|c| ((c.0 - max) / p.temperature).exp())
+            .collect();
         let total: f32 = weights.iter().sum();
         let mut r = self.rng.gen::<f32>() * total;
         for (w, c) in weights.iter().zip(&self.cand) {
@@ -180,15 +206,29 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// the log-probability of `chosen`.
 pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(idx.len());
     if k > 0 && k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
     }
     idx.truncate(k);
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    let top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    let top = idx
+        .into_iter()
+        .map(|i| (i, logits[i as usize] - lse))
+        .collect();
     (logits[chosen as usize] - lse, top)
 }
 
@@ -208,22 +248,35 @@ mod tests {
 
     #[test]
     fn repeat_penalty_changes_greedy_choice() {
-        let mut s = Sampler::new(SamplingParams { repeat_penalty: 1.5, ..SamplingParams::greedy() });
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 1.5,
+            ..SamplingParams::greedy()
+        });
         assert_eq!(s.sample(&logits(), &[1]), 5);
     }
 
     #[test]
     fn presence_and_frequency_penalties() {
-        let mut s = Sampler::new(SamplingParams { presence_penalty: 0.2, ..SamplingParams::greedy() });
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.2,
+            ..SamplingParams::greedy()
+        });
         assert_eq!(s.sample(&logits(), &[1]), 5);
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 0.3, ..SamplingParams::greedy() });
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy()
+        });
         // Token 1 seen twice: 3.0 - 0.6 = 2.4 < 2.5 (token 2) and token 5 seen twice too.
         assert_eq!(s.sample(&logits(), &[1, 1, 5, 5]), 2);
     }
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, ..SamplingParams::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..SamplingParams::default()
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&logits(), &[]), 1);
         }
@@ -231,23 +284,50 @@ mod tests {
 
     #[test]
     fn top_p_and_min_p_restrict_support() {
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            min_p: 0.0,
+            ..Default::default()
+        });
         for _ in 0..50 {
             let t = s.sample(&logits(), &[]);
-            assert!(t == 1 || t == 5, "top_p 0.5 keeps only the two best, got {t}");
+            assert!(
+                t == 1 || t == 5,
+                "top_p 0.5 keeps only the two best, got {t}"
+            );
         }
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.5, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.5,
+            ..Default::default()
+        });
         for _ in 0..50 {
             let t = s.sample(&logits(), &[]);
-            assert!([1, 2, 5].contains(&t), "min_p 0.5 drops tokens under half the best, got {t}");
+            assert!(
+                [1, 2, 5].contains(&t),
+                "min_p 0.5 drops tokens under half the best, got {t}"
+            );
         }
     }
 
     #[test]
     fn same_seed_same_tokens() {
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed, ..Default::default() });
-            (0..32).map(|_| s.sample(&logits(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.5,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                seed,
+                ..Default::default()
+            });
+            (0..32)
+                .map(|_| s.sample(&logits(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -265,9 +345,24 @@ mod tests {
 
     #[test]
     fn validation_rejects_bad_params() {
-        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { min_p: 2.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            min_p: 2.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

@@ -137,7 +137,12 @@ impl Variant {
     }
 
     fn label(&self) -> String {
-        let mut s = format!("{} {} {}L", self.arch.name(), self.mat_ty.name(), self.n_layer);
+        let mut s = format!(
+            "{} {} {}L",
+            self.arch.name(),
+            self.mat_ty.name(),
+            self.n_layer
+        );
         s += if self.tied { " tied" } else { " untied" };
         if self.rope_freqs {
             s += " rope_freqs";
@@ -237,24 +242,54 @@ impl Synthetic {
         let mut md: Vec<(String, Value)> = Vec::new();
         let mut kv = |k: &str, val: Value| md.push((k.to_string(), val));
         kv("general.architecture", Value::String(arch.into()));
-        kv("general.name", Value::String(format!("synthetic {}", v.label())));
+        kv(
+            "general.name",
+            Value::String(format!("synthetic {}", v.label())),
+        );
         kv(&format!("{arch}.block_count"), Value::U32(v.n_layer as u32));
-        kv(&format!("{arch}.context_length"), Value::U32(N_CTX_TRAIN as u32));
-        kv(&format!("{arch}.embedding_length"), Value::U32(N_EMBD as u32));
-        kv(&format!("{arch}.feed_forward_length"), Value::U32(N_FF as u32));
-        kv(&format!("{arch}.attention.head_count"), Value::U32(N_HEAD as u32));
-        kv(&format!("{arch}.attention.head_count_kv"), Value::U32(N_HEAD_KV as u32));
-        kv(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(v.eps()));
+        kv(
+            &format!("{arch}.context_length"),
+            Value::U32(N_CTX_TRAIN as u32),
+        );
+        kv(
+            &format!("{arch}.embedding_length"),
+            Value::U32(N_EMBD as u32),
+        );
+        kv(
+            &format!("{arch}.feed_forward_length"),
+            Value::U32(N_FF as u32),
+        );
+        kv(
+            &format!("{arch}.attention.head_count"),
+            Value::U32(N_HEAD as u32),
+        );
+        kv(
+            &format!("{arch}.attention.head_count_kv"),
+            Value::U32(N_HEAD_KV as u32),
+        );
+        kv(
+            &format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(v.eps()),
+        );
         kv(&format!("{arch}.rope.freq_base"), Value::F32(v.rope_base()));
         if v.arch == Arch::Gemma3 {
             kv("gemma3.attention.key_length", Value::U32(HEAD_DIM as u32));
             kv("gemma3.attention.value_length", Value::U32(HEAD_DIM as u32));
-            kv("gemma3.attention.sliding_window", Value::U32(v.window as u32));
+            kv(
+                "gemma3.attention.sliding_window",
+                Value::U32(v.window as u32),
+            );
         } else {
-            kv(&format!("{arch}.rope.dimension_count"), Value::U32(HEAD_DIM as u32));
+            kv(
+                &format!("{arch}.rope.dimension_count"),
+                Value::U32(HEAD_DIM as u32),
+            );
         }
         if let Some(f) = v.linear_rope_scale {
-            kv(&format!("{arch}.rope.scaling.type"), Value::String("linear".into()));
+            kv(
+                &format!("{arch}.rope.scaling.type"),
+                Value::String("linear".into()),
+            );
             kv(&format!("{arch}.rope.scaling.factor"), Value::F32(f));
         }
 
@@ -263,9 +298,16 @@ impl Synthetic {
         // Matrices: entries uniform in ±sqrt(3/cols), so a unit-RMS input gives unit-RMS outputs.
         let mat = |rng: &mut Rng, name: &str, cols: usize, rows: usize| {
             let a = (3.0 / cols as f32).sqrt();
-            tensor(name, &[cols as u64, rows as u64], mt, &rng.vec(rows * cols, -a, a))
+            tensor(
+                name,
+                &[cols as u64, rows as u64],
+                mt,
+                &rng.vec(rows * cols, -a, a),
+            )
         };
-        let norm = |rng: &mut Rng, name: &str, n: usize| tensor(name, &[n as u64], f32t, &rng.vec(n, 0.7, 1.3));
+        let norm = |rng: &mut Rng, name: &str, n: usize| {
+            tensor(name, &[n as u64], f32t, &rng.vec(n, 0.7, 1.3))
+        };
         let mut t = Vec::new();
         // Gemma multiplies the embedding by sqrt(n_embd) = 8: keep its rows small (as in the real
         // models) so the residual stream is not dominated by it.
@@ -281,7 +323,12 @@ impl Synthetic {
             let ff: Vec<f32> = (0..HEAD_DIM / 2)
                 .map(|i| 1.0 + i as f32 * rng.uniform(0.2, 0.6))
                 .collect();
-            t.push(tensor("rope_freqs.weight", &[(HEAD_DIM / 2) as u64], f32t, &ff));
+            t.push(tensor(
+                "rope_freqs.weight",
+                &[(HEAD_DIM / 2) as u64],
+                f32t,
+                &ff,
+            ));
         }
         for il in 0..v.n_layer {
             let p = |s: &str| format!("blk.{il}.{s}");
@@ -290,7 +337,11 @@ impl Synthetic {
             t.push(mat(&mut rng, &p("attn_k.weight"), N_EMBD, KV_DIM));
             t.push(mat(&mut rng, &p("attn_v.weight"), N_EMBD, KV_DIM));
             if v.arch == Arch::Qwen2 {
-                for (s, n) in [("attn_q.bias", Q_DIM), ("attn_k.bias", KV_DIM), ("attn_v.bias", KV_DIM)] {
+                for (s, n) in [
+                    ("attn_q.bias", Q_DIM),
+                    ("attn_k.bias", KV_DIM),
+                    ("attn_v.bias", KV_DIM),
+                ] {
                     t.push(tensor(&p(s), &[n as u64], f32t, &rng.vec(n, -0.5, 0.5)));
                 }
             }
@@ -334,7 +385,8 @@ impl Synthetic {
     }
 
     fn w(&self, name: &str) -> &[f32] {
-        self.get(name).unwrap_or_else(|| panic!("reference: no tensor {name}"))
+        self.get(name)
+            .unwrap_or_else(|| panic!("reference: no tensor {name}"))
     }
 
     fn remove_tensor(&mut self, name: &str) {
@@ -379,8 +431,12 @@ impl Synthetic {
     /// `load_model`, turning a panic into a test failure with a clear message.
     fn try_load(&self) -> Result<Box<dyn Model>, ModelError> {
         let file = self.file();
-        catch_unwind(AssertUnwindSafe(|| load_model(file)))
-            .unwrap_or_else(|_| panic!("{}: load_model panicked instead of returning an error", self.v.label()))
+        catch_unwind(AssertUnwindSafe(|| load_model(file))).unwrap_or_else(|_| {
+            panic!(
+                "{}: load_model panicked instead of returning an error",
+                self.v.label()
+            )
+        })
     }
 
     fn load(&self) -> Box<dyn Model> {
@@ -419,14 +475,26 @@ fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
 /// Rotate every head of `x` for position `pos`. Pair `i` (of `HEAD_DIM/2`) turns by
 /// `pos · scale · base^(-2i/HEAD_DIM) / factor[i]`; NeoX pairs are `(i, i + HEAD_DIM/2)`, the
 /// original Llama layout pairs neighbours `(2i, 2i + 1)`.
-fn rope_ref(x: &mut [f32], pos: usize, base: f32, neox: bool, factors: Option<&[f32]>, pos_scale: f32) {
+fn rope_ref(
+    x: &mut [f32],
+    pos: usize,
+    base: f32,
+    neox: bool,
+    factors: Option<&[f32]>,
+    pos_scale: f32,
+) {
     let half = HEAD_DIM / 2;
     for head in x.chunks_exact_mut(HEAD_DIM) {
         for i in 0..half {
-            let freq = (base as f64).powf(-2.0 * i as f64 / HEAD_DIM as f64) / factors.map_or(1.0, |f| f[i] as f64);
+            let freq = (base as f64).powf(-2.0 * i as f64 / HEAD_DIM as f64)
+                / factors.map_or(1.0, |f| f[i] as f64);
             let theta = pos as f64 * pos_scale as f64 * freq;
             let (s, c) = (theta.sin() as f32, theta.cos() as f32);
-            let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+            let (a, b) = if neox {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
             let (x0, x1) = (head[a], head[b]);
             head[a] = x0 * c - x1 * s;
             head[b] = x0 * s + x1 * c;
@@ -436,7 +504,8 @@ fn rope_ref(x: &mut [f32], pos: usize, base: f32, neox: bool, factors: Option<&[
 
 fn gelu_tanh_ref(x: f32) -> f32 {
     let x = x as f64;
-    (0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())) as f32
+    (0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()))
+        as f32
 }
 
 fn silu_ref(x: f32) -> f32 {
@@ -471,7 +540,11 @@ fn reference_forward(m: &Synthetic, tokens: &[u32]) -> Vec<Vec<f32>> {
         };
         // mask[t][s]: may the query at t see the key at s?
         let mask: Vec<Vec<bool>> = (0..n)
-            .map(|t| (0..n).map(|s| s <= t && (global || t - s < v.window)).collect())
+            .map(|t| {
+                (0..n)
+                    .map(|s| s <= t && (global || t - s < v.window))
+                    .collect()
+            })
             .collect();
 
         let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
@@ -545,7 +618,13 @@ fn reference_forward(m: &Synthetic, tokens: &[u32]) -> Vec<Vec<f32>> {
             let act: Vec<f32> = g
                 .iter()
                 .zip(&u)
-                .map(|(&g, &u)| if gemma { gelu_tanh_ref(g) * u } else { silu_ref(g) * u })
+                .map(|(&g, &u)| {
+                    if gemma {
+                        gelu_tanh_ref(g) * u
+                    } else {
+                        silu_ref(g) * u
+                    }
+                })
                 .collect();
             let mut o = matvec(m.w(&p("ffn_down.weight")), &act);
             if gemma {
@@ -555,7 +634,9 @@ fn reference_forward(m: &Synthetic, tokens: &[u32]) -> Vec<Vec<f32>> {
         }
     }
 
-    let out_w = m.get("output.weight").unwrap_or_else(|| m.w("token_embd.weight"));
+    let out_w = m
+        .get("output.weight")
+        .unwrap_or_else(|| m.w("token_embd.weight"));
     x.iter()
         .map(|xt| matvec(out_w, &rms_norm_ref(xt, m.w("output_norm.weight"), eps)))
         .collect()
@@ -577,12 +658,17 @@ fn argmax(x: &[f32]) -> usize {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn tokens_for(seed: u64) -> Vec<u32> {
     let mut rng = Rng(seed ^ 0x5eed);
-    (0..SEQ_LEN).map(|_| (rng.next_u64() % N_VOCAB as u64) as u32).collect()
+    (0..SEQ_LEN)
+        .map(|_| (rng.next_u64() % N_VOCAB as u64) as u32)
+        .collect()
 }
 
 /// Run `tokens` through the engine in chunks of the given sizes (one fresh cache), `Logits::All`.
@@ -626,12 +712,20 @@ fn check_variant(v: Variant) -> (f32, String) {
 
     let modes: Vec<(&str, Vec<f32>)> = vec![
         ("one call", engine_chunks(&*model, &tokens, &[SEQ_LEN])),
-        ("token by token", engine_chunks(&*model, &tokens, &[1; SEQ_LEN])),
+        (
+            "token by token",
+            engine_chunks(&*model, &tokens, &[1; SEQ_LEN]),
+        ),
         ("5 + 7", engine_chunks(&*model, &tokens, &[5, 7])),
         ("3 + 4 + 5", engine_chunks(&*model, &tokens, &[3, 4, 5])),
     ];
     let mut worst = 0f32;
-    let mut line = format!("{:<42} scale {:>6.2} tol {:.0e}:", v.label(), scale, v.tol());
+    let mut line = format!(
+        "{:<42} scale {:>6.2} tol {:.0e}:",
+        v.label(),
+        scale,
+        v.tol()
+    );
     for (mode, logits) in &modes {
         let d = max_abs_diff(logits, &reference);
         worst = worst.max(d / scale);
@@ -655,11 +749,17 @@ fn check_variant(v: Variant) -> (f32, String) {
     let one = &modes[0].1;
     for (mode, logits) in &modes[1..] {
         let d = max_abs_diff(logits, one);
-        assert!(d <= 1e-4 * scale, "{}: {mode} differs from one call by {d}", v.label());
+        assert!(
+            d <= 1e-4 * scale,
+            "{}: {mode} differs from one call by {d}",
+            v.label()
+        );
     }
     // `Logits::Last` is the last row of `Logits::All`.
     let mut cache = model.new_cache(N_CTX_TRAIN);
-    let last = model.forward(&tokens, &mut cache, Logits::Last).expect("forward");
+    let last = model
+        .forward(&tokens, &mut cache, Logits::Last)
+        .expect("forward");
     assert_eq!(last.len(), N_VOCAB);
     assert!(max_abs_diff(&last, &one[(SEQ_LEN - 1) * N_VOCAB..]) <= 1e-5 * scale);
 
@@ -667,7 +767,9 @@ fn check_variant(v: Variant) -> (f32, String) {
     let mut reuse = cache.clone();
     reuse.truncate(5);
     assert_eq!(reuse.len(), 5);
-    let rest = model.forward(&tokens[5..], &mut reuse, Logits::All).expect("forward");
+    let rest = model
+        .forward(&tokens[5..], &mut reuse, Logits::All)
+        .expect("forward");
     assert!(
         max_abs_diff(&rest, &one[5 * N_VOCAB..]) <= 1e-4 * scale,
         "{}: rerun after truncate differs",
@@ -681,13 +783,24 @@ fn check_variant(v: Variant) -> (f32, String) {
         let r = reference_forward(&syn, &seq).pop().unwrap();
         let d = max_abs_diff(&logits, &r);
         worst = worst.max(d / scale);
-        assert!(d <= tol, "{}: greedy step {step}: max diff {d} > {tol}", v.label());
-        if !assert_argmax_agrees(&logits, &r, tol, &format!("{} greedy step {step}", v.label())) {
+        assert!(
+            d <= tol,
+            "{}: greedy step {step}: max diff {d} > {tol}",
+            v.label()
+        );
+        if !assert_argmax_agrees(
+            &logits,
+            &r,
+            tol,
+            &format!("{} greedy step {step}", v.label()),
+        ) {
             break; // a near-tie went the other way; the sequences would diverge from here
         }
         let next = argmax(&logits) as u32;
         seq.push(next);
-        logits = model.forward(&[next], &mut cache, Logits::Last).expect("forward");
+        logits = model
+            .forward(&[next], &mut cache, Logits::Last)
+            .expect("forward");
     }
     line += &format!(
         " | greedy {}",
@@ -896,7 +1009,11 @@ fn wrong_shapes_are_reported() {
         let mut syn = Synthetic::new(variant(arch, GgmlType::F32, 2));
         syn.replace_tensor(name, dims);
         match expect_err(&syn) {
-            ModelError::BadShape { name: n, expected, got } => {
+            ModelError::BadShape {
+                name: n,
+                expected,
+                got,
+            } => {
                 assert_eq!(n, name);
                 assert_eq!(got, dims);
                 assert_eq!(expected, expected_dims, "{name}");
@@ -907,7 +1024,9 @@ fn wrong_shapes_are_reported() {
     // A 3-D tensor where a matrix belongs.
     let mut syn = Synthetic::new(variant(Arch::Qwen2, GgmlType::F32, 2));
     syn.replace_tensor("blk.1.ffn_gate.weight", &[64, 64, 2]);
-    assert!(matches!(expect_err(&syn), ModelError::BadShape { name, .. } if name == "blk.1.ffn_gate.weight"));
+    assert!(
+        matches!(expect_err(&syn), ModelError::BadShape { name, .. } if name == "blk.1.ffn_gate.weight")
+    );
 }
 
 #[test]
@@ -956,14 +1075,24 @@ fn bad_tokens_empty_input_and_context_overflow() {
         assert_eq!(cache.len(), 0);
 
         // Context overflow.
-        let first = model.forward(&tokens[..6], &mut cache, Logits::All).unwrap();
+        let first = model
+            .forward(&tokens[..6], &mut cache, Logits::All)
+            .unwrap();
         match model.forward(&tokens[6..9], &mut cache, Logits::All) {
-            Err(ModelError::ContextFull { have, adding, max }) => assert_eq!((have, adding, max), (6, 3, 8)),
+            Err(ModelError::ContextFull { have, adding, max }) => {
+                assert_eq!((have, adding, max), (6, 3, 8))
+            }
             Err(e) => panic!("{arch:?}: expected ContextFull, got {e:?}"),
             Ok(_) => panic!("{arch:?}: ran past the context"),
         }
-        assert_eq!(cache.len(), 6, "{arch:?}: a refused forward must not touch the cache");
-        let second = model.forward(&tokens[6..8], &mut cache, Logits::All).unwrap();
+        assert_eq!(
+            cache.len(),
+            6,
+            "{arch:?}: a refused forward must not touch the cache"
+        );
+        let second = model
+            .forward(&tokens[6..8], &mut cache, Logits::All)
+            .unwrap();
         assert_eq!(cache.len(), 8);
         assert!(matches!(
             model.forward(&tokens[8..9], &mut cache, Logits::Last),

@@ -16,8 +16,8 @@ use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    add_inplace, attention, gelu_ggml, rms_norm, rms_norm_inplace, AttnShape, Linear, Rope, RopeStyle, TensorLoader,
-    Weight,
+    add_inplace, attention, gelu_ggml, rms_norm, rms_norm_inplace, AttnShape, Linear, Rope,
+    RopeStyle, TensorLoader, Weight,
 };
 
 /// Hyper-parameters, parsed once from `gemma3.*` metadata.
@@ -42,13 +42,20 @@ pub struct Gemma3Config {
 
 impl Gemma3Config {
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
-        let hp = Hparams { file, arch: "gemma3" };
+        let hp = Hparams {
+            file,
+            arch: "gemma3",
+        };
         let n_embd = hp.usize("embedding_length")?;
         let n_head = hp.usize("attention.head_count")?;
         let n_head_kv = hp.usize_or("attention.head_count_kv", n_head)?;
         let head_dim = hp.usize_or("attention.key_length", 256)?;
         let v_dim = hp.usize_or("attention.value_length", head_dim)?;
-        if v_dim != head_dim || n_head % n_head_kv != 0 || head_dim % 2 != 0 || head_dim > crate::layers::MAX_HEAD_DIM {
+        if v_dim != head_dim
+            || n_head % n_head_kv != 0
+            || head_dim % 2 != 0
+            || head_dim > crate::layers::MAX_HEAD_DIM
+        {
             return Err(ModelError::BadKey {
                 key: "gemma3.attention".into(),
                 reason: format!("unsupported head layout: {n_head} heads, {n_head_kv} KV heads, K dim {head_dim}, V dim {v_dim}"),
@@ -119,7 +126,8 @@ impl Gemma3 {
             .file
             .tensor_info("token_embd.weight")
             .and_then(|t| t.dims.get(1).copied())
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))? as usize;
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?
+            as usize;
         let tok_embd = l.matrix("token_embd.weight", d, n_vocab)?;
         let q_dim = cfg.n_head * hd;
         let kv_dim = cfg.n_head_kv * hd;
@@ -144,9 +152,17 @@ impl Gemma3 {
             });
         }
         let output_norm = l.vector("output_norm.weight", d)?;
-        let output = l.opt_matrix("output.weight", d, n_vocab)?.unwrap_or_else(|| tok_embd.clone());
+        let output = l
+            .opt_matrix("output.weight", d, n_vocab)?
+            .unwrap_or_else(|| tok_embd.clone());
         let rope_local = Rope::new(RopeStyle::Neox, hd, cfg.rope_base_local, None, 1.0);
-        let rope_global = Rope::new(RopeStyle::Neox, hd, cfg.rope_base_global, None, 1.0 / cfg.rope_scale_global);
+        let rope_global = Rope::new(
+            RopeStyle::Neox,
+            hd,
+            cfg.rope_base_global,
+            None,
+            1.0 / cfg.rope_scale_global,
+        );
         let info = ModelInfo {
             arch: "gemma3".into(),
             name: file.get_str("general.name").map(str::to_string),
@@ -162,7 +178,10 @@ impl Gemma3 {
             tok_embd,
             blocks,
             output_norm,
-            output: Linear { weight: output, bias: None },
+            output: Linear {
+                weight: output,
+                bias: None,
+            },
             rope_local,
             rope_global,
         })
@@ -179,10 +198,18 @@ impl Model for Gemma3 {
     }
 
     fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(&vec![(self.cfg.n_head_kv, self.cfg.head_dim); self.cfg.n_layer], max_len)
+        KvCache::new(
+            &vec![(self.cfg.n_head_kv, self.cfg.head_dim); self.cfg.n_layer],
+            max_len,
+        )
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyInput);
         }
@@ -199,11 +226,22 @@ impl Model for Gemma3 {
         let emb_scale = (c.n_embd as f32).sqrt();
         x.iter_mut().for_each(|v| *v *= emb_scale);
 
-        let (mut h, mut q, mut k, mut v, mut att, mut o) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut h, mut q, mut k, mut v, mut att, mut o) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut gate, mut up) = (vec![], vec![]);
         for (il, b) in self.blocks.iter().enumerate() {
-            let (rope, window) = if b.sliding { (&self.rope_local, Some(c.sliding_window)) } else { (&self.rope_global, None) };
-            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt(), window };
+            let (rope, window) = if b.sliding {
+                (&self.rope_local, Some(c.sliding_window))
+            } else {
+                (&self.rope_global, None)
+            };
+            let shape = AttnShape {
+                n_head: c.n_head,
+                n_head_kv: c.n_head_kv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+                window,
+            };
 
             rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
             b.wq.forward(f, &h, n, &mut q)?;
@@ -235,7 +273,8 @@ impl Model for Gemma3 {
         let rows = select_rows(&x, c.n_embd, which);
         rms_norm(rows, &self.output_norm, c.rms_eps, &mut h);
         let mut logits = Vec::new();
-        self.output.forward(f, &h, rows.len() / c.n_embd, &mut logits)?;
+        self.output
+            .forward(f, &h, rows.len() / c.n_embd, &mut logits)?;
         Ok(logits)
     }
 }

@@ -13,7 +13,10 @@ use modu_gguf::GgufFile;
 use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
-use crate::layers::{add_inplace, attention, rms_norm, silu, AttnShape, Linear, Rope, RopeStyle, TensorLoader, Weight};
+use crate::layers::{
+    add_inplace, attention, rms_norm, silu, AttnShape, Linear, Rope, RopeStyle, TensorLoader,
+    Weight,
+};
 
 /// Hyper-parameters, parsed once from `{arch}.*` metadata.
 #[derive(Debug, Clone)]
@@ -42,7 +45,9 @@ impl LlamaConfig {
         if n_head % n_head_kv != 0 || head_dim % 2 != 0 || head_dim > crate::layers::MAX_HEAD_DIM {
             return Err(ModelError::BadKey {
                 key: format!("{arch}.attention.head_count_kv"),
-                reason: format!("{n_head} heads cannot be grouped over {n_head_kv} KV heads of dim {head_dim}"),
+                reason: format!(
+                    "{n_head} heads cannot be grouped over {n_head_kv} KV heads of dim {head_dim}"
+                ),
             });
         }
         let rope_scale = match hp.str_opt("rope.scaling.type") {
@@ -57,7 +62,11 @@ impl LlamaConfig {
             n_head_kv,
             head_dim,
             rope_base: hp.f32_or("rope.freq_base", 10_000.0)?,
-            rope_style: if arch == "llama" { RopeStyle::Interleaved } else { RopeStyle::Neox },
+            rope_style: if arch == "llama" {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Neox
+            },
             rope_scale,
             rms_eps: hp.f32_or("attention.layer_norm_rms_epsilon", 1e-5)?,
             n_ctx_train: hp.usize_or("context_length", 4096)?,
@@ -99,7 +108,8 @@ impl Llama {
             .file
             .tensor_info("token_embd.weight")
             .and_then(|t| t.dims.get(1).copied())
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))? as usize;
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?
+            as usize;
         let tok_embd = l.matrix("token_embd.weight", d, n_vocab)?;
         let q_dim = cfg.n_head * cfg.head_dim;
         let kv_dim = cfg.n_head_kv * cfg.head_dim;
@@ -119,11 +129,22 @@ impl Llama {
             });
         }
         let output_norm = l.vector("output_norm.weight", d)?;
-        let output = l.opt_matrix("output.weight", d, n_vocab)?.unwrap_or_else(|| tok_embd.clone());
-        let output = Linear { weight: output, bias: None };
+        let output = l
+            .opt_matrix("output.weight", d, n_vocab)?
+            .unwrap_or_else(|| tok_embd.clone());
+        let output = Linear {
+            weight: output,
+            bias: None,
+        };
         // Llama 3 ships per-dimension RoPE frequency divisors as a tensor.
         let freq_factors = l.opt_vector("rope_freqs.weight", cfg.head_dim / 2)?;
-        let rope = Rope::new(cfg.rope_style, cfg.head_dim, cfg.rope_base, freq_factors.as_deref(), 1.0 / cfg.rope_scale);
+        let rope = Rope::new(
+            cfg.rope_style,
+            cfg.head_dim,
+            cfg.rope_base,
+            freq_factors.as_deref(),
+            1.0 / cfg.rope_scale,
+        );
         let info = ModelInfo {
             arch,
             name: file.get_str("general.name").map(str::to_string),
@@ -132,7 +153,16 @@ impl Llama {
             n_embd: d,
             n_ctx_train: cfg.n_ctx_train,
         };
-        Ok(Self { file, cfg, info, tok_embd, blocks, output_norm, output, rope })
+        Ok(Self {
+            file,
+            cfg,
+            info,
+            tok_embd,
+            blocks,
+            output_norm,
+            output,
+            rope,
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -146,10 +176,18 @@ impl Model for Llama {
     }
 
     fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(&vec![(self.cfg.n_head_kv, self.cfg.head_dim); self.cfg.n_layer], max_len)
+        KvCache::new(
+            &vec![(self.cfg.n_head_kv, self.cfg.head_dim); self.cfg.n_layer],
+            max_len,
+        )
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError> {
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyInput);
         }
@@ -169,7 +207,8 @@ impl Model for Llama {
 
         let mut x = Vec::new();
         embed_tokens(f, &self.tok_embd, tokens, &mut x)?;
-        let (mut h, mut q, mut k, mut v, mut att, mut o) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut h, mut q, mut k, mut v, mut att, mut o) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut gate, mut up) = (vec![], vec![]);
         for (il, b) in self.blocks.iter().enumerate() {
             // Attention.
@@ -178,8 +217,16 @@ impl Model for Llama {
             b.wk.forward(f, &h, n, &mut k)?;
             b.wv.forward(f, &h, n, &mut v)?;
             for t in 0..n {
-                self.rope.apply(&mut q[t * c.n_head * hd..(t + 1) * c.n_head * hd], hd, pos0 + t);
-                self.rope.apply(&mut k[t * c.n_head_kv * hd..(t + 1) * c.n_head_kv * hd], hd, pos0 + t);
+                self.rope.apply(
+                    &mut q[t * c.n_head * hd..(t + 1) * c.n_head * hd],
+                    hd,
+                    pos0 + t,
+                );
+                self.rope.apply(
+                    &mut k[t * c.n_head_kv * hd..(t + 1) * c.n_head_kv * hd],
+                    hd,
+                    pos0 + t,
+                );
             }
             cache.layer_mut(il).append(&k, &v);
             attention(&q, cache.layer(il), pos0, n, shape, &mut att);

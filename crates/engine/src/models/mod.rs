@@ -41,7 +41,12 @@ pub trait Model: Send + Sync {
 
     /// Run `tokens` at positions `cache.len()..` (appending their keys and values) and return
     /// logits `[n, n_vocab]` for the positions `which` asks for.
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>, ModelError>;
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError>;
 }
 
 /// Load the architecture named in the file's metadata.
@@ -73,7 +78,10 @@ impl Hparams<'_> {
                 .as_u64()
                 .filter(|&n| n > 0 && n < (1 << 32))
                 .map(|n| n as usize)
-                .ok_or(ModelError::BadKey { key, reason: "expected a positive integer".into() }),
+                .ok_or(ModelError::BadKey {
+                    key,
+                    reason: "expected a positive integer".into(),
+                }),
         }
     }
 
@@ -92,7 +100,10 @@ impl Hparams<'_> {
             Some(v) => v
                 .as_f32()
                 .filter(|x| x.is_finite())
-                .ok_or(ModelError::BadKey { key, reason: "expected a finite number".into() }),
+                .ok_or(ModelError::BadKey {
+                    key,
+                    reason: "expected a finite number".into(),
+                }),
         }
     }
 
@@ -102,14 +113,25 @@ impl Hparams<'_> {
 }
 
 /// Dequantize embedding rows for `tokens` into `out` (`[n, n_embd]`).
-pub(crate) fn embed_tokens(file: &GgufFile, emb: &Weight, tokens: &[u32], out: &mut Vec<f32>) -> Result<(), ModelError> {
+pub(crate) fn embed_tokens(
+    file: &GgufFile,
+    emb: &Weight,
+    tokens: &[u32],
+    out: &mut Vec<f32>,
+) -> Result<(), ModelError> {
     let d = emb.cols;
-    let row_bytes = emb.ty().row_bytes(d as u64).expect("embedding shape checked at load") as usize;
+    let row_bytes = emb
+        .ty()
+        .row_bytes(d as u64)
+        .expect("embedding shape checked at load") as usize;
     let data = file.tensor_data(&emb.info);
     out.resize(tokens.len() * d, 0.0);
     for (i, &t) in tokens.iter().enumerate() {
         if t as usize >= emb.rows {
-            return Err(ModelError::BadToken { id: t, vocab: emb.rows });
+            return Err(ModelError::BadToken {
+                id: t,
+                vocab: emb.rows,
+            });
         }
         let src = &data[t as usize * row_bytes..(t as usize + 1) * row_bytes];
         modu_kernels::dequantize_row(emb.ty(), src, &mut out[i * d..(i + 1) * d])

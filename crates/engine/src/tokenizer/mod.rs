@@ -5,12 +5,12 @@
 //! Two vocabulary kinds are supported, selected by `tokenizer.ggml.model`:
 //!
 //! * `gpt2` — byte-level BPE (Qwen, Llama 3, GPT-2 …). Text is split by the pre-tokenizer regexes
-//!   named by `tokenizer.ggml.pre` (see [`bpe`]), every byte of a piece is mapped to one printable
+//!   named by `tokenizer.ggml.pre` (see `bpe.rs`), every byte of a piece is mapped to one printable
 //!   character (GPT-2's byte↔unicode table), and adjacent symbols are merged by the rank of the pair
 //!   in `tokenizer.ggml.merges`.
 //! * `llama` — SentencePiece-style BPE (Gemma, Llama 2 …): spaces become `▁`, adjacent symbols are
 //!   merged greedily by the *score* of the merged piece, and characters with no piece fall back to
-//!   `<0xXX>` byte tokens (see [`spm`]).
+//!   `<0xXX>` byte tokens (see `spm.rs`).
 //!
 //! Before either algorithm runs, the text is partitioned on special tokens (see
 //! [`Tokenizer::encode`]), as llama.cpp does.
@@ -306,7 +306,7 @@ fn get_flag(f: &GgufFile, key: &'static str) -> Result<Option<bool>, TokenizerEr
     }
 }
 
-/// Everything [`Tokenizer::from_parts`] needs; the GGUF reader fills it from metadata, tests and
+/// Everything [`Tokenizer::from_spec`] needs; the GGUF reader fills it from metadata, tests and
 /// tools can fill it by hand.
 #[derive(Debug, Clone, Default)]
 pub struct TokenizerSpec {
