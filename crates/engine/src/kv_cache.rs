@@ -34,8 +34,12 @@ impl LayerKv {
 
     /// Append `n` positions: `k` and `v` are `[n, kv_dim]`.
     pub fn append(&mut self, k: &[f32], v: &[f32]) {
-        self.k.extend(k.iter().map(|&x| f16::from_f32(x)));
-        self.v.extend(v.iter().map(|&x| f16::from_f32(x)));
+        use half::slice::HalfFloatSliceExt;
+        let (nk, nv) = (self.k.len(), self.v.len());
+        self.k.resize(nk + k.len(), f16::ZERO);
+        self.v.resize(nv + v.len(), f16::ZERO);
+        self.k[nk..].convert_from_f32_slice(k);
+        self.v[nv..].convert_from_f32_slice(v);
     }
 
     pub fn truncate(&mut self, n_pos: usize) {
@@ -43,39 +47,18 @@ impl LayerKv {
         self.v.truncate(n_pos * self.kv_dim);
     }
 
-    /// The key of `head` at `pos`, widened to f32.
-    pub fn key(&self, pos: usize, head: usize, out: &mut [f32]) {
+    /// The key of `head` at `pos`.
+    pub fn key_f16(&self, pos: usize, head: usize) -> &[f16] {
         let o = pos * self.kv_dim + head * self.head_dim;
-        for (d, s) in out.iter_mut().zip(&self.k[o..o + self.head_dim]) {
-            *d = s.to_f32();
-        }
+        &self.k[o..o + self.head_dim]
     }
 
-    /// `q · key(pos, head)`, accumulated in f32.
-    pub fn dot_key(&self, pos: usize, head: usize, q: &[f32]) -> f32 {
+    /// The value of `head` at `pos`.
+    pub fn value_f16(&self, pos: usize, head: usize) -> &[f16] {
         let o = pos * self.kv_dim + head * self.head_dim;
-        self.k[o..o + self.head_dim]
-            .iter()
-            .zip(q)
-            .map(|(k, q)| k.to_f32() * q)
-            .sum()
+        &self.v[o..o + self.head_dim]
     }
 
-    /// `acc = f16(acc + w · value(pos, head))`: an f16 accumulator, as ggml's flash attention.
-    pub fn mad_value_f16(&self, pos: usize, head: usize, w: f32, acc: &mut [f16]) {
-        let o = pos * self.kv_dim + head * self.head_dim;
-        for (a, v) in acc.iter_mut().zip(&self.v[o..o + self.head_dim]) {
-            *a = f16::from_f32(a.to_f32() + v.to_f32() * w);
-        }
-    }
-
-    /// `out += w · value(pos, head)`.
-    pub fn add_value(&self, pos: usize, head: usize, w: f32, out: &mut [f32]) {
-        let o = pos * self.kv_dim + head * self.head_dim;
-        for (d, s) in out.iter_mut().zip(&self.v[o..o + self.head_dim]) {
-            *d += w * s.to_f32();
-        }
-    }
 }
 
 /// The cache of one sequence: one [`LayerKv`] per layer, all the same length.

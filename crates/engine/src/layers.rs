@@ -270,62 +270,56 @@ pub struct AttnShape {
 /// values have already been appended to `kv`. `q` is `[n_tokens, n_head*head_dim]`, `out` the same.
 ///
 /// Computed the way llama.cpp's CPU flash attention does, so that results agree closely: the
-/// query is rounded to f16 (the cache's type), scores are accumulated in f32, and the softmax is
-/// taken online (running maximum and sum) with the weighted sum of values kept in f16.
-pub fn attention(
-    q: &[f32],
-    kv: &LayerKv,
-    pos0: usize,
-    n_tokens: usize,
-    s: AttnShape,
-    out: &mut Vec<f32>,
-) {
+/// query is rounded to f16 (the cache's type), scores are f16·f16 dot products accumulated in
+/// f32, and the softmax is taken online (running maximum and sum) with the weighted sum of values
+/// kept in f16. Each (token, head) pair is independent, so they are spread over the threads when
+/// there is enough work.
+pub fn attention(q: &[f32], kv: &LayerKv, pos0: usize, n_tokens: usize, s: AttnShape, out: &mut Vec<f32>) {
+    use rayon::prelude::*;
     let hd = s.head_dim;
     let q_dim = s.n_head * hd;
-    let group = s.n_head / s.n_head_kv;
     out.clear();
     out.resize(n_tokens * q_dim, 0.0);
-    let mut qh16 = vec![0f32; hd];
-    let mut acc = vec![half::f16::ZERO; hd];
-    for t in 0..n_tokens {
-        let pos = pos0 + t;
-        let start = match s.window {
-            Some(w) if pos + 1 > w => pos + 1 - w,
-            _ => 0,
+    let job = |i: usize, oh: &mut [f32]| {
+        let (t, h) = (i / s.n_head, i % s.n_head);
+        attend_one(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd], kv, pos0 + t, h / (s.n_head / s.n_head_kv), s, oh);
+    };
+    let work = n_tokens * s.n_head * (pos0 + n_tokens) * hd;
+    if work < 1 << 16 || rayon::current_num_threads() == 1 {
+        out.chunks_exact_mut(hd).enumerate().for_each(|(i, oh)| job(i, oh));
+    } else {
+        out.par_chunks_exact_mut(hd).enumerate().for_each(|(i, oh)| job(i, oh));
+    }
+}
+
+/// One query head at position `pos` against KV head `kvh`.
+fn attend_one(qh: &[f32], kv: &LayerKv, pos: usize, kvh: usize, s: AttnShape, out: &mut [f32]) {
+    use half::f16;
+    let start = match s.window {
+        Some(w) if pos + 1 > w => pos + 1 - w,
+        _ => 0,
+    };
+    let mut q16 = vec![f16::ZERO; qh.len()];
+    half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut q16[..], qh);
+    let mut acc = vec![f16::ZERO; qh.len()];
+    let mut max = f32::NEG_INFINITY;
+    let mut sum = 0f32;
+    for kp in start..=pos {
+        let score = modu_kernels::vec_dot_f16(kv.key_f16(kp, kvh), &q16) * s.scale;
+        let (ms, vs) = if score > max {
+            let ms = (max - score).exp();
+            max = score;
+            modu_kernels::scale_f16(&mut acc, ms);
+            (ms, 1.0)
+        } else {
+            (1.0, (score - max).exp())
         };
-        for h in 0..s.n_head {
-            let kvh = h / group;
-            for (d, &x) in qh16
-                .iter_mut()
-                .zip(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd])
-            {
-                *d = half::f16::from_f32(x).to_f32();
-            }
-            acc.iter_mut().for_each(|a| *a = half::f16::ZERO);
-            let mut max = f32::NEG_INFINITY;
-            let mut sum = 0f32;
-            for kp in start..=pos {
-                let score = kv.dot_key(kp, kvh, &qh16) * s.scale;
-                let (ms, vs) = if score > max {
-                    let ms = (max - score).exp();
-                    max = score;
-                    if ms != 1.0 {
-                        acc.iter_mut()
-                            .for_each(|a| *a = half::f16::from_f32(a.to_f32() * ms));
-                    }
-                    (ms, 1.0)
-                } else {
-                    (1.0, (score - max).exp())
-                };
-                kv.mad_value_f16(kp, kvh, vs, &mut acc);
-                sum = sum * ms + vs;
-            }
-            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-            let oh = &mut out[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-            for (o, a) in oh.iter_mut().zip(&acc) {
-                *o = a.to_f32() * inv;
-            }
-        }
+        modu_kernels::mad_f16(&mut acc, kv.value_f16(kp, kvh), vs);
+        sum = sum * ms + vs;
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a.to_f32() * inv;
     }
 }
 

@@ -245,3 +245,23 @@ dot4!(sel4_q5_k, BlockQ5K, BlockQ8K);
 dot4!(sel4_f32, u8, f32);
 dot4!(sel4_f16, u8, f16);
 dot4!(sel4_bf16, u8, bf16);
+
+/// `acc[i] = f16(acc[i] + v[i]·w)` (see [`scalar::mad_f16`]).
+pub fn mad_f16(acc: &mut [f16], v: &[f16], w: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C.
+        return unsafe { crate::x86::mad_f16(acc, v, w) };
+    }
+    scalar::mad_f16(acc, v, w)
+}
+
+/// `acc[i] = f16(acc[i]·s)` (see [`scalar::scale_f16`]).
+pub fn scale_f16(acc: &mut [f16], s: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C.
+        return unsafe { crate::x86::scale_f16(acc, s) };
+    }
+    scalar::scale_f16(acc, s)
+}

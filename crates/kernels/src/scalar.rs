@@ -508,3 +508,22 @@ pub fn vec_dot_bf16(x: &[u8], y: &[bf16]) -> f32 {
     }
     sum as f32
 }
+
+// ---------------------------------------------------------------------------------------------
+// f16 vector primitives (attention over an f16 KV cache)
+// ---------------------------------------------------------------------------------------------
+
+/// `acc[i] = f16(f32(acc[i]) + f32(v[i]) · w)`: an f16 accumulator, as llama.cpp's CPU flash
+/// attention keeps its weighted sum of values (fused multiply-add, as ggml's AVX2 build).
+pub fn mad_f16(acc: &mut [f16], v: &[f16], w: f32) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a = f16::from_f32(x.to_f32().mul_add(w, a.to_f32()));
+    }
+}
+
+/// `acc[i] = f16(f32(acc[i]) · s)`.
+pub fn scale_f16(acc: &mut [f16], s: f32) {
+    for a in acc.iter_mut() {
+        *a = f16::from_f32(a.to_f32() * s);
+    }
+}

@@ -1247,3 +1247,76 @@ mod tests4 {
         vec_dot4_q6_k_q8_k
     );
 }
+
+/// AVX2/F16C version of [`crate::scalar::mad_f16`] (same rounding: a fused multiply-add, then
+/// one f16 rounding per element).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn mad_f16(acc: &mut [f16], v: &[f16], w: f32) {
+    let n = acc.len().min(v.len());
+    let ap = acc.as_mut_ptr() as *mut u16;
+    let vp = v.as_ptr() as *const u16;
+    let wv = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n elements exist in both slices; unaligned 16-byte loads/stores.
+        let a = _mm256_cvtph_ps(_mm_loadu_si128(ap.add(i) as *const __m128i));
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(i) as *const __m128i));
+        let r = _mm256_fmadd_ps(x, wv, a);
+        _mm_storeu_si128(ap.add(i) as *mut __m128i, _mm256_cvtps_ph::<0>(r));
+        i += 8;
+    }
+    crate::scalar::mad_f16(&mut acc[i..n], &v[i..n], w);
+}
+
+/// AVX2/F16C version of [`crate::scalar::scale_f16`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scale_f16(acc: &mut [f16], s: f32) {
+    let n = acc.len();
+    let ap = acc.as_mut_ptr() as *mut u16;
+    let sv = _mm256_set1_ps(s);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n elements exist; unaligned 16-byte loads/stores.
+        let a = _mm256_cvtph_ps(_mm_loadu_si128(ap.add(i) as *const __m128i));
+        _mm_storeu_si128(ap.add(i) as *mut __m128i, _mm256_cvtps_ph::<0>(_mm256_mul_ps(a, sv)));
+        i += 8;
+    }
+    crate::scalar::scale_f16(&mut acc[i..], s);
+}
+
+#[cfg(test)]
+mod tests_f16ops {
+    use super::*;
+
+    #[test]
+    fn mad_and_scale_f16_match_scalar() {
+        if !available() {
+            return;
+        }
+        let mut seed = 12345u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
+        };
+        for n in [0usize, 1, 7, 8, 9, 64, 255, 256] {
+            let v: Vec<f16> = (0..n).map(|_| f16::from_f32(rnd())).collect();
+            let a0: Vec<f16> = (0..n).map(|_| f16::from_f32(rnd())).collect();
+            let w = rnd();
+            let (mut a1, mut a2) = (a0.clone(), a0.clone());
+            crate::scalar::mad_f16(&mut a1, &v, w);
+            // SAFETY: available() checked above.
+            unsafe { mad_f16(&mut a2, &v, w) };
+            assert_eq!(a1, a2, "mad_f16 n={n}");
+            crate::scalar::scale_f16(&mut a1, 0.37);
+            // SAFETY: as above.
+            unsafe { scale_f16(&mut a2, 0.37) };
+            assert_eq!(a1, a2, "scale_f16 n={n}");
+        }
+    }
+}
