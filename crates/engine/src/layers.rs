@@ -161,6 +161,51 @@ fn rms_scale(x: &[f32], eps: f32) -> f32 {
     1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt()
 }
 
+/// Several projections of the same input (Q/K/V, gate/up): the activations are quantized once
+/// per dot type and the matrices run in one parallel section. `outs[i]` becomes
+/// `[n_tokens, layers[i].out_dim()]`.
+pub fn forward_many(
+    file: &GgufFile,
+    layers: &[&Linear],
+    x: &[f32],
+    n_tokens: usize,
+    outs: &mut [&mut Vec<f32>],
+) -> Result<(), ModelError> {
+    let kerr = |e: modu_kernels::KernelError| ModelError::Kernel(e.to_string());
+    let dot_types: Vec<GgmlType> =
+        layers.iter().map(|l| modu_kernels::vec_dot_type(l.weight.ty())).collect::<Result<_, _>>().map_err(kerr)?;
+    let mut done = vec![false; layers.len()];
+    for i in 0..layers.len() {
+        if done[i] {
+            continue;
+        }
+        let dt = dot_types[i];
+        let cols = layers[i].weight.cols;
+        let qa = modu_kernels::quantize_activations(dt, x, n_tokens, cols).map_err(kerr)?;
+        let group: Vec<usize> = (i..layers.len()).filter(|&j| !done[j] && dot_types[j] == dt).collect();
+        let mats: Vec<QMatrix> = group.iter().map(|&j| layers[j].weight.mat(file)).collect();
+        let mut jobs: Vec<(&QMatrix, &mut [f32])> = Vec::with_capacity(group.len());
+        let mut mi = 0;
+        for (j, o) in outs.iter_mut().enumerate() {
+            if group.contains(&j) {
+                o.resize(n_tokens * layers[j].weight.rows, 0.0);
+                jobs.push((&mats[mi], o.as_mut_slice()));
+                mi += 1;
+                done[j] = true;
+            }
+        }
+        modu_kernels::matmul_quantized_many(&mut jobs, &qa).map_err(kerr)?;
+    }
+    for (l, o) in layers.iter().zip(outs.iter_mut()) {
+        if let Some(b) = &l.bias {
+            for row in o.chunks_exact_mut(b.len()) {
+                add_inplace(row, b);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// RMS norm of each `dim`-sized row of `x` into `out`, scaled by `w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     let dim = w.len();

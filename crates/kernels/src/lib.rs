@@ -40,7 +40,7 @@ pub mod x86;
 pub use blocks::*;
 pub use dispatch::*;
 pub use matmul::{
-    matmul, matmul_quantized, quantize_activations, vec_dot_type, ActivationData,
+    matmul, matmul_quantized, matmul_quantized_many, quantize_activations, vec_dot_type, ActivationData,
     QuantizedActivations,
 };
 pub use modu_gguf::GgmlType;

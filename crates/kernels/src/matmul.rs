@@ -370,3 +370,14 @@ impl RowView for u8 {
         Some(bytes)
     }
 }
+
+/// Several matrices against the same quantized activations (the Q, K and V projections, or the
+/// gate and up projections) in one parallel section, so the threads meet once instead of once
+/// per matrix. `jobs[i].1` receives `a.n_tokens() * jobs[i].0.rows` values.
+pub fn matmul_quantized_many(
+    jobs: &mut [(&QMatrix, &mut [f32])],
+    a: &QuantizedActivations,
+) -> Result<(), KernelError> {
+    jobs.par_iter_mut()
+        .try_for_each(|(w, y)| matmul_quantized(w, a, y))
+}

@@ -16,6 +16,7 @@ use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
+    forward_many,
     add_inplace, attention, gelu_ggml, rms_norm, rms_norm_inplace, AttnShape, Linear, Rope,
     RopeStyle, TensorLoader, Weight,
 };
@@ -244,9 +245,7 @@ impl Model for Gemma3 {
             };
 
             rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
-            b.wq.forward(f, &h, n, &mut q)?;
-            b.wk.forward(f, &h, n, &mut k)?;
-            b.wv.forward(f, &h, n, &mut v)?;
+            forward_many(f, &[&b.wq, &b.wk, &b.wv], &h, n, &mut [&mut q, &mut k, &mut v])?;
             rms_norm_inplace(&mut q, &b.q_norm, c.rms_eps);
             rms_norm_inplace(&mut k, &b.k_norm, c.rms_eps);
             for t in 0..n {
@@ -260,8 +259,7 @@ impl Model for Gemma3 {
             add_inplace(&mut x, &h);
 
             rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut h);
-            b.w_gate.forward(f, &h, n, &mut gate)?;
-            b.w_up.forward(f, &h, n, &mut up)?;
+            forward_many(f, &[&b.w_gate, &b.w_up], &h, n, &mut [&mut gate, &mut up])?;
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = gelu_ggml(*g) * u;
             }

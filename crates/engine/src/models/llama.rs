@@ -14,6 +14,7 @@ use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
+    forward_many,
     add_inplace, attention, rms_norm, silu, AttnShape, Linear, Rope, RopeStyle, TensorLoader,
     Weight,
 };
@@ -213,9 +214,7 @@ impl Model for Llama {
         for (il, b) in self.blocks.iter().enumerate() {
             // Attention.
             rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
-            b.wq.forward(f, &h, n, &mut q)?;
-            b.wk.forward(f, &h, n, &mut k)?;
-            b.wv.forward(f, &h, n, &mut v)?;
+            forward_many(f, &[&b.wq, &b.wk, &b.wv], &h, n, &mut [&mut q, &mut k, &mut v])?;
             for t in 0..n {
                 self.rope.apply(
                     &mut q[t * c.n_head * hd..(t + 1) * c.n_head * hd],
@@ -235,8 +234,7 @@ impl Model for Llama {
 
             // Feed-forward (SwiGLU).
             rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut h);
-            b.w_gate.forward(f, &h, n, &mut gate)?;
-            b.w_up.forward(f, &h, n, &mut up)?;
+            forward_many(f, &[&b.w_gate, &b.w_up], &h, n, &mut [&mut gate, &mut up])?;
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = silu(*g) * u;
             }
