@@ -1,5 +1,6 @@
 //! `modu`: run quantized GGUF language models on the CPU.
 
+mod bench;
 mod pull;
 mod run;
 
@@ -33,9 +34,12 @@ enum Command {
     Tokenize(run::TokenizeArgs),
     /// Show a model's metadata and a tensor summary.
     Info(run::InfoArgs),
+    /// Measure prefill/decode speed (llama-bench style) and memory bandwidth.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
+    quiet_broken_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pull { name } => pull::run_pull(&name),
@@ -44,9 +48,28 @@ fn main() {
         Command::Chat(a) => run::chat(a),
         Command::Tokenize(a) => run::tokenize(a),
         Command::Info(a) => run::info(a),
+        Command::Bench(a) => bench::bench(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
+
+/// `modu info qwen | head` should end quietly as Unix tools do, not panic in `println!` on the
+/// closed pipe: restore the default SIGPIPE action (Rust's runtime ignores the signal).
+#[cfg(unix)]
+fn quiet_broken_pipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13; // the same on Linux, macOS and the BSDs
+    const SIG_DFL: usize = 0;
+    // SAFETY: called first thing in main, before any thread starts; SIG_DFL is always valid.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn quiet_broken_pipe() {}

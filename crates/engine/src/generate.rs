@@ -16,6 +16,7 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     /// Generation ends when the text contains one of these; the stop string is not returned.
+    /// Empty strings are ignored.
     pub stop: Vec<String>,
     /// Report this many most likely alternatives (with log-probabilities) per token.
     pub logprobs: Option<usize>,
@@ -92,6 +93,7 @@ impl<'a> StopMatcher<'a> {
         if let Some(at) = self
             .stops
             .iter()
+            .filter(|s| !s.is_empty())
             .filter_map(|s| self.pending.find(s.as_str()))
             .min()
         {
@@ -231,5 +233,16 @@ mod tests {
         };
         assert_eq!(m.push("a </b"), ("a </b".to_string(), false));
         assert_eq!(m.push("안녕"), ("안녕".to_string(), false));
+    }
+
+    #[test]
+    fn empty_stop_strings_are_ignored() {
+        let stops = vec![String::new(), "!".to_string()];
+        let mut m = StopMatcher {
+            stops: &stops,
+            pending: String::new(),
+        };
+        assert_eq!(m.push("hi"), ("hi".to_string(), false));
+        assert_eq!(m.push(" there!"), (" there".to_string(), true));
     }
 }
