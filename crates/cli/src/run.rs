@@ -32,27 +32,28 @@ pub struct SamplingArgs {
     #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
     pub n_predict: usize,
     /// Temperature; 0 = greedy.
-    #[arg(long = "temp", default_value_t = 0.8)]
+    #[arg(long = "temp", default_value_t = 0.8, allow_negative_numbers = true)]
     pub temp: f32,
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 64)]
+    /// Tokens of history the penalties look at (-1 = all, 0 = none).
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     pub repeat_last_n: i32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub presence_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub frequency_penalty: f32,
     /// RNG seed: same seed and settings give the same output.
     #[arg(long, default_value_t = 0xC0FFEE)]
     pub seed: u64,
     /// Stop when this text appears (repeatable).
-    #[arg(long = "stop")]
+    #[arg(long = "stop", allow_hyphen_values = true)]
     pub stop: Vec<String>,
     /// Do not stop at end-of-generation tokens.
     #[arg(long)]
@@ -90,7 +91,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Prompt text. Special tokens written in it (e.g. <|im_start|>) are parsed as such.
-    #[arg(short, long)]
+    #[arg(short, long, allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(short = 'f', long = "file", conflicts_with = "prompt")]
@@ -99,7 +100,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub chat: bool,
     /// System prompt (with --chat).
-    #[arg(long, requires = "chat")]
+    #[arg(long, requires = "chat", allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Use this Jinja chat template instead of the model's.
     #[arg(long)]
@@ -121,7 +122,7 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
@@ -140,6 +141,8 @@ pub struct TokenizeArgs {
     /// Do not add BOS/EOS even if the model asks for them.
     #[arg(long)]
     pub no_bos: bool,
+    /// The text (it may start with `-`).
+    #[arg(allow_hyphen_values = true)]
     pub text: String,
 }
 
@@ -176,16 +179,17 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             .build_global()
             .ok();
     }
+    if args.ctx == Some(0) {
+        bail!("--ctx must be at least 1");
+    }
     let file = open_gguf(&args.model)?;
     let tokenizer =
         Tokenizer::from_gguf(&file).context("building the tokenizer from GGUF metadata")?;
     let model = load_model(file.clone()).context("loading the model")?;
     let ctx = args
         .ctx
-        .unwrap_or_else(|| model.info().n_ctx_train.min(4096));
-    if ctx == 0 {
-        bail!("--ctx must be at least 1");
-    }
+        .unwrap_or_else(|| model.info().n_ctx_train.min(4096))
+        .max(1);
     Ok(Loaded {
         model,
         tokenizer,
@@ -223,6 +227,9 @@ pub fn run(a: RunArgs) -> Result<()> {
             .with_context(|| format!("reading prompt file {}", f.display()))?,
         (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
     };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
     let params = a.sampling.params(a.logprobs)?;
     let l = load(&a.model)?;
     let text = if a.chat {
@@ -242,7 +249,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     if ids.len() >= l.ctx {
         bail!(
-            "prompt is {} tokens, the context holds {} (raise --ctx)",
+            "the prompt is {} tokens but the context holds only {} (it must leave room to generate; raise --ctx)",
             ids.len(),
             l.ctx
         );
@@ -270,22 +277,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     )?;
     let total = t0.elapsed().as_secs_f64();
     if json {
-        let tokens: Vec<serde_json::Value> = gen
-            .tokens
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "id": t.id,
-                    "text": t.piece,
-                    "logprob": t.logprob,
-                    "top": t.top.iter().map(|&(id, lp)| serde_json::json!({"id": id, "logprob": lp})).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"prompt_tokens": ids, "tokens": tokens})
-        );
+        println!("{}", json_output(&ids, &gen.tokens)?);
     } else {
         println!();
     }
@@ -303,6 +295,36 @@ pub fn run(a: RunArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `{"prompt_tokens":[..],"tokens":[{"id":..,"text":"..","logprob":..,"top":[{"id":..,"logprob":..},..]},..]}`
+/// with the keys in this order (serde_json's maps would sort them). A non-finite log-probability
+/// is written as null.
+fn json_output(prompt: &[u32], tokens: &[modu_engine::generate::GeneratedToken]) -> Result<String> {
+    let mut s = format!(
+        r#"{{"prompt_tokens":{},"tokens":["#,
+        serde_json::to_string(prompt)?
+    );
+    for (i, t) in tokens.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s += &format!(
+            r#"{{"id":{},"text":{},"logprob":{},"top":["#,
+            t.id,
+            serde_json::to_string(&t.piece)?,
+            serde_json::to_string(&t.logprob)?
+        );
+        for (j, &(id, lp)) in t.top.iter().enumerate() {
+            if j > 0 {
+                s.push(',');
+            }
+            s += &format!(r#"{{"id":{id},"logprob":{}}}"#, serde_json::to_string(&lp)?);
+        }
+        s += "]}";
+    }
+    s += "]}";
+    Ok(s)
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {

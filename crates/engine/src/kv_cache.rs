@@ -58,7 +58,6 @@ impl LayerKv {
         let o = pos * self.kv_dim + head * self.head_dim;
         &self.v[o..o + self.head_dim]
     }
-
 }
 
 /// The cache of one sequence: one [`LayerKv`] per layer, all the same length.

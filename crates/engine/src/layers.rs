@@ -172,8 +172,11 @@ pub fn forward_many(
     outs: &mut [&mut Vec<f32>],
 ) -> Result<(), ModelError> {
     let kerr = |e: modu_kernels::KernelError| ModelError::Kernel(e.to_string());
-    let dot_types: Vec<GgmlType> =
-        layers.iter().map(|l| modu_kernels::vec_dot_type(l.weight.ty())).collect::<Result<_, _>>().map_err(kerr)?;
+    let dot_types: Vec<GgmlType> = layers
+        .iter()
+        .map(|l| modu_kernels::vec_dot_type(l.weight.ty()))
+        .collect::<Result<_, _>>()
+        .map_err(kerr)?;
     let mut done = vec![false; layers.len()];
     for i in 0..layers.len() {
         if done[i] {
@@ -182,7 +185,9 @@ pub fn forward_many(
         let dt = dot_types[i];
         let cols = layers[i].weight.cols;
         let qa = modu_kernels::quantize_activations(dt, x, n_tokens, cols).map_err(kerr)?;
-        let group: Vec<usize> = (i..layers.len()).filter(|&j| !done[j] && dot_types[j] == dt).collect();
+        let group: Vec<usize> = (i..layers.len())
+            .filter(|&j| !done[j] && dot_types[j] == dt)
+            .collect();
         let mats: Vec<QMatrix> = group.iter().map(|&j| layers[j].weight.mat(file)).collect();
         let mut jobs: Vec<(&QMatrix, &mut [f32])> = Vec::with_capacity(group.len());
         let mut mi = 0;
@@ -319,7 +324,14 @@ pub struct AttnShape {
 /// f32, and the softmax is taken online (running maximum and sum) with the weighted sum of values
 /// kept in f16. Each (token, head) pair is independent, so they are spread over the threads when
 /// there is enough work.
-pub fn attention(q: &[f32], kv: &LayerKv, pos0: usize, n_tokens: usize, s: AttnShape, out: &mut Vec<f32>) {
+pub fn attention(
+    q: &[f32],
+    kv: &LayerKv,
+    pos0: usize,
+    n_tokens: usize,
+    s: AttnShape,
+    out: &mut Vec<f32>,
+) {
     use rayon::prelude::*;
     let hd = s.head_dim;
     let q_dim = s.n_head * hd;
@@ -327,13 +339,24 @@ pub fn attention(q: &[f32], kv: &LayerKv, pos0: usize, n_tokens: usize, s: AttnS
     out.resize(n_tokens * q_dim, 0.0);
     let job = |i: usize, oh: &mut [f32]| {
         let (t, h) = (i / s.n_head, i % s.n_head);
-        attend_one(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd], kv, pos0 + t, h / (s.n_head / s.n_head_kv), s, oh);
+        attend_one(
+            &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd],
+            kv,
+            pos0 + t,
+            h / (s.n_head / s.n_head_kv),
+            s,
+            oh,
+        );
     };
     let work = n_tokens * s.n_head * (pos0 + n_tokens) * hd;
     if work < 1 << 16 || rayon::current_num_threads() == 1 {
-        out.chunks_exact_mut(hd).enumerate().for_each(|(i, oh)| job(i, oh));
+        out.chunks_exact_mut(hd)
+            .enumerate()
+            .for_each(|(i, oh)| job(i, oh));
     } else {
-        out.par_chunks_exact_mut(hd).enumerate().for_each(|(i, oh)| job(i, oh));
+        out.par_chunks_exact_mut(hd)
+            .enumerate()
+            .for_each(|(i, oh)| job(i, oh));
     }
 }
 

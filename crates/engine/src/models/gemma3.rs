@@ -16,9 +16,8 @@ use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    forward_many,
-    add_inplace, attention, gelu_ggml, rms_norm, rms_norm_inplace, AttnShape, Linear, Rope,
-    RopeStyle, TensorLoader, Weight,
+    add_inplace, attention, forward_many, gelu_ggml, rms_norm, rms_norm_inplace, AttnShape, Linear,
+    Rope, RopeStyle, TensorLoader, Weight,
 };
 
 /// Hyper-parameters, parsed once from `gemma3.*` metadata.
@@ -245,7 +244,13 @@ impl Model for Gemma3 {
             };
 
             rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
-            forward_many(f, &[&b.wq, &b.wk, &b.wv], &h, n, &mut [&mut q, &mut k, &mut v])?;
+            forward_many(
+                f,
+                &[&b.wq, &b.wk, &b.wv],
+                &h,
+                n,
+                &mut [&mut q, &mut k, &mut v],
+            )?;
             rms_norm_inplace(&mut q, &b.q_norm, c.rms_eps);
             rms_norm_inplace(&mut k, &b.k_norm, c.rms_eps);
             for t in 0..n {

@@ -14,9 +14,8 @@ use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    forward_many,
-    add_inplace, attention, rms_norm, silu, AttnShape, Linear, Rope, RopeStyle, TensorLoader,
-    Weight,
+    add_inplace, attention, forward_many, rms_norm, silu, AttnShape, Linear, Rope, RopeStyle,
+    TensorLoader, Weight,
 };
 
 /// Hyper-parameters, parsed once from `{arch}.*` metadata.
@@ -214,7 +213,13 @@ impl Model for Llama {
         for (il, b) in self.blocks.iter().enumerate() {
             // Attention.
             rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
-            forward_many(f, &[&b.wq, &b.wk, &b.wv], &h, n, &mut [&mut q, &mut k, &mut v])?;
+            forward_many(
+                f,
+                &[&b.wq, &b.wk, &b.wv],
+                &h,
+                n,
+                &mut [&mut q, &mut k, &mut v],
+            )?;
             for t in 0..n {
                 self.rope.apply(
                     &mut q[t * c.n_head * hd..(t + 1) * c.n_head * hd],
