@@ -47,6 +47,22 @@ pub trait Model: Send + Sync {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<Vec<f32>, ModelError>;
+
+    /// One step for several independent sequences (continuous batching): sequence `i` appends
+    /// `seqs[i].tokens` to its own cache; the result holds, per sequence, the logits of its last
+    /// token (`n_vocab` floats). Architectures override this to share one weight pass across the
+    /// batch; results equal running each sequence alone.
+    fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        seqs.iter_mut()
+            .map(|s| self.forward(s.tokens, s.cache, Logits::Last))
+            .collect()
+    }
+}
+
+/// One sequence's part of a batched step.
+pub struct BatchSeq<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
 /// Load the architecture named in the file's metadata.
