@@ -8,7 +8,7 @@ use modu_gguf::{GgmlType, GgufFile, TensorInfo};
 use modu_kernels::QMatrix;
 
 use crate::error::ModelError;
-use crate::kv_cache::LayerKv;
+use crate::kv_cache::{KvCache, LayerKv};
 
 /// A 2-D weight matrix stored in the GGUF file (`rows` outputs × `cols` inputs, ggml dims
 /// `[cols, rows]`), read in place from the memory map.
@@ -330,13 +330,12 @@ pub fn attention(
     pos0: usize,
     n_tokens: usize,
     s: AttnShape,
-    out: &mut Vec<f32>,
+    out: &mut [f32],
 ) {
     use rayon::prelude::*;
     let hd = s.head_dim;
     let q_dim = s.n_head * hd;
-    out.clear();
-    out.resize(n_tokens * q_dim, 0.0);
+    debug_assert_eq!(out.len(), n_tokens * q_dim);
     let job = |i: usize, oh: &mut [f32]| {
         let (t, h) = (i / s.n_head, i % s.n_head);
         attend_one(
@@ -358,6 +357,80 @@ pub fn attention(
             .enumerate()
             .for_each(|(i, oh)| job(i, oh));
     }
+}
+
+/// Where each sequence of a batched step sits in the concatenated activations.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    /// First row in the batch.
+    pub start: usize,
+    /// Number of new tokens.
+    pub len: usize,
+    /// Position of the first new token (the cache length before the step).
+    pub pos0: usize,
+}
+
+/// Rotary embedding, cache append and attention of one layer for every sequence of a batch.
+/// `q`, `k`, `v` hold all sequences' rows (`[n_total, dim]`); `caches[i]` is sequence `i`'s.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_batch(
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+    segs: &[Segment],
+    layer: usize,
+    caches: &mut [&mut KvCache],
+    rope: &Rope,
+    s: AttnShape,
+    att: &mut Vec<f32>,
+) {
+    let hd = s.head_dim;
+    let (q_dim, kv_dim) = (s.n_head * hd, s.n_head_kv * hd);
+    let n_total = q.len() / q_dim;
+    att.resize(n_total * q_dim, 0.0);
+    for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
+        for t in 0..seg.len {
+            let row = seg.start + t;
+            rope.apply(&mut q[row * q_dim..(row + 1) * q_dim], hd, seg.pos0 + t);
+            rope.apply(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, seg.pos0 + t);
+        }
+        let rows = seg.start..seg.start + seg.len;
+        let kv = cache.layer_mut(layer);
+        kv.append(
+            &k[rows.start * kv_dim..rows.end * kv_dim],
+            &v[rows.start * kv_dim..rows.end * kv_dim],
+        );
+        attention(
+            &q[rows.start * q_dim..rows.end * q_dim],
+            cache.layer(layer),
+            seg.pos0,
+            seg.len,
+            s,
+            &mut att[rows.start * q_dim..rows.end * q_dim],
+        );
+    }
+}
+
+/// Check a batch before anything is computed or cached, and lay out its segments.
+pub fn plan_batch(tokens: &[&[u32]], caches: &[&mut KvCache]) -> Result<Vec<Segment>, ModelError> {
+    let mut segs = Vec::with_capacity(tokens.len());
+    let mut start = 0;
+    for (t, c) in tokens.iter().zip(caches) {
+        if t.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        c.check_room(t.len())?;
+        segs.push(Segment {
+            start,
+            len: t.len(),
+            pos0: c.len(),
+        });
+        start += t.len();
+    }
+    if segs.is_empty() {
+        return Err(ModelError::EmptyInput);
+    }
+    Ok(segs)
 }
 
 /// One query head at position `pos` against KV head `kvh`.

@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use modu_gguf::GgufFile;
 
-use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
+use super::{embed_tokens, select_rows, BatchSeq, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    add_inplace, attention, forward_many, gelu_ggml, rms_norm, rms_norm_inplace, AttnShape, Linear,
-    Rope, RopeStyle, TensorLoader, Weight,
+    add_inplace, attend_batch, forward_many, gelu_ggml, plan_batch, rms_norm, rms_norm_inplace,
+    AttnShape, Linear, Rope, RopeStyle, TensorLoader, Weight,
 };
 
 /// Hyper-parameters, parsed once from `gemma3.*` metadata.
@@ -210,19 +210,37 @@ impl Model for Gemma3 {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<Vec<f32>, ModelError> {
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyInput);
-        }
-        cache.check_room(tokens.len())?;
+        self.run(&[tokens], &mut [cache], which)
+    }
+
+    fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let tokens: Vec<&[u32]> = seqs.iter().map(|s| s.tokens).collect();
+        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let logits = self.run(&tokens, &mut caches, Logits::Last)?;
+        Ok(logits
+            .chunks_exact(self.info.n_vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
+
+impl Gemma3 {
+    /// The forward pass over a batch of sequences (see `Llama::run`).
+    fn run(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let segs = plan_batch(tokens, caches)?;
         let f = &*self.file;
         let c = &self.cfg;
-        let n = tokens.len();
-        let pos0 = cache.len();
+        let all: Vec<u32> = tokens.concat();
+        let n = all.len();
         let hd = c.head_dim;
-        let (q_dim, kv_dim) = (c.n_head * hd, c.n_head_kv * hd);
 
         let mut x = Vec::new();
-        embed_tokens(f, &self.tok_embd, tokens, &mut x)?;
+        embed_tokens(f, &self.tok_embd, &all, &mut x)?;
         let emb_scale = (c.n_embd as f32).sqrt();
         x.iter_mut().for_each(|v| *v *= emb_scale);
 
@@ -253,12 +271,7 @@ impl Model for Gemma3 {
             )?;
             rms_norm_inplace(&mut q, &b.q_norm, c.rms_eps);
             rms_norm_inplace(&mut k, &b.k_norm, c.rms_eps);
-            for t in 0..n {
-                rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], hd, pos0 + t);
-                rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, pos0 + t);
-            }
-            cache.layer_mut(il).append(&k, &v);
-            attention(&q, cache.layer(il), pos0, n, shape, &mut att);
+            attend_batch(&mut q, &mut k, &v, &segs, il, caches, rope, shape, &mut att);
             b.wo.forward(f, &att, n, &mut o)?;
             rms_norm(&o, &b.post_attn_norm, c.rms_eps, &mut h);
             add_inplace(&mut x, &h);
@@ -273,8 +286,8 @@ impl Model for Gemma3 {
             add_inplace(&mut x, &h);
         }
 
-        let rows = select_rows(&x, c.n_embd, which);
-        rms_norm(rows, &self.output_norm, c.rms_eps, &mut h);
+        let rows = select_rows(&x, c.n_embd, &segs, which);
+        rms_norm(&rows, &self.output_norm, c.rms_eps, &mut h);
         let mut logits = Vec::new();
         self.output
             .forward(f, &h, rows.len() / c.n_embd, &mut logits)?;

@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use modu_gguf::GgufFile;
 
-use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
+use super::{embed_tokens, select_rows, BatchSeq, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    add_inplace, attention, forward_many, rms_norm, silu, AttnShape, Linear, Rope, RopeStyle,
-    TensorLoader, Weight,
+    add_inplace, attend_batch, forward_many, plan_batch, rms_norm, silu, AttnShape, Linear, Rope,
+    RopeStyle, TensorLoader, Weight,
 };
 
 /// Hyper-parameters, parsed once from `{arch}.*` metadata.
@@ -188,25 +188,45 @@ impl Model for Llama {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<Vec<f32>, ModelError> {
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyInput);
-        }
-        cache.check_room(tokens.len())?;
+        self.run(&[tokens], &mut [cache], which)
+    }
+
+    fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let tokens: Vec<&[u32]> = seqs.iter().map(|s| s.tokens).collect();
+        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let logits = self.run(&tokens, &mut caches, Logits::Last)?;
+        Ok(logits
+            .chunks_exact(self.info.n_vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
+
+impl Llama {
+    /// The forward pass over a batch of sequences: every matmul runs once over all their new
+    /// tokens; RoPE, the cache and attention are per sequence. Logits: `Last` gives one row per
+    /// sequence, `All` one per token.
+    fn run(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let segs = plan_batch(tokens, caches)?;
         let f = &*self.file;
         let c = &self.cfg;
-        let n = tokens.len();
-        let pos0 = cache.len();
-        let hd = c.head_dim;
+        let all: Vec<u32> = tokens.concat();
+        let n = all.len();
         let shape = AttnShape {
             n_head: c.n_head,
             n_head_kv: c.n_head_kv,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
             window: None,
         };
 
         let mut x = Vec::new();
-        embed_tokens(f, &self.tok_embd, tokens, &mut x)?;
+        embed_tokens(f, &self.tok_embd, &all, &mut x)?;
         let (mut h, mut q, mut k, mut v, mut att, mut o) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut gate, mut up) = (vec![], vec![]);
@@ -220,20 +240,9 @@ impl Model for Llama {
                 n,
                 &mut [&mut q, &mut k, &mut v],
             )?;
-            for t in 0..n {
-                self.rope.apply(
-                    &mut q[t * c.n_head * hd..(t + 1) * c.n_head * hd],
-                    hd,
-                    pos0 + t,
-                );
-                self.rope.apply(
-                    &mut k[t * c.n_head_kv * hd..(t + 1) * c.n_head_kv * hd],
-                    hd,
-                    pos0 + t,
-                );
-            }
-            cache.layer_mut(il).append(&k, &v);
-            attention(&q, cache.layer(il), pos0, n, shape, &mut att);
+            attend_batch(
+                &mut q, &mut k, &v, &segs, il, caches, &self.rope, shape, &mut att,
+            );
             b.wo.forward(f, &att, n, &mut o)?;
             add_inplace(&mut x, &o);
 
@@ -247,8 +256,8 @@ impl Model for Llama {
             add_inplace(&mut x, &o);
         }
 
-        let rows = select_rows(&x, c.n_embd, which);
-        rms_norm(rows, &self.output_norm, c.rms_eps, &mut h);
+        let rows = select_rows(&x, c.n_embd, &segs, which);
+        rms_norm(&rows, &self.output_norm, c.rms_eps, &mut h);
         let n_out = rows.len() / c.n_embd;
         let mut logits = Vec::new();
         self.output.forward(f, &h, n_out, &mut logits)?;

@@ -10,7 +10,7 @@ use modu_gguf::GgufFile;
 
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
-use crate::layers::Weight;
+use crate::layers::{Segment, Weight};
 
 /// What callers need to know about a loaded model.
 #[derive(Debug, Clone)]
@@ -156,10 +156,17 @@ pub(crate) fn embed_tokens(
     Ok(())
 }
 
-/// Rows of `x` (`[n, dim]`) selected by `which`.
-pub(crate) fn select_rows(x: &[f32], dim: usize, which: Logits) -> &[f32] {
+/// Rows of `x` (`[n, dim]`) whose logits are wanted: every row, or the last row of each
+/// sequence of the batch.
+pub(crate) fn select_rows(x: &[f32], dim: usize, segs: &[Segment], which: Logits) -> Vec<f32> {
     match which {
-        Logits::All => x,
-        Logits::Last => &x[x.len() - dim..],
+        Logits::All => x.to_vec(),
+        Logits::Last => segs
+            .iter()
+            .flat_map(|s| {
+                let last = s.start + s.len - 1;
+                x[last * dim..(last + 1) * dim].iter().copied()
+            })
+            .collect(),
     }
 }
