@@ -30,6 +30,8 @@
 
 pub mod blocks;
 mod dispatch;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod matmul;
 pub mod scalar;
 #[doc(hidden)]
@@ -40,8 +42,8 @@ pub mod x86;
 pub use blocks::*;
 pub use dispatch::*;
 pub use matmul::{
-    matmul, matmul_quantized, matmul_quantized_many, quantize_activations, vec_dot_type, ActivationData,
-    QuantizedActivations,
+    matmul, matmul_quantized, matmul_quantized_many, quantize_activations, vec_dot_type,
+    ActivationData, QuantizedActivations,
 };
 pub use modu_gguf::GgmlType;
 

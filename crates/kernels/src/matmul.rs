@@ -227,6 +227,12 @@ pub fn matmul_quantized(
             run(w, $v, per_tok, n_tokens, y, $sel(), $sel4())
         }};
     }
+    #[cfg(target_arch = "x86_64")]
+    if n_tokens >= GEMM_MIN_TOKENS && dispatch::use_avx2() {
+        if let Some(r) = gemm_x86(w, a, y) {
+            return r;
+        }
+    }
     match (&a.data, w.ty) {
         (ActivationData::F32(v), T::F32) => go!(v, dispatch::sel_f32, dispatch::sel4_f32),
         (ActivationData::F16(v), T::F16) => go!(v, dispatch::sel_f16, dispatch::sel4_f16),
@@ -336,9 +342,15 @@ fn run<W: RowView, A: Sync>(
 
     // Rows per task: small enough that a chunk of weight rows stays in cache while every token
     // passes over it, and enough chunks to balance the threads.
+    // With one token there is no reuse to keep in cache: larger chunks (up to 1024 rows) keep
+    // the task count, and so rayon's overhead, small for big matrices (the 151936-row output).
     let threads = rayon::current_num_threads().max(1);
-    let max_chunk = (256 * 1024 / row_bytes.max(1)).clamp(1, 64);
-    let chunk = rows.div_ceil(threads * 4).clamp(1, max_chunk);
+    let (max_chunk, per_thread) = if n_tokens == 1 {
+        (1024, 8)
+    } else {
+        ((256 * 1024 / row_bytes.max(1)).clamp(1, 64), 4)
+    };
+    let chunk = rows.div_ceil(threads * per_thread).clamp(1, max_chunk);
     let n_chunks = rows.div_ceil(chunk);
     let work = row_bytes.saturating_mul(rows).saturating_mul(n_tokens);
     if threads == 1 || n_chunks == 1 || work < 64 * 1024 {
@@ -354,6 +366,136 @@ fn run<W: RowView, A: Sync>(
         do_rows(r0, (r0 + chunk).min(rows));
     });
     Ok(())
+}
+
+/// From this many tokens on, the supported types use the tiled GEMM of [`crate::gemm`]
+/// (bit-identical to the dot kernels, so the threshold only affects speed).
+#[cfg(target_arch = "x86_64")]
+const GEMM_MIN_TOKENS: usize = 4;
+
+/// The tiled GEMM for the types that have one (AVX2 only); `None` for the others. Lengths of
+/// `a` are checked here; `w` was validated and `a` matched to it by the caller.
+#[cfg(target_arch = "x86_64")]
+fn gemm_x86(
+    w: &QMatrix,
+    a: &QuantizedActivations,
+    y: &mut [f32],
+) -> Option<Result<(), KernelError>> {
+    use crate::gemm;
+    use GgmlType as T;
+    let n_tokens = a.n_tokens;
+    let nb = w.cols / w.ty.block_size();
+    let rows = w.rows;
+    macro_rules! go32 {
+        ($blk:ty, $v:expr) => {{
+            let v: &[BlockQ8_0] = $v;
+            if let Err(e) = check_lengths(
+                w,
+                v.len() * 32,
+                n_tokens,
+                y.len(),
+                "activation rows",
+                "values",
+            ) {
+                return Some(Err(e));
+            }
+            let Some(wv) = as_blocks::<$blk>(w.data) else {
+                return Some(Err(KernelError::Overflow));
+            };
+            // SAFETY: use_avx2() was checked by the caller.
+            let da = unsafe { gemm::q8_0_scales(v) };
+
+            let out = OutPtr(y.as_mut_ptr());
+            let out = &out;
+            let dec_row = nb * (std::mem::size_of::<gemm::Dec32>() + 4);
+            par_row_chunks(rows, n_tokens, dec_row, 256 * 1024, |r0, r1| {
+                // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), v and da
+                // n_tokens * nb; y holds n_tokens * rows values and row chunks are disjoint.
+                unsafe { gemm::gemm_rows_32(wv, nb, r0, r1, v, &da, n_tokens, out.0, rows) }
+            });
+            Some(Ok(()))
+        }};
+    }
+    match (&a.data, w.ty) {
+        (ActivationData::Q8_0(v), T::Q4_0) => go32!(BlockQ4_0, v),
+        (ActivationData::Q8_0(v), T::Q5_0) => go32!(BlockQ5_0, v),
+        (ActivationData::Q8_0(v), T::Q8_0) => go32!(BlockQ8_0, v),
+        (ActivationData::Q8K(v), T::Q6_K) => {
+            if let Err(e) = check_lengths(
+                w,
+                v.len() * 256,
+                n_tokens,
+                y.len(),
+                "activation rows",
+                "values",
+            ) {
+                return Some(Err(e));
+            }
+            let Some(wv) = as_blocks::<BlockQ6K>(w.data) else {
+                return Some(Err(KernelError::Overflow));
+            };
+            let out = OutPtr(y.as_mut_ptr());
+            let out = &out;
+            let dec_row = nb * (std::mem::size_of::<gemm::DecK>() + 4);
+            par_row_chunks(rows, n_tokens, dec_row, 192 * 1024, |r0, r1| {
+                // SAFETY: as for the 32-element types.
+                unsafe { gemm::gemm_rows_q6k(wv, nb, r0, r1, v, n_tokens, out.0, rows) }
+            });
+            Some(Ok(()))
+        }
+        (ActivationData::Q8K(v), T::Q4_K) => {
+            if let Err(e) = check_lengths(
+                w,
+                v.len() * 256,
+                n_tokens,
+                y.len(),
+                "activation rows",
+                "values",
+            ) {
+                return Some(Err(e));
+            }
+            let Some(wv) = as_blocks::<BlockQ4K>(w.data) else {
+                return Some(Err(KernelError::Overflow));
+            };
+            let out = OutPtr(y.as_mut_ptr());
+            let out = &out;
+            let dec_row = nb * (std::mem::size_of::<gemm::DecK>() + 8);
+            par_row_chunks(rows, n_tokens, dec_row, 192 * 1024, |r0, r1| {
+                // SAFETY: as for the 32-element types.
+                unsafe { gemm::gemm_rows_q4k(wv, nb, r0, r1, v, n_tokens, out.0, rows) }
+            });
+            Some(Ok(()))
+        }
+        _ => None,
+    }
+}
+
+/// Runs `f(r0, r1)` over chunks of rows covering `0..rows`, in parallel when worth it. A chunk
+/// has an even number of rows (but the last) and at most `max_bytes / dec_row` rows.
+#[cfg(target_arch = "x86_64")]
+fn par_row_chunks<F: Fn(usize, usize) + Sync>(
+    rows: usize,
+    n_tokens: usize,
+    dec_row: usize,
+    max_bytes: usize,
+    f: F,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    let max_chunk = (max_bytes / dec_row.max(1)).max(2) & !1;
+    let chunk = (rows.div_ceil(threads * 4).max(2).div_ceil(2) * 2).min(max_chunk);
+    let n_chunks = rows.div_ceil(chunk);
+    let work = dec_row.saturating_mul(rows).saturating_mul(n_tokens);
+    if threads == 1 || n_chunks == 1 || work < 64 * 1024 {
+        for ci in 0..n_chunks {
+            let r0 = ci * chunk;
+            f(r0, (r0 + chunk).min(rows));
+        }
+        return;
+    }
+    (0..n_chunks).into_par_iter().for_each(|ci| {
+        let r0 = ci * chunk;
+        f(r0, (r0 + chunk).min(rows));
+    });
 }
 
 /// How `run` views a weight matrix's bytes as row elements.

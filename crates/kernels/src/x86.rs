@@ -30,7 +30,7 @@ pub fn available() -> bool {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_ps(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum_ps(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -39,7 +39,7 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_epi32(v: __m256i) -> i32 {
+pub(crate) unsafe fn hsum_epi32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
@@ -58,7 +58,7 @@ unsafe fn hmax_ps(v: __m256) -> f32 {
 /// f16 (little-endian bytes) to f32 with F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn h2f(b: [u8; 2]) -> f32 {
+pub(crate) unsafe fn h2f(b: [u8; 2]) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(
         _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
     ))
@@ -116,7 +116,7 @@ unsafe fn unpack_nibbles(qs: __m128i) -> __m256i {
 
 /// Scales and mins of the 8 sub-blocks of a Q4_K/Q5_K block.
 #[inline(always)]
-fn k4_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn k4_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     let u0 = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
     let u1 = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
     let u2 = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
@@ -155,21 +155,21 @@ unsafe fn k4_min_sum(mins: &[u8; 8], bsums: &[i16; 16]) -> i32 {
 /// Signed quants of a Q8_0 block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_q8_0(a: &BlockQ8_0) -> __m256i {
+pub(crate) unsafe fn decode_q8_0(a: &BlockQ8_0) -> __m256i {
     load32(&a.qs, 0)
 }
 
 /// Signed quants (-8..=7) of a Q4_0 block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_q4_0(a: &BlockQ4_0) -> __m256i {
+pub(crate) unsafe fn decode_q4_0(a: &BlockQ4_0) -> __m256i {
     _mm256_sub_epi8(unpack_nibbles(load16(&a.qs, 0)), _mm256_set1_epi8(8))
 }
 
 /// Signed quants (-16..=15) of a Q5_0 block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_q5_0(a: &BlockQ5_0) -> __m256i {
+pub(crate) unsafe fn decode_q5_0(a: &BlockQ5_0) -> __m256i {
     // (nib | bit << 4) - 16 is nib when the bit is set, and nib - 16 == nib | 0xF0 (as a signed
     // byte) when it is clear.
     let lo = unpack_nibbles(load16(&a.qs, 0));
@@ -1284,7 +1284,10 @@ pub unsafe fn scale_f16(acc: &mut [f16], s: f32) {
     while i + 8 <= n {
         // SAFETY: i + 8 <= n elements exist; unaligned 16-byte loads/stores.
         let a = _mm256_cvtph_ps(_mm_loadu_si128(ap.add(i) as *const __m128i));
-        _mm_storeu_si128(ap.add(i) as *mut __m128i, _mm256_cvtps_ph::<0>(_mm256_mul_ps(a, sv)));
+        _mm_storeu_si128(
+            ap.add(i) as *mut __m128i,
+            _mm256_cvtps_ph::<0>(_mm256_mul_ps(a, sv)),
+        );
         i += 8;
     }
     crate::scalar::scale_f16(&mut acc[i..], s);
@@ -1301,7 +1304,9 @@ mod tests_f16ops {
         }
         let mut seed = 12345u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
         };
         for n in [0usize, 1, 7, 8, 9, 64, 255, 256] {
