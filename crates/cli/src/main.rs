@@ -3,6 +3,7 @@
 mod bench;
 mod pull;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,8 @@ enum Command {
     Info(run::InfoArgs),
     /// Measure prefill/decode speed (llama-bench style) and memory bandwidth.
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -49,6 +52,7 @@ fn main() {
         Command::Tokenize(a) => run::tokenize(a),
         Command::Info(a) => run::info(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Serve(a) => serve::serve(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -80,15 +80,25 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// Holds back text that could still turn into a stop string.
-struct StopMatcher<'a> {
-    stops: &'a [String],
+/// Holds back text that could still turn into a stop string. Public so that other generation
+/// loops (the server's scheduler) stop exactly where [`generate`] does.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
     pending: String,
 }
 
-impl<'a> StopMatcher<'a> {
+impl StopMatcher {
+    /// A matcher for these stop strings (empty strings are ignored).
+    pub fn new(stops: &[String]) -> StopMatcher {
+        StopMatcher {
+            stops: stops.to_vec(),
+            pending: String::new(),
+        }
+    }
+
     /// Feed new text; returns (text safe to emit, whether a stop string was hit).
-    fn push(&mut self, text: &str) -> (String, bool) {
+    pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
         if let Some(at) = self
             .stops
@@ -103,7 +113,7 @@ impl<'a> StopMatcher<'a> {
         }
         // Longest suffix of pending that is a proper prefix of some stop string.
         let mut keep = 0;
-        for s in self.stops {
+        for s in &self.stops {
             for (i, _) in self.pending.char_indices() {
                 let suffix = &self.pending[i..];
                 if suffix.len() > keep && s.starts_with(suffix) {
@@ -117,7 +127,8 @@ impl<'a> StopMatcher<'a> {
         (out, false)
     }
 
-    fn flush(&mut self) -> String {
+    /// Everything still held back (at the end of generation it can no longer become a stop).
+    pub fn flush(&mut self) -> String {
         std::mem::take(&mut self.pending)
     }
 }
@@ -146,10 +157,7 @@ pub fn generate(
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut history = prompt.to_vec();
     let mut decoder = StreamDecoder::new(tokenizer);
-    let mut stopper = StopMatcher {
-        stops: &params.stop,
-        pending: String::new(),
-    };
+    let mut stopper = StopMatcher::new(&params.stop);
     let mut out = Generation {
         prompt_tokens: prompt.len(),
         tokens: vec![],
@@ -220,17 +228,11 @@ mod tests {
     #[test]
     fn stop_strings_are_held_back_and_cut() {
         let stops = vec!["</end>".to_string()];
-        let mut m = StopMatcher {
-            stops: &stops,
-            pending: String::new(),
-        };
+        let mut m = StopMatcher::new(&stops);
         assert_eq!(m.push("hello </"), ("hello ".to_string(), false));
         assert_eq!(m.push("en"), (String::new(), false));
         assert_eq!(m.push("d> more"), (String::new(), true));
-        let mut m = StopMatcher {
-            stops: &stops,
-            pending: String::new(),
-        };
+        let mut m = StopMatcher::new(&stops);
         assert_eq!(m.push("a </b"), ("a </b".to_string(), false));
         assert_eq!(m.push("안녕"), ("안녕".to_string(), false));
     }
@@ -238,10 +240,7 @@ mod tests {
     #[test]
     fn empty_stop_strings_are_ignored() {
         let stops = vec![String::new(), "!".to_string()];
-        let mut m = StopMatcher {
-            stops: &stops,
-            pending: String::new(),
-        };
+        let mut m = StopMatcher::new(&stops);
         assert_eq!(m.push("hi"), ("hi".to_string(), false));
         assert_eq!(m.push(" there!"), (" there".to_string(), true));
     }

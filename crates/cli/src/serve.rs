@@ -1,0 +1,67 @@
+//! `modu serve`: the OpenAI-compatible HTTP server.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use modu_server::{check_bind_address, model_names, ServeConfig, ServedModel};
+
+use crate::run::{load, ModelArgs};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on. Only loopback addresses unless --allow-remote (there is no
+    /// authentication yet).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Most sequences generated at once (the running batch).
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Most requests waiting for a batch slot; more get 429.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Prompt tokens prefilled per batch step (long prompts are split so decodes keep going).
+    #[arg(long, default_value_t = 64)]
+    pub prefill_chunk: usize,
+    /// Listen on a non-loopback address although the server has no authentication.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    // Refuse a bad address before spending time loading the model.
+    check_bind_address(&a.host, a.allow_remote)?;
+    if a.parallel == 0 {
+        anyhow::bail!("--parallel must be at least 1");
+    }
+    let l = load(&a.model)?;
+    let (id, aliases) = model_names(&a.model.model, l.model.info().name.as_deref());
+    let config = ServeConfig {
+        host: a.host.clone(),
+        port: a.port,
+        parallel: a.parallel,
+        max_queue: a.queue,
+        ctx: l.ctx,
+        allow_remote: a.allow_remote,
+        prefill_chunk: a.prefill_chunk.max(1),
+    };
+    let served = ServedModel {
+        model: l.model,
+        tokenizer: l.tokenizer,
+        file: l.file,
+        id: id.clone(),
+        aliases,
+    };
+    let ctx = config.ctx;
+    let parallel = config.parallel;
+    modu_server::serve(served, config, |addr| {
+        eprintln!(
+            "serving {id} on http://{addr}/v1 (context {ctx}, {parallel} parallel); ctrl-c to stop"
+        );
+    })
+    .context("running the server")?;
+    eprintln!("server stopped");
+    Ok(())
+}

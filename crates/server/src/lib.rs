@@ -1,0 +1,14 @@
+//! modu's OpenAI-compatible HTTP server. The HTTP side ([`server`]) parses and checks requests,
+//! tokenizes them and streams results; the engine side ([`scheduler`]) owns the model on its own
+//! thread and runs every admitted request in one continuously batched loop.
+
+pub mod api;
+pub mod error;
+pub mod metrics;
+pub mod scheduler;
+pub mod server;
+
+pub use error::{ApiError, ServerError};
+pub use server::{
+    check_bind_address, model_names, serve, start, ServeConfig, ServedModel, ServerHandle,
+};

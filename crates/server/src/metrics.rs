@@ -1,0 +1,169 @@
+//! Prometheus counters, gauges and histograms, kept as atomics so that the scheduler thread and
+//! the HTTP handlers update them without locks and `/metrics` renders them without stopping
+//! either.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Bucket upper bounds in seconds: from 5 ms (a decode step of a tiny model) to a minute (a long
+/// prompt queued behind a full batch).
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0,
+];
+
+/// A cumulative histogram of durations.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, &b) in BUCKETS.iter().enumerate() {
+            if s <= b {
+                self.counts[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                self.counts[i].load(Relaxed)
+            );
+        }
+        let n = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {n}");
+    }
+}
+
+/// Everything `/metrics` reports.
+#[derive(Default)]
+pub struct Metrics {
+    pub requests_chat: AtomicU64,
+    pub requests_completion: AtomicU64,
+    /// Requests answered with a 4xx/5xx status.
+    pub requests_failed: AtomicU64,
+    /// Requests turned away because the queue was full (429).
+    pub requests_rejected: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    /// Sequences cancelled because their client went away.
+    pub cancelled: AtomicU64,
+    /// Requests accepted but not yet running.
+    pub queue_depth: AtomicU64,
+    /// Sequences in the running batch.
+    pub running: AtomicU64,
+    /// Bytes of KV cache held by running sequences.
+    pub kv_bytes: AtomicU64,
+    pub steps: AtomicU64,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Relaxed)
+            );
+        };
+        let _ = writeln!(
+            out,
+            "# HELP modu_requests_total Generation requests received.\n# TYPE modu_requests_total counter\nmodu_requests_total{{endpoint=\"chat\"}} {}\nmodu_requests_total{{endpoint=\"completions\"}} {}",
+            self.requests_chat.load(Relaxed),
+            self.requests_completion.load(Relaxed)
+        );
+        counter(
+            &mut out,
+            "modu_requests_failed_total",
+            "Requests answered with an error status.",
+            &self.requests_failed,
+        );
+        counter(
+            &mut out,
+            "modu_requests_rejected_total",
+            "Requests refused with 429 because the queue was full.",
+            &self.requests_rejected,
+        );
+        counter(
+            &mut out,
+            "modu_prompt_tokens_total",
+            "Prompt tokens admitted.",
+            &self.prompt_tokens,
+        );
+        counter(
+            &mut out,
+            "modu_generation_tokens_total",
+            "Tokens generated.",
+            &self.generated_tokens,
+        );
+        counter(
+            &mut out,
+            "modu_cancelled_total",
+            "Sequences cancelled because the client disconnected.",
+            &self.cancelled,
+        );
+        counter(
+            &mut out,
+            "modu_batch_steps_total",
+            "Batched forward steps run.",
+            &self.steps,
+        );
+        gauge(
+            &mut out,
+            "modu_queue_depth",
+            "Requests waiting for a batch slot.",
+            &self.queue_depth,
+        );
+        gauge(
+            &mut out,
+            "modu_running_sequences",
+            "Sequences in the running batch.",
+            &self.running,
+        );
+        gauge(
+            &mut out,
+            "modu_kv_cache_bytes",
+            "KV-cache bytes held by running sequences.",
+            &self.kv_bytes,
+        );
+        self.ttft.render(
+            &mut out,
+            "modu_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+        );
+        self.inter_token.render(
+            &mut out,
+            "modu_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one sequence.",
+        );
+        out
+    }
+}

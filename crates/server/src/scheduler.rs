@@ -1,0 +1,432 @@
+//! The scheduler: one OS thread owns the model and every running sequence (an actor), and HTTP
+//! handlers talk to it through a channel. It batches continuously at token granularity: at each
+//! step boundary finished or abandoned sequences leave, queued ones join, and one
+//! `Model::forward_batch` call advances every participant: one token for each decoding sequence
+//! and a chunk of prompt for sequences still prefilling. Prefill is chunked so that a long prompt
+//! delays running decodes by one chunk per step instead of stalling them for the whole prompt.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken, StopMatcher};
+use modu_engine::sampling::top_logprobs;
+use modu_engine::{BatchSeq, KvCache, Model, Sampler, StreamDecoder, Tokenizer};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::metrics::Metrics;
+
+/// What a sequence reports to its HTTP handler.
+#[derive(Debug)]
+pub enum SeqEvent {
+    /// New text (possibly empty while a UTF-8 character or a possible stop string is held
+    /// back) and the token that produced it; `token` is `None` for text flushed at the end.
+    Text {
+        text: String,
+        token: Option<GeneratedToken>,
+    },
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// One generation request.
+pub struct SeqRequest {
+    /// Prompt tokens, BOS included if wanted. Never empty.
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    /// Where the sequence's events go; dropping the receiver cancels the sequence.
+    pub events: UnboundedSender<SeqEvent>,
+    pub arrived: Instant,
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Most sequences in the running batch.
+    pub parallel: usize,
+    /// Most requests waiting for a batch slot; beyond that, submissions are refused.
+    pub max_queue: usize,
+    /// Context length (positions) of each sequence's KV cache.
+    pub ctx: usize,
+    /// Most prompt tokens prefilled per step, over all sequences.
+    pub prefill_chunk: usize,
+}
+
+enum Command {
+    Submit(Box<SeqRequest>),
+    Shutdown,
+}
+
+/// Submission refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull,
+    /// The scheduler thread has stopped.
+    Stopped,
+}
+
+/// The handlers' side of the scheduler. Cloning shares the one scheduler.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<Command>,
+    /// Requests submitted and not yet finished, queued or running: at most
+    /// `parallel + max_queue`, beyond which submissions get 429.
+    in_system: Arc<AtomicUsize>,
+    max_queue: usize,
+    parallel: usize,
+}
+
+impl SchedulerHandle {
+    /// Queue a request, unless `parallel` are running and `max_queue` are already waiting.
+    pub fn submit(&self, req: SeqRequest) -> Result<(), SubmitError> {
+        let cap = self.max_queue + self.parallel;
+        let mut cur = self.in_system.load(Ordering::SeqCst);
+        loop {
+            if cur >= cap {
+                return Err(SubmitError::QueueFull);
+            }
+            match self
+                .in_system
+                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        self.tx.send(Command::Submit(Box::new(req))).map_err(|_| {
+            self.in_system.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Stopped
+        })
+    }
+
+    /// Ask the thread to cancel everything and exit.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+/// Start the scheduler thread.
+pub fn spawn(
+    model: Box<dyn Model>,
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let in_system = Arc::new(AtomicUsize::new(0));
+    let handle = SchedulerHandle {
+        tx,
+        in_system: in_system.clone(),
+        max_queue: config.max_queue,
+        parallel: config.parallel.max(1),
+    };
+    let join = std::thread::Builder::new()
+        .name("modu-scheduler".into())
+        .spawn(move || {
+            let mut s = Scheduler {
+                model: model.as_ref(),
+                tok: &tokenizer,
+                config,
+                metrics,
+                in_system,
+                queue: VecDeque::new(),
+                running: Vec::new(),
+            };
+            s.run(rx);
+        })?;
+    Ok((handle, join))
+}
+
+/// A running sequence.
+struct Seq<'t> {
+    events: UnboundedSender<SeqEvent>,
+    params: GenerateParams,
+    /// Prompt then generated tokens.
+    history: Vec<u32>,
+    prompt_len: usize,
+    /// How many of `history` are in the cache.
+    fed: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    decoder: StreamDecoder<'t>,
+    stopper: StopMatcher,
+    generated: usize,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+struct Scheduler<'m> {
+    model: &'m dyn Model,
+    tok: &'m Tokenizer,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    /// Shared with the handles: decremented whenever a request leaves the system.
+    in_system: Arc<AtomicUsize>,
+    queue: VecDeque<Box<SeqRequest>>,
+    running: Vec<Seq<'m>>,
+}
+
+impl<'m> Scheduler<'m> {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            if self.queue.is_empty() && self.running.is_empty() {
+                match rx.recv() {
+                    Ok(Command::Submit(r)) => self.queue.push_back(r),
+                    Ok(Command::Shutdown) | Err(_) => break,
+                }
+            }
+            let mut stop = false;
+            loop {
+                match rx.try_recv() {
+                    Ok(Command::Submit(r)) => self.queue.push_back(r),
+                    Ok(Command::Shutdown) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        // No new work can arrive: finish what is running, then exit.
+                        if self.queue.is_empty() && self.running.is_empty() {
+                            stop = true;
+                        }
+                        break;
+                    }
+                }
+            }
+            if stop {
+                break;
+            }
+            self.drop_abandoned();
+            self.admit();
+            self.publish_gauges();
+            if !self.running.is_empty() {
+                self.step();
+                // Again after the step, so an idle server's gauges read zero.
+                self.publish_gauges();
+            }
+        }
+        // Shutdown: dropping the senders ends each stream; report it first.
+        for s in self.running.drain(..) {
+            let _ = s
+                .events
+                .send(SeqEvent::Error("the server is shutting down".into()));
+        }
+        for r in self.queue.drain(..) {
+            let _ = r
+                .events
+                .send(SeqEvent::Error("the server is shutting down".into()));
+        }
+        self.in_system.store(0, Ordering::SeqCst);
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.queue_depth
+            .store(self.queue.len() as u64, Ordering::Relaxed);
+        m.running
+            .store(self.running.len() as u64, Ordering::Relaxed);
+        let kv: usize = self.running.iter().map(|s| s.cache.bytes()).sum();
+        m.kv_bytes.store(kv as u64, Ordering::Relaxed);
+    }
+
+    /// Cancel sequences whose client has gone (the receiver was dropped), freeing their caches.
+    fn drop_abandoned(&mut self) {
+        let before_q = self.queue.len();
+        self.queue.retain(|r| !r.events.is_closed());
+        let gone_q = before_q - self.queue.len();
+        let before_r = self.running.len();
+        self.running.retain(|s| !s.events.is_closed());
+        let gone = gone_q + before_r - self.running.len();
+        self.in_system.fetch_sub(gone, Ordering::SeqCst);
+        self.metrics
+            .cancelled
+            .fetch_add(gone as u64, Ordering::Relaxed);
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.parallel.max(1) {
+            let Some(r) = self.queue.pop_front() else {
+                break;
+            };
+            let r = *r;
+            if r.prompt.is_empty() || r.prompt.len() >= self.config.ctx {
+                self.in_system.fetch_sub(1, Ordering::SeqCst);
+                let _ = r.events.send(SeqEvent::Error(format!(
+                    "the prompt has {} tokens; the context limit is {}",
+                    r.prompt.len(),
+                    self.config.ctx
+                )));
+                continue;
+            }
+            self.metrics
+                .prompt_tokens
+                .fetch_add(r.prompt.len() as u64, Ordering::Relaxed);
+            self.running.push(Seq {
+                sampler: Sampler::new(r.params.sampling.clone()),
+                stopper: StopMatcher::new(&r.params.stop),
+                decoder: StreamDecoder::new(self.tok),
+                cache: self.model.new_cache(self.config.ctx),
+                prompt_len: r.prompt.len(),
+                history: r.prompt,
+                fed: 0,
+                events: r.events,
+                params: r.params,
+                generated: 0,
+                arrived: r.arrived,
+                last_token: None,
+            });
+        }
+    }
+
+    /// One batched forward pass and, for sequences whose input is fully fed, one sampled token.
+    fn step(&mut self) {
+        // Decoding sequences always take part; prompt chunks share the per-step budget, oldest
+        // first (the running list is in arrival order).
+        let mut budget = self.config.prefill_chunk.max(1);
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens to feed)
+        for (i, s) in self.running.iter().enumerate() {
+            let todo = s.history.len() - s.fed;
+            if s.fed >= s.prompt_len {
+                plan.push((i, todo));
+            } else if budget > 0 {
+                let n = todo.min(budget);
+                budget -= n;
+                plan.push((i, n));
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let model = self.model;
+        let result = {
+            let mut chosen = plan.iter().map(|p| p.0).peekable();
+            let mut batch: Vec<BatchSeq<'_>> = Vec::with_capacity(plan.len());
+            let mut k = 0;
+            for (i, s) in self.running.iter_mut().enumerate() {
+                if chosen.peek() == Some(&i) {
+                    chosen.next();
+                    let n = plan[k].1;
+                    k += 1;
+                    batch.push(BatchSeq {
+                        tokens: &s.history[s.fed..s.fed + n],
+                        cache: &mut s.cache,
+                    });
+                }
+            }
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut batch)))
+        };
+        self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(Ok(l)) if l.len() == plan.len() => l,
+            other => {
+                let msg = match other {
+                    Ok(Ok(_)) => "the model returned the wrong number of results".to_string(),
+                    Ok(Err(e)) => format!("the forward pass failed: {e}"),
+                    Err(_) => "the forward pass panicked".to_string(),
+                };
+                // The caches of the batch are in an unknown state: fail those sequences.
+                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                self.in_system.fetch_sub(failed.len(), Ordering::SeqCst);
+                for &i in failed.iter().rev() {
+                    let s = self.running.remove(i);
+                    let _ = s.events.send(SeqEvent::Error(msg.clone()));
+                }
+                return;
+            }
+        };
+        let mut finished: Vec<usize> = Vec::new();
+        for ((i, n), logits) in plan.into_iter().zip(logits) {
+            let s = &mut self.running[i];
+            s.fed += n;
+            if s.fed < s.history.len() {
+                continue; // more prompt to prefill
+            }
+            if self::sample_one(s, &logits, self.tok, &self.metrics) {
+                finished.push(i);
+            }
+        }
+        self.in_system.fetch_sub(finished.len(), Ordering::SeqCst);
+        for &i in finished.iter().rev() {
+            self.running.remove(i);
+        }
+    }
+}
+
+/// Sample and report one token, mirroring `modu_engine::generate::generate` step for step so
+/// that greedy output is the same as there. Returns whether the sequence is finished.
+fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metrics) -> bool {
+    let id = s.sampler.sample(logits, &s.history);
+    let now = Instant::now();
+    match s.last_token {
+        None => metrics.ttft.observe(now - s.arrived),
+        Some(t) => metrics.inter_token.observe(now - t),
+    }
+    s.last_token = Some(now);
+    let (logprob, top) = match s.params.logprobs {
+        Some(k) => top_logprobs(logits, id, k),
+        None => (0.0, Vec::new()),
+    };
+    let token = GeneratedToken {
+        id,
+        piece: String::from_utf8_lossy(tok.token_bytes(id)).into_owned(),
+        logprob,
+        top,
+    };
+    s.history.push(id);
+    s.generated += 1;
+    metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    let finish = if !s.params.ignore_eos && tok.is_eog(id) {
+        Some(FinishReason::Eos)
+    } else {
+        let text = s.decoder.push(id);
+        let (emit, hit) = s.stopper.push(&text);
+        if s.events
+            .send(SeqEvent::Text {
+                text: emit,
+                token: Some(token),
+            })
+            .is_err()
+        {
+            // The client is gone: drop the sequence (and its cache) now.
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        if hit {
+            Some(FinishReason::Stop)
+        } else if s.generated >= s.params.max_tokens {
+            Some(FinishReason::Length)
+        } else if s.cache.check_room(1).is_err() {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        }
+    };
+    let Some(finish) = finish else {
+        return false;
+    };
+    if finish != FinishReason::Stop {
+        let rest = s.decoder.finish();
+        let (emit, _) = s.stopper.push(&rest);
+        let rest = emit + &s.stopper.flush();
+        if !rest.is_empty() {
+            let _ = s.events.send(SeqEvent::Text {
+                text: rest,
+                token: None,
+            });
+        }
+    }
+    let _ = s.events.send(SeqEvent::Done {
+        finish,
+        prompt_tokens: s.prompt_len,
+        completion_tokens: s.generated,
+    });
+    true
+}

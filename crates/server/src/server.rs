@@ -1,0 +1,915 @@
+//! The HTTP side: routes, request checking, tokenization, and turning the scheduler's events
+//! into OpenAI responses (one JSON body, or server-sent events ending in `data: [DONE]`).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken};
+use modu_engine::{ChatMessage, ChatTemplate, Model, Tokenizer};
+use modu_gguf::GgufFile;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::api::{check_logprobs, ChatRequest, Common, CompletionRequest, Content, PromptField};
+use crate::error::{ApiError, ServerError};
+use crate::metrics::Metrics;
+use crate::scheduler::{self, SchedulerConfig, SchedulerHandle, SeqEvent, SeqRequest, SubmitError};
+
+/// A loaded model and what identifies it to clients.
+pub struct ServedModel {
+    pub model: Box<dyn Model>,
+    pub tokenizer: Tokenizer,
+    pub file: Arc<GgufFile>,
+    /// The id `/v1/models` reports and requests may name.
+    pub id: String,
+    /// Other names requests may use (file name, aliases).
+    pub aliases: Vec<String>,
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub host: String,
+    /// 0 picks a free port (tests).
+    pub port: u16,
+    pub parallel: usize,
+    /// Requests that may wait for a batch slot before new ones get 429.
+    pub max_queue: usize,
+    /// Context length per sequence.
+    pub ctx: usize,
+    pub allow_remote: bool,
+    /// Prompt tokens prefilled per scheduler step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            parallel: 4,
+            max_queue: 64,
+            ctx: 4096,
+            allow_remote: false,
+            prefill_chunk: 64,
+        }
+    }
+}
+
+struct AppState {
+    sched: SchedulerHandle,
+    tok: Arc<Tokenizer>,
+    template: ChatTemplate,
+    bos: String,
+    eos: String,
+    id: String,
+    names: Vec<String>,
+    ctx: usize,
+    metrics: Arc<Metrics>,
+    started: u64,
+}
+
+type St = State<Arc<AppState>>;
+
+/// Refuse non-loopback addresses unless allowed: the server has no authentication, so
+/// listening beyond this machine must be a deliberate choice.
+pub fn check_bind_address(host: &str, allow_remote: bool) -> Result<(), ServerError> {
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(());
+    }
+    let ip: IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|e: std::net::AddrParseError| {
+            ServerError::BadAddress(host.to_string(), e.to_string())
+        })?;
+    if !ip.is_loopback() && !allow_remote {
+        return Err(ServerError::NotLoopback(host.to_string()));
+    }
+    Ok(())
+}
+
+/// A running server (background threads). Dropping it shuts the server down.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl ServerHandle {
+    /// Stop accepting, cancel in-flight work, and wait for the threads to end.
+    pub fn stop(mut self) -> Result<(), ServerError> {
+        self.stop_inner()
+    }
+
+    /// Wait until the server stops by itself (on ctrl-c or SIGTERM when started by [`serve`]).
+    pub fn wait(mut self) -> Result<(), ServerError> {
+        // Keep the shutdown sender alive while waiting: dropping it would stop the server.
+        let _keep = self.shutdown.take();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(ServerError::Config("the server thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+
+    fn stop_inner(&mut self) -> Result<(), ServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(ServerError::Config("the server thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// Start serving in background threads and return once the socket is bound. With
+/// `on_signal`, ctrl-c and SIGTERM also shut it down.
+pub fn start(
+    served: ServedModel,
+    config: ServeConfig,
+    on_signal: bool,
+) -> Result<ServerHandle, ServerError> {
+    check_bind_address(&config.host, config.allow_remote)?;
+    if config.parallel == 0 {
+        return Err(ServerError::Config("--parallel must be at least 1".into()));
+    }
+    if config.ctx < 2 {
+        return Err(ServerError::Config("--ctx must be at least 2".into()));
+    }
+    let host = config.host.trim_start_matches('[').trim_end_matches(']');
+    let addr_text = if host.contains(':') {
+        format!("[{host}]:{}", config.port)
+    } else {
+        format!("{host}:{}", config.port)
+    };
+    let listener = std::net::TcpListener::bind(&addr_text).map_err(|source| ServerError::Bind {
+        addr: addr_text.clone(),
+        source,
+    })?;
+    listener.set_nonblocking(true).map_err(ServerError::Io)?;
+    let addr = listener.local_addr().map_err(ServerError::Io)?;
+
+    let template = ChatTemplate::for_model(&served.file)?;
+    let tok = Arc::new(served.tokenizer);
+    let text_of = |id: Option<u32>| {
+        id.map(|id| String::from_utf8_lossy(tok.token_bytes(id)).into_owned())
+            .unwrap_or_default()
+    };
+    let (bos, eos) = (text_of(tok.bos_id()), text_of(tok.eos_id()));
+    let metrics = Arc::new(Metrics::default());
+    let (sched, sched_thread) = scheduler::spawn(
+        served.model,
+        tok.clone(),
+        SchedulerConfig {
+            parallel: config.parallel,
+            max_queue: config.max_queue,
+            ctx: config.ctx,
+            prefill_chunk: config.prefill_chunk,
+        },
+        metrics.clone(),
+    )
+    .map_err(ServerError::Runtime)?;
+    let mut names = vec![served.id.clone()];
+    names.extend(served.aliases.iter().cloned());
+    let state = Arc::new(AppState {
+        sched: sched.clone(),
+        tok,
+        template,
+        bos,
+        eos,
+        id: served.id,
+        names,
+        ctx: config.ctx,
+        metrics,
+        started: unix_now(),
+    });
+    let app = router(state);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("modu-http")
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let thread = std::thread::Builder::new()
+        .name("modu-server".into())
+        .spawn(move || {
+            let sched_for_stop = sched.clone();
+            let result = runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).map_err(ServerError::Io)?;
+                let stop = async move {
+                    if on_signal {
+                        tokio::select! {
+                            _ = rx => {}
+                            _ = signal() => {}
+                        }
+                    } else {
+                        let _ = rx.await;
+                    }
+                    // End running streams now instead of waiting for them to finish.
+                    sched_for_stop.shutdown();
+                };
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                    .map_err(ServerError::Io)
+            });
+            sched.shutdown();
+            drop(sched);
+            let _ = sched_thread.join();
+            runtime.shutdown_background();
+            result
+        })
+        .map_err(ServerError::Runtime)?;
+    Ok(ServerHandle {
+        addr,
+        shutdown: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+/// Serve until ctrl-c or SIGTERM (the `modu serve` command). `on_ready` is told the bound
+/// address.
+pub fn serve(
+    served: ServedModel,
+    config: ServeConfig,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
+    let handle = start(served, config, true)?;
+    on_ready(handle.addr);
+    handle.wait()
+}
+
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown route",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method not allowed on this route",
+            )
+        })
+        .with_state(state)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{:x}{:04x}",
+        t,
+        N.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
+}
+
+/// JSON body extractor whose failures are OpenAI-style errors, never axum's plain-text ones.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_body(format!("the request body is not valid JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(ApiError::bad_body("the request body must be a JSON object"));
+        }
+        serde_json::from_value(value)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_body(format!("invalid request: {e}")))
+    }
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(st): St) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(st): St) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": st.id, "object": "model", "created": st.started, "owned_by": "modu"}],
+    }))
+}
+
+impl AppState {
+    fn check_model(&self, common: &Common) -> Result<(), ApiError> {
+        match common.model.as_deref() {
+            None | Some("") => Ok(()),
+            Some(m) if self.names.iter().any(|n| n.eq_ignore_ascii_case(m)) => Ok(()),
+            Some(m) => Err(ApiError::model_not_found(m, &self.id)),
+        }
+    }
+
+    /// Check the prompt fits and cap `max_tokens` at the room left in the context.
+    fn fit(
+        &self,
+        prompt: &[u32],
+        params: &mut GenerateParams,
+        param: &str,
+    ) -> Result<(), ApiError> {
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(param, "the prompt is empty"));
+        }
+        if prompt.len() >= self.ctx {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    param,
+                    format!(
+                        "the prompt is {} tokens but this server's context limit is {} tokens \
+                         (including at least one generated token)",
+                        prompt.len(),
+                        self.ctx
+                    ),
+                )
+            });
+        }
+        params.max_tokens = params.max_tokens.min(self.ctx - prompt.len());
+        Ok(())
+    }
+
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        arrived: Instant,
+    ) -> Result<UnboundedReceiver<SeqEvent>, ApiError> {
+        let (tx, rx) = unbounded_channel();
+        match self.sched.submit(SeqRequest {
+            prompt,
+            params,
+            events: tx,
+            arrived,
+        }) {
+            Ok(()) => Ok(rx),
+            Err(SubmitError::QueueFull) => {
+                self.metrics
+                    .requests_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::queue_full(1))
+            }
+            Err(SubmitError::Stopped) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server is shutting down",
+            )),
+        }
+    }
+}
+
+/// What the endpoint-specific code needs to shape responses.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+fn failed(st: &AppState, e: ApiError) -> Response {
+    st.metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+    e.into_response()
+}
+
+async fn chat(State(st): St, body: Result<ApiJson<ChatRequest>, ApiError>) -> Response {
+    st.metrics.requests_chat.fetch_add(1, Ordering::Relaxed);
+    let arrived = Instant::now();
+    let result = match body {
+        Ok(ApiJson(req)) => prepare_chat(&st, req),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((prompt, params, common)) => {
+            respond(st, Kind::Chat, prompt, params, common, arrived).await
+        }
+        Err(e) => failed(&st, e),
+    }
+}
+
+async fn completions(
+    State(st): St,
+    body: Result<ApiJson<CompletionRequest>, ApiError>,
+) -> Response {
+    st.metrics
+        .requests_completion
+        .fetch_add(1, Ordering::Relaxed);
+    let arrived = Instant::now();
+    let result = match body {
+        Ok(ApiJson(req)) => prepare_completion(&st, req),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((prompt, params, common)) => {
+            respond(st, Kind::Completion, prompt, params, common, arrived).await
+        }
+        Err(e) => failed(&st, e),
+    }
+}
+
+type Prepared = (Vec<u32>, GenerateParams, Common);
+
+fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
+    st.check_model(&req.common)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "developer" => "system",
+            r @ ("system" | "user" | "assistant" | "tool") => r,
+            other => {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!(
+                    "unknown role {other:?} (expected system, developer, user, assistant or tool)"
+                ),
+                ))
+            }
+        };
+        let content = match m.content(i)? {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            &format!("messages[{i}].content"),
+                            format!(
+                                "content parts of type {:?} are not supported; only text",
+                                p.kind
+                            ),
+                        ));
+                    }
+                    s.push_str(p.text.as_deref().unwrap_or(""));
+                }
+                s
+            }
+        };
+        messages.push(ChatMessage::new(role, content));
+    }
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), k) => Some(check_logprobs("top_logprobs", k.unwrap_or(0))?),
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs requires logprobs to be true",
+            ))
+        }
+        _ => None,
+    };
+    let mut params = req.common.params(logprobs)?;
+    let text = st
+        .template
+        .render(&messages, true, &st.bos, &st.eos)
+        .map_err(|e| {
+            ApiError::invalid(
+                "messages",
+                format!("the chat template rejected the messages: {e}"),
+            )
+        })?;
+    let prompt = st
+        .tok
+        .encode(&text, true, true)
+        .map_err(|e| ApiError::invalid("messages", format!("tokenizing the messages: {e}")))?;
+    st.fit(&prompt, &mut params, "messages")?;
+    Ok((prompt, params, req.common))
+}
+
+fn prepare_completion(st: &AppState, req: CompletionRequest) -> Result<Prepared, ApiError> {
+    st.check_model(&req.common)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid("echo", "echo is not supported"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "suffix is not supported"));
+    }
+    let logprobs = req
+        .logprobs
+        .map(|k| check_logprobs("logprobs", k))
+        .transpose()?;
+    let mut params = req.common.params(logprobs)?;
+    let encode = |text: &str| {
+        st.tok
+            .encode(text, true, true)
+            .map_err(|e| ApiError::invalid("prompt", format!("tokenizing the prompt: {e}")))
+    };
+    let prompt = match &req.prompt()? {
+        PromptField::Text(t) => encode(t)?,
+        PromptField::Texts(v) if v.len() == 1 => encode(&v[0])?,
+        PromptField::Texts(v) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "exactly one prompt per request is supported, got {}",
+                    v.len()
+                ),
+            ))
+        }
+        PromptField::Tokens(ids) => {
+            let n = st.tok.vocab_size();
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= n) {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("token id {bad} is out of range (the vocabulary has {n} tokens)"),
+                ));
+            }
+            ids.clone()
+        }
+    };
+    st.fit(&prompt, &mut params, "prompt")?;
+    Ok((prompt, params, req.common))
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    f.as_str()
+}
+
+/// Chat logprob entry for one token.
+fn chat_logprob(tok: &Tokenizer, t: &GeneratedToken) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let bytes = tok.token_bytes(id);
+        json!({
+            "token": String::from_utf8_lossy(bytes),
+            "logprob": lp,
+            "bytes": bytes,
+        })
+    };
+    let mut v = entry(t.id, t.logprob);
+    v["top_logprobs"] = Value::Array(t.top.iter().map(|&(id, lp)| entry(id, lp)).collect());
+    v
+}
+
+/// Completion logprobs (the legacy parallel-array shape) for a run of tokens.
+fn completion_logprobs(tok: &Tokenizer, toks: &[GeneratedToken], start_offset: usize) -> Value {
+    let mut offset = start_offset;
+    let mut tokens = vec![];
+    let mut lps = vec![];
+    let mut tops = vec![];
+    let mut offsets = vec![];
+    for t in toks {
+        tokens.push(Value::from(t.piece.clone()));
+        lps.push(Value::from(t.logprob));
+        let mut m = serde_json::Map::new();
+        for &(id, lp) in &t.top {
+            m.insert(
+                String::from_utf8_lossy(tok.token_bytes(id)).into_owned(),
+                Value::from(lp),
+            );
+        }
+        tops.push(Value::Object(m));
+        offsets.push(Value::from(offset));
+        offset += t.piece.len();
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+async fn respond(
+    st: Arc<AppState>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    common: Common,
+    arrived: Instant,
+) -> Response {
+    let want_logprobs = params.logprobs.is_some();
+    let rx = match st.submit(prompt, params, arrived) {
+        Ok(rx) => rx,
+        Err(e) => return failed(&st, e),
+    };
+    let id = new_id(if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    if common.wants_stream() {
+        stream_response(st, kind, rx, id, want_logprobs, common.include_usage())
+    } else {
+        collect_response(st, kind, rx, id, want_logprobs).await
+    }
+}
+
+async fn collect_response(
+    st: Arc<AppState>,
+    kind: Kind,
+    mut rx: UnboundedReceiver<SeqEvent>,
+    id: String,
+    want_logprobs: bool,
+) -> Response {
+    let mut text = String::new();
+    let mut toks: Vec<GeneratedToken> = vec![];
+    let (finish, p, c) = loop {
+        match rx.recv().await {
+            Some(SeqEvent::Text { text: t, token }) => {
+                text.push_str(&t);
+                if let Some(token) = token {
+                    toks.push(token);
+                }
+            }
+            Some(SeqEvent::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            }) => break (finish, prompt_tokens, completion_tokens),
+            Some(SeqEvent::Error(m)) => return failed(&st, ApiError::internal(m)),
+            None => return failed(&st, ApiError::internal("the scheduler stopped")),
+        }
+    };
+    let created = unix_now();
+    let body = match kind {
+        Kind::Chat => {
+            let logprobs = if want_logprobs {
+                json!({"content": toks.iter().map(|t| chat_logprob(&st.tok, t)).collect::<Vec<_>>()})
+            } else {
+                Value::Null
+            };
+            json!({
+                "id": id, "object": "chat.completion", "created": created, "model": st.id,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs,
+                    "finish_reason": finish_str(finish),
+                }],
+                "usage": usage(p, c),
+            })
+        }
+        Kind::Completion => {
+            let logprobs = if want_logprobs {
+                completion_logprobs(&st.tok, &toks, 0)
+            } else {
+                Value::Null
+            };
+            json!({
+                "id": id, "object": "text_completion", "created": created, "model": st.id,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_str(finish)}],
+                "usage": usage(p, c),
+            })
+        }
+    };
+    Json(body).into_response()
+}
+
+/// State of one SSE stream: chunks ready to send, then the events still to come.
+struct StreamState {
+    st: Arc<AppState>,
+    kind: Kind,
+    rx: UnboundedReceiver<SeqEvent>,
+    id: String,
+    created: u64,
+    want_logprobs: bool,
+    include_usage: bool,
+    ready: std::collections::VecDeque<String>,
+    text_offset: usize,
+    done: bool,
+}
+
+impl StreamState {
+    fn chunk(&self, delta_or_text: Value, logprobs: Value, finish: Option<&str>) -> String {
+        let mut choice = match self.kind {
+            Kind::Chat => json!({"index": 0, "delta": delta_or_text}),
+            Kind::Completion => json!({"index": 0, "text": delta_or_text}),
+        };
+        choice["logprobs"] = logprobs;
+        choice["finish_reason"] = finish.map(Value::from).unwrap_or(Value::Null);
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let mut v = json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.st.id,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+
+    fn empty_delta(&self) -> Value {
+        match self.kind {
+            Kind::Chat => json!({}),
+            Kind::Completion => Value::from(""),
+        }
+    }
+
+    /// Turn one scheduler event into chunks.
+    fn on_event(&mut self, ev: Option<SeqEvent>) {
+        match ev {
+            Some(SeqEvent::Text { text, token }) => {
+                let logprobs = match (&token, self.want_logprobs) {
+                    (Some(t), true) => match self.kind {
+                        Kind::Chat => json!({"content": [chat_logprob(&self.st.tok, t)]}),
+                        Kind::Completion => {
+                            let v = completion_logprobs(
+                                &self.st.tok,
+                                std::slice::from_ref(t),
+                                self.text_offset,
+                            );
+                            self.text_offset += t.piece.len();
+                            v
+                        }
+                    },
+                    _ => Value::Null,
+                };
+                if text.is_empty() && logprobs.is_null() {
+                    return; // nothing to tell yet (held-back bytes or stop-string prefix)
+                }
+                let delta = match self.kind {
+                    Kind::Chat => json!({"content": text}),
+                    Kind::Completion => Value::from(text),
+                };
+                let c = self.chunk(delta, logprobs, None);
+                self.ready.push_back(c);
+            }
+            Some(SeqEvent::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let c = self.chunk(self.empty_delta(), Value::Null, Some(finish_str(finish)));
+                self.ready.push_back(c);
+                if self.include_usage {
+                    let u = json!({
+                        "id": self.id,
+                        "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+                        "created": self.created, "model": self.st.id,
+                        "choices": [],
+                        "usage": usage(prompt_tokens, completion_tokens),
+                    });
+                    self.ready.push_back(u.to_string());
+                }
+                self.ready.push_back("[DONE]".into());
+                self.done = true;
+            }
+            Some(SeqEvent::Error(m)) => {
+                self.st
+                    .metrics
+                    .requests_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.ready
+                    .push_back(ApiError::internal(m).body().to_string());
+                self.ready.push_back("[DONE]".into());
+                self.done = true;
+            }
+            None => {
+                self.ready.push_back(
+                    ApiError::internal("the scheduler stopped")
+                        .body()
+                        .to_string(),
+                );
+                self.ready.push_back("[DONE]".into());
+                self.done = true;
+            }
+        }
+    }
+}
+
+fn stream_response(
+    st: Arc<AppState>,
+    kind: Kind,
+    rx: UnboundedReceiver<SeqEvent>,
+    id: String,
+    want_logprobs: bool,
+    include_usage: bool,
+) -> Response {
+    let mut state = StreamState {
+        st,
+        kind,
+        rx,
+        id,
+        created: unix_now(),
+        want_logprobs,
+        include_usage,
+        ready: Default::default(),
+        text_offset: 0,
+        done: false,
+    };
+    if kind == Kind::Chat {
+        let first = state.chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+            None,
+        );
+        state.ready.push_back(first);
+    }
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(data) = s.ready.pop_front() {
+                return Some((Ok::<Event, Infallible>(Event::default().data(data)), s));
+            }
+            if s.done {
+                return None;
+            }
+            let ev = s.rx.recv().await;
+            s.on_event(ev);
+        }
+    });
+    Sse::new(stream).into_response()
+}
+
+/// The id a model is served under and the other names requests may use for it: a known model's
+/// canonical name with its aliases and upstream file name; otherwise the file's name and stem.
+/// `general_name` (the GGUF's `general.name`) is accepted too, since clients copy it from logs.
+pub fn model_names(spec: &str, general_name: Option<&str>) -> (String, Vec<String>) {
+    let mut aliases = vec![spec.trim().to_string()];
+    let id = if let Some(k) = modu_hub::find_known(spec) {
+        aliases.extend(k.aliases.iter().map(|a| a.to_string()));
+        aliases.push(k.file_name.to_string());
+        aliases.push(k.file_name.trim_end_matches(".gguf").to_string());
+        k.name.to_string()
+    } else {
+        let file = spec.rsplit(['/', '\\']).next().unwrap_or(spec).to_string();
+        let stem = file.trim_end_matches(".gguf").to_string();
+        aliases.push(file);
+        stem
+    };
+    if let Some(n) = general_name {
+        aliases.push(n.to_string());
+    }
+    aliases.retain(|a| !a.is_empty() && *a != id);
+    (id, aliases)
+}

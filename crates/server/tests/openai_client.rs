@@ -1,0 +1,75 @@
+//! The official `openai` Python client against the server. The client is installed once into a
+//! venv cached under `~/.cache/modu/pytest-venv` (a file lock keeps concurrent test runs from
+//! building it twice; a marker file written last marks it complete).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fs4::FileExt;
+
+fn venv() -> PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let cache = Path::new(&home).join(".cache/modu");
+    std::fs::create_dir_all(&cache).unwrap();
+    let dir = cache.join("pytest-venv");
+    let marker = dir.join(".modu-ready");
+    let lock = std::fs::File::create(cache.join("pytest-venv.lock")).unwrap();
+    FileExt::lock(&lock).unwrap();
+    if !marker.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .expect("running python3 -m venv");
+        assert!(ok.success(), "creating the venv failed");
+        let ok = Command::new(dir.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai",
+            ])
+            .status()
+            .expect("running pip");
+        assert!(ok.success(), "pip install openai failed");
+        std::fs::write(&marker, "ok\n").unwrap();
+    }
+    FileExt::unlock(&lock).unwrap();
+    dir
+}
+
+#[test]
+fn official_openai_python_client_works_unchanged() {
+    let py = venv().join("bin/python");
+    let h = common::start(2, 4);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(format!("http://{}/v1", h.addr))
+        .arg(common::MODEL)
+        .output()
+        .expect("running the python script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in [
+        "chat ok",
+        "stream ok",
+        "completion ok",
+        "models ok",
+        "not found ok",
+        "bad request ok",
+        "ALL OK",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    h.stop().unwrap();
+}
