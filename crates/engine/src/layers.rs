@@ -476,20 +476,49 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 /// GELU as llama.cpp's CPU backend evaluates it: clamped outside ±10, otherwise the tanh form
 /// at the f16-rounded input, rounded to f16 (ggml reads it from a 64K-entry f16 table). Matching
-/// this rounding keeps Gemma's logits within llama.cpp's.
+/// this rounding keeps Gemma's logits within llama.cpp's. Like ggml we read a 64K-entry table
+/// indexed by the f16 bits (built once, 128 KiB), which is also much faster than `tanh`.
 pub fn gelu_ggml(x: f32) -> f32 {
     if x <= -10.0 {
         0.0
     } else if x >= 10.0 {
         x
     } else {
-        let xr = half::f16::from_f32(x).to_f32();
-        half::f16::from_f32(gelu_tanh(xr)).to_f32()
+        let table = GELU_F16.get_or_init(|| {
+            (0..=u16::MAX)
+                .map(|bits| half::f16::from_f32(gelu_tanh(half::f16::from_bits(bits).to_f32())))
+                .collect()
+        });
+        table[half::f16::from_f32(x).to_bits() as usize].to_f32()
     }
 }
+
+static GELU_F16: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_table_equals_direct_evaluation() {
+        for i in -2200..=2200 {
+            let x = i as f32 * 0.005 + 0.0001;
+            let direct = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                half::f16::from_f32(gelu_tanh(half::f16::from_f32(x).to_f32())).to_f32()
+            };
+            assert_eq!(gelu_ggml(x), direct, "x = {x}");
+        }
+        assert_eq!(gelu_ggml(-11.0), 0.0);
+        assert_eq!(gelu_ggml(12.5), 12.5);
     }
 }
