@@ -25,6 +25,9 @@ pub struct ServeArgs {
     /// Prompt tokens prefilled per batch step (long prompts are split so decodes keep going).
     #[arg(long, default_value_t = 64)]
     pub prefill_chunk: usize,
+    /// MiB of KV cache kept to reuse the prompt prefixes of finished requests (0 disables).
+    #[arg(long, default_value_t = 256)]
+    pub prefix_cache_mem: usize,
     /// Listen on a non-loopback address although the server has no authentication.
     #[arg(long)]
     pub allow_remote: bool,
@@ -46,6 +49,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ctx: l.ctx,
         allow_remote: a.allow_remote,
         prefill_chunk: a.prefill_chunk.max(1),
+        prefix_cache_mem: a.prefix_cache_mem << 20,
     };
     let served = ServedModel {
         model: l.model,

@@ -42,6 +42,17 @@ impl LayerKv {
         self.v[nv..].convert_from_f32_slice(v);
     }
 
+    /// A copy of the first `n_pos` positions, sized exactly.
+    pub fn prefix(&self, n_pos: usize) -> Self {
+        let n = (n_pos * self.kv_dim).min(self.k.len());
+        Self {
+            kv_dim: self.kv_dim,
+            head_dim: self.head_dim,
+            k: self.k[..n].to_vec(),
+            v: self.v[..n].to_vec(),
+        }
+    }
+
     pub fn truncate(&mut self, n_pos: usize) {
         self.k.truncate(n_pos * self.kv_dim);
         self.v.truncate(n_pos * self.kv_dim);
@@ -108,6 +119,16 @@ impl KvCache {
     pub fn truncate(&mut self, n_pos: usize) {
         for l in &mut self.layers {
             l.truncate(n_pos);
+        }
+    }
+
+    /// A new cache (same shape and `max_len`) holding a copy of the first `n_pos` positions
+    /// (all of them if fewer are cached): for reusing a shared prompt prefix without sharing
+    /// the storage.
+    pub fn prefix(&self, n_pos: usize) -> KvCache {
+        KvCache {
+            layers: self.layers.iter().map(|l| l.prefix(n_pos)).collect(),
+            max_len: self.max_len,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod error;
 pub mod metrics;
+pub mod prefix_cache;
 pub mod scheduler;
 pub mod server;
 

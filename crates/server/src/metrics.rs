@@ -72,6 +72,16 @@ pub struct Metrics {
     /// Bytes of KV cache held by running sequences.
     pub kv_bytes: AtomicU64,
     pub steps: AtomicU64,
+    /// Prompt tokens run through the model (admitted minus reused from the prefix cache).
+    pub prefilled_tokens: AtomicU64,
+    /// Requests that started from a cached prompt prefix.
+    pub prefix_hits: AtomicU64,
+    /// Prompt tokens whose keys and values were copied from the prefix cache.
+    pub prefix_reused_tokens: AtomicU64,
+    pub prefix_cache_evictions: AtomicU64,
+    /// Bytes of KV cache held by the prefix cache.
+    pub prefix_cache_bytes: AtomicU64,
+    pub prefix_cache_entries: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }
@@ -153,6 +163,42 @@ impl Metrics {
             "modu_kv_cache_bytes",
             "KV-cache bytes held by running sequences.",
             &self.kv_bytes,
+        );
+        counter(
+            &mut out,
+            "modu_prefill_tokens_total",
+            "Prompt tokens run through the model (not reused from the prefix cache).",
+            &self.prefilled_tokens,
+        );
+        counter(
+            &mut out,
+            "modu_prefix_cache_hits_total",
+            "Requests that started from a cached prompt prefix.",
+            &self.prefix_hits,
+        );
+        counter(
+            &mut out,
+            "modu_prefix_cache_reused_tokens_total",
+            "Prompt tokens reused from the prefix cache instead of prefilled.",
+            &self.prefix_reused_tokens,
+        );
+        counter(
+            &mut out,
+            "modu_prefix_cache_evictions_total",
+            "Prefix-cache entries evicted to stay within the memory budget.",
+            &self.prefix_cache_evictions,
+        );
+        gauge(
+            &mut out,
+            "modu_prefix_cache_bytes",
+            "KV-cache bytes held by the prefix cache.",
+            &self.prefix_cache_bytes,
+        );
+        gauge(
+            &mut out,
+            "modu_prefix_cache_entries",
+            "Sequences held by the prefix cache.",
+            &self.prefix_cache_entries,
         );
         self.ttft.render(
             &mut out,

@@ -18,6 +18,7 @@ use modu_engine::{BatchSeq, KvCache, Model, Sampler, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
+use crate::prefix_cache::PrefixCache;
 
 /// What a sequence reports to its HTTP handler.
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub enum SeqEvent {
         finish: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
     },
     Error(String),
 }
@@ -57,6 +60,8 @@ pub struct SchedulerConfig {
     pub ctx: usize,
     /// Most prompt tokens prefilled per step, over all sequences.
     pub prefill_chunk: usize,
+    /// Bytes of KV cache kept for reusing prompt prefixes of finished sequences; 0 disables.
+    pub prefix_cache_mem: usize,
 }
 
 enum Command {
@@ -133,11 +138,12 @@ pub fn spawn(
             let mut s = Scheduler {
                 model: model.as_ref(),
                 tok: &tokenizer,
-                config,
                 metrics,
                 in_system,
                 queue: VecDeque::new(),
                 running: Vec::new(),
+                prefix: PrefixCache::new(config.prefix_cache_mem),
+                config,
             };
             s.run(rx);
         })?;
@@ -151,6 +157,8 @@ struct Seq<'t> {
     /// Prompt then generated tokens.
     history: Vec<u32>,
     prompt_len: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
     /// How many of `history` are in the cache.
     fed: usize,
     cache: KvCache,
@@ -171,6 +179,7 @@ struct Scheduler<'m> {
     in_system: Arc<AtomicUsize>,
     queue: VecDeque<Box<SeqRequest>>,
     running: Vec<Seq<'m>>,
+    prefix: PrefixCache,
 }
 
 impl<'m> Scheduler<'m> {
@@ -235,6 +244,18 @@ impl<'m> Scheduler<'m> {
             .store(self.running.len() as u64, Ordering::Relaxed);
         let kv: usize = self.running.iter().map(|s| s.cache.bytes()).sum();
         m.kv_bytes.store(kv as u64, Ordering::Relaxed);
+        m.prefix_cache_bytes
+            .store(self.prefix.bytes() as u64, Ordering::Relaxed);
+        m.prefix_cache_entries
+            .store(self.prefix.len() as u64, Ordering::Relaxed);
+        m.prefix_cache_evictions
+            .store(self.prefix.evictions(), Ordering::Relaxed);
+    }
+
+    /// Keep a departing sequence's cache (the positions that went through the model) for
+    /// prompts that share its prefix.
+    fn retire(&mut self, s: Seq<'m>) {
+        self.prefix.insert(&s.history[..s.fed], &s.cache);
     }
 
     /// Cancel sequences whose client has gone (the receiver was dropped), freeing their caches.
@@ -243,7 +264,15 @@ impl<'m> Scheduler<'m> {
         self.queue.retain(|r| !r.events.is_closed());
         let gone_q = before_q - self.queue.len();
         let before_r = self.running.len();
-        self.running.retain(|s| !s.events.is_closed());
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let s = self.running.remove(i);
+                self.retire(s);
+            } else {
+                i += 1;
+            }
+        }
         let gone = gone_q + before_r - self.running.len();
         self.in_system.fetch_sub(gone, Ordering::SeqCst);
         self.metrics
@@ -269,14 +298,29 @@ impl<'m> Scheduler<'m> {
             self.metrics
                 .prompt_tokens
                 .fetch_add(r.prompt.len() as u64, Ordering::Relaxed);
+            // Reuse at most all but the last prompt token: that one must run to give logits.
+            let (cache, cached) = match self.prefix.lookup(&r.prompt, r.prompt.len() - 1) {
+                Some(hit) => {
+                    let m = &self.metrics;
+                    m.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                    m.prefix_reused_tokens
+                        .fetch_add(hit.tokens as u64, Ordering::Relaxed);
+                    (hit.cache, hit.tokens)
+                }
+                None => (self.model.new_cache(self.config.ctx), 0),
+            };
+            self.metrics
+                .prefilled_tokens
+                .fetch_add((r.prompt.len() - cached) as u64, Ordering::Relaxed);
             self.running.push(Seq {
                 sampler: Sampler::new(r.params.sampling.clone()),
                 stopper: StopMatcher::new(&r.params.stop),
                 decoder: StreamDecoder::new(self.tok),
-                cache: self.model.new_cache(self.config.ctx),
+                cache,
                 prompt_len: r.prompt.len(),
+                cached,
                 history: r.prompt,
-                fed: 0,
+                fed: cached,
                 events: r.events,
                 params: r.params,
                 generated: 0,
@@ -355,7 +399,8 @@ impl<'m> Scheduler<'m> {
         }
         self.in_system.fetch_sub(finished.len(), Ordering::SeqCst);
         for &i in finished.iter().rev() {
-            self.running.remove(i);
+            let s = self.running.remove(i);
+            self.retire(s);
         }
     }
 }
@@ -427,6 +472,7 @@ fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metric
         finish,
         prompt_tokens: s.prompt_len,
         completion_tokens: s.generated,
+        cached_tokens: s.cached,
     });
     true
 }

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub allow_remote: bool,
     /// Prompt tokens prefilled per scheduler step.
     pub prefill_chunk: usize,
+    /// Bytes of KV cache kept for reusing the prompt prefixes of finished requests; 0 disables.
+    pub prefix_cache_mem: usize,
 }
 
 impl Default for ServeConfig {
@@ -64,6 +66,7 @@ impl Default for ServeConfig {
             ctx: 4096,
             allow_remote: false,
             prefill_chunk: 64,
+            prefix_cache_mem: 256 << 20,
         }
     }
 }
@@ -189,6 +192,7 @@ pub fn start(
             max_queue: config.max_queue,
             ctx: config.ctx,
             prefill_chunk: config.prefill_chunk,
+            prefix_cache_mem: config.prefix_cache_mem,
         },
         metrics.clone(),
     )
@@ -600,8 +604,12 @@ fn prepare_completion(st: &AppState, req: CompletionRequest) -> Result<Prepared,
     Ok((prompt, params, req.common))
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -681,7 +689,7 @@ async fn collect_response(
 ) -> Response {
     let mut text = String::new();
     let mut toks: Vec<GeneratedToken> = vec![];
-    let (finish, p, c) = loop {
+    let (finish, p, c, cached) = loop {
         match rx.recv().await {
             Some(SeqEvent::Text { text: t, token }) => {
                 text.push_str(&t);
@@ -693,7 +701,8 @@ async fn collect_response(
                 finish,
                 prompt_tokens,
                 completion_tokens,
-            }) => break (finish, prompt_tokens, completion_tokens),
+                cached_tokens,
+            }) => break (finish, prompt_tokens, completion_tokens, cached_tokens),
             Some(SeqEvent::Error(m)) => return failed(&st, ApiError::internal(m)),
             None => return failed(&st, ApiError::internal("the scheduler stopped")),
         }
@@ -714,7 +723,7 @@ async fn collect_response(
                     "logprobs": logprobs,
                     "finish_reason": finish_str(finish),
                 }],
-                "usage": usage(p, c),
+                "usage": usage(p, c, cached),
             })
         }
         Kind::Completion => {
@@ -726,7 +735,7 @@ async fn collect_response(
             json!({
                 "id": id, "object": "text_completion", "created": created, "model": st.id,
                 "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_str(finish)}],
-                "usage": usage(p, c),
+                "usage": usage(p, c, cached),
             })
         }
     };
@@ -809,6 +818,7 @@ impl StreamState {
                 finish,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 let c = self.chunk(self.empty_delta(), Value::Null, Some(finish_str(finish)));
                 self.ready.push_back(c);
@@ -818,7 +828,7 @@ impl StreamState {
                         "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
                         "created": self.created, "model": self.st.id,
                         "choices": [],
-                        "usage": usage(prompt_tokens, completion_tokens),
+                        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
                     });
                     self.ready.push_back(u.to_string());
                 }
