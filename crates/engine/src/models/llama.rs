@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use modu_gguf::GgufFile;
 
-use super::{embed_tokens, select_rows, BatchSeq, Hparams, Logits, Model, ModelInfo};
+use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
@@ -182,31 +182,7 @@ impl Model for Llama {
         )
     }
 
-    fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        which: Logits,
-    ) -> Result<Vec<f32>, ModelError> {
-        self.run(&[tokens], &mut [cache], which)
-    }
-
-    fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let tokens: Vec<&[u32]> = seqs.iter().map(|s| s.tokens).collect();
-        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
-        let logits = self.run(&tokens, &mut caches, Logits::Last)?;
-        Ok(logits
-            .chunks_exact(self.info.n_vocab)
-            .map(<[f32]>::to_vec)
-            .collect())
-    }
-}
-
-impl Llama {
-    /// The forward pass over a batch of sequences: every matmul runs once over all their new
-    /// tokens; RoPE, the cache and attention are per sequence. Logits: `Last` gives one row per
-    /// sequence, `All` one per token.
-    fn run(
+    fn forward_seqs(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],

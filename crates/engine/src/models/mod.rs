@@ -39,6 +39,18 @@ pub trait Model: Send + Sync {
     /// An empty cache sized for this model, holding at most `max_len` positions.
     fn new_cache(&self, max_len: usize) -> KvCache;
 
+    /// The forward pass over a batch of sequences: sequence `i` runs `tokens[i]` at positions
+    /// `caches[i].len()..`, appending to its own cache; every matmul runs once over all the new
+    /// tokens, RoPE, cache and attention per sequence. Logits: `Last` gives one row per
+    /// sequence, `All` one per token (`[rows, n_vocab]`). Nothing is cached on an error found
+    /// before the pass (empty input, full context, bad token id).
+    fn forward_seqs(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError>;
+
     /// Run `tokens` at positions `cache.len()..` (appending their keys and values) and return
     /// logits `[n, n_vocab]` for the positions `which` asks for.
     fn forward(
@@ -46,16 +58,22 @@ pub trait Model: Send + Sync {
         tokens: &[u32],
         cache: &mut KvCache,
         which: Logits,
-    ) -> Result<Vec<f32>, ModelError>;
+    ) -> Result<Vec<f32>, ModelError> {
+        self.forward_seqs(&[tokens], &mut [cache], which)
+    }
 
     /// One step for several independent sequences (continuous batching): sequence `i` appends
     /// `seqs[i].tokens` to its own cache; the result holds, per sequence, the logits of its last
-    /// token (`n_vocab` floats). Architectures override this to share one weight pass across the
-    /// batch; results equal running each sequence alone.
+    /// token (`n_vocab` floats). One weight pass serves the whole batch, and the results equal
+    /// running each sequence alone.
     fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        seqs.iter_mut()
-            .map(|s| self.forward(s.tokens, s.cache, Logits::Last))
-            .collect()
+        let tokens: Vec<&[u32]> = seqs.iter().map(|s| s.tokens).collect();
+        let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let logits = self.forward_seqs(&tokens, &mut caches, Logits::Last)?;
+        Ok(logits
+            .chunks_exact(self.info().n_vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 
