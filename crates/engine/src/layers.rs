@@ -85,6 +85,17 @@ impl TensorLoader {
         }
     }
 
+    /// `token_embd.weight` (`[n_embd, n_vocab]`) and the vocabulary size it implies.
+    pub fn token_embedding(&self, n_embd: usize) -> Result<(Weight, usize), ModelError> {
+        let n_vocab = self
+            .info("token_embd.weight")?
+            .dims
+            .get(1)
+            .copied()
+            .unwrap_or(0) as usize;
+        Ok((self.matrix("token_embd.weight", n_embd, n_vocab)?, n_vocab))
+    }
+
     /// A 1-D tensor (norm weights, biases) dequantized to f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let info = self.info(name)?;

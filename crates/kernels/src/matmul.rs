@@ -416,56 +416,39 @@ fn gemm_x86(
             Some(Ok(()))
         }};
     }
+    // K-quants: `$scale_bytes` of per-row decoded scales per block beside the decoded quants.
+    macro_rules! go_k {
+        ($blk:ty, $v:expr, $scale_bytes:expr, $kernel:path) => {{
+            let v: &[BlockQ8K] = $v;
+            if let Err(e) = check_lengths(
+                w,
+                v.len() * 256,
+                n_tokens,
+                y.len(),
+                "activation rows",
+                "values",
+            ) {
+                return Some(Err(e));
+            }
+            let Some(wv) = as_blocks::<$blk>(w.data) else {
+                return Some(Err(KernelError::Overflow));
+            };
+            let out = OutPtr(y.as_mut_ptr());
+            let out = &out;
+            let dec_row = nb * (std::mem::size_of::<gemm::DecK>() + $scale_bytes);
+            par_row_chunks(rows, n_tokens, dec_row, 192 * 1024, |r0, r1| {
+                // SAFETY: as for the 32-element types.
+                unsafe { $kernel(wv, nb, r0, r1, v, n_tokens, out.0, rows) }
+            });
+            Some(Ok(()))
+        }};
+    }
     match (&a.data, w.ty) {
         (ActivationData::Q8_0(v), T::Q4_0) => go32!(BlockQ4_0, v),
         (ActivationData::Q8_0(v), T::Q5_0) => go32!(BlockQ5_0, v),
         (ActivationData::Q8_0(v), T::Q8_0) => go32!(BlockQ8_0, v),
-        (ActivationData::Q8K(v), T::Q6_K) => {
-            if let Err(e) = check_lengths(
-                w,
-                v.len() * 256,
-                n_tokens,
-                y.len(),
-                "activation rows",
-                "values",
-            ) {
-                return Some(Err(e));
-            }
-            let Some(wv) = as_blocks::<BlockQ6K>(w.data) else {
-                return Some(Err(KernelError::Overflow));
-            };
-            let out = OutPtr(y.as_mut_ptr());
-            let out = &out;
-            let dec_row = nb * (std::mem::size_of::<gemm::DecK>() + 4);
-            par_row_chunks(rows, n_tokens, dec_row, 192 * 1024, |r0, r1| {
-                // SAFETY: as for the 32-element types.
-                unsafe { gemm::gemm_rows_q6k(wv, nb, r0, r1, v, n_tokens, out.0, rows) }
-            });
-            Some(Ok(()))
-        }
-        (ActivationData::Q8K(v), T::Q4_K) => {
-            if let Err(e) = check_lengths(
-                w,
-                v.len() * 256,
-                n_tokens,
-                y.len(),
-                "activation rows",
-                "values",
-            ) {
-                return Some(Err(e));
-            }
-            let Some(wv) = as_blocks::<BlockQ4K>(w.data) else {
-                return Some(Err(KernelError::Overflow));
-            };
-            let out = OutPtr(y.as_mut_ptr());
-            let out = &out;
-            let dec_row = nb * (std::mem::size_of::<gemm::DecK>() + 8);
-            par_row_chunks(rows, n_tokens, dec_row, 192 * 1024, |r0, r1| {
-                // SAFETY: as for the 32-element types.
-                unsafe { gemm::gemm_rows_q4k(wv, nb, r0, r1, v, n_tokens, out.0, rows) }
-            });
-            Some(Ok(()))
-        }
+        (ActivationData::Q8K(v), T::Q6_K) => go_k!(BlockQ6K, v, 4, gemm::gemm_rows_q6k),
+        (ActivationData::Q8K(v), T::Q4_K) => go_k!(BlockQ4K, v, 8, gemm::gemm_rows_q4k),
         _ => None,
     }
 }

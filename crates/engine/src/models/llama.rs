@@ -104,13 +104,7 @@ impl Llama {
         let cfg = LlamaConfig::from_gguf(&file, &arch)?;
         let l = TensorLoader::new(file.clone());
         let d = cfg.n_embd;
-        let n_vocab = l
-            .file
-            .tensor_info("token_embd.weight")
-            .and_then(|t| t.dims.get(1).copied())
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?
-            as usize;
-        let tok_embd = l.matrix("token_embd.weight", d, n_vocab)?;
+        let (tok_embd, n_vocab) = l.token_embedding(d)?;
         let q_dim = cfg.n_head * cfg.head_dim;
         let kv_dim = cfg.n_head_kv * cfg.head_dim;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
