@@ -28,6 +28,11 @@ pub struct ServeArgs {
     /// MiB of KV cache kept to reuse the prompt prefixes of finished requests (0 disables).
     #[arg(long, default_value_t = 256)]
     pub prefix_cache_mem: usize,
+    /// MiB of paged KV cache shared by running sequences and cached prefixes. When it runs
+    /// out, cached prefixes are dropped and then the youngest sequence is preempted (and later
+    /// recomputed). Default: enough for --parallel sequences of the full context.
+    #[arg(long)]
+    pub kv_mem: Option<usize>,
     /// Listen on a non-loopback address although the server has no authentication.
     #[arg(long)]
     pub allow_remote: bool,
@@ -50,6 +55,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         allow_remote: a.allow_remote,
         prefill_chunk: a.prefill_chunk.max(1),
         prefix_cache_mem: a.prefix_cache_mem << 20,
+        kv_mem: a.kv_mem.map_or(0, |m| m.max(1) << 20),
     };
     let served = ServedModel {
         model: l.model,

@@ -28,6 +28,14 @@ pub enum ModelError {
         adding: usize,
         max: usize,
     },
+    /// The KV-cache memory pool has no room for another block; free some (drop cached
+    /// prefixes, preempt a sequence) and retry.
+    #[error("KV cache memory exhausted: a block needs {needed} bytes, {free} of {limit} are free")]
+    KvBudget {
+        needed: usize,
+        free: usize,
+        limit: usize,
+    },
     #[error("token id {id} out of range (vocabulary size {vocab})")]
     BadToken { id: u32, vocab: usize },
     #[error("empty input")]

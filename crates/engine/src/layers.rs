@@ -337,7 +337,7 @@ pub struct AttnShape {
 /// there is enough work.
 pub fn attention(
     q: &[f32],
-    kv: &LayerKv,
+    kv: &LayerKv<'_>,
     pos0: usize,
     n_tokens: usize,
     s: AttnShape,
@@ -406,14 +406,14 @@ pub fn attend_batch(
             rope.apply(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, seg.pos0 + t);
         }
         let rows = seg.start..seg.start + seg.len;
-        let kv = cache.layer_mut(layer);
+        let mut kv = cache.layer_mut(layer);
         kv.append(
             &k[rows.start * kv_dim..rows.end * kv_dim],
             &v[rows.start * kv_dim..rows.end * kv_dim],
         );
         attention(
             &q[rows.start * q_dim..rows.end * q_dim],
-            cache.layer(layer),
+            &cache.layer(layer),
             seg.pos0,
             seg.len,
             s,
@@ -423,14 +423,19 @@ pub fn attend_batch(
 }
 
 /// Check a batch before anything is computed or cached, and lay out its segments.
-pub fn plan_batch(tokens: &[&[u32]], caches: &[&mut KvCache]) -> Result<Vec<Segment>, ModelError> {
+/// Every cache reserves its new positions here, so a full context or an exhausted KV pool is
+/// reported before anything runs.
+pub fn plan_batch(
+    tokens: &[&[u32]],
+    caches: &mut [&mut KvCache],
+) -> Result<Vec<Segment>, ModelError> {
     let mut segs = Vec::with_capacity(tokens.len());
     let mut start = 0;
-    for (t, c) in tokens.iter().zip(caches) {
-        if t.is_empty() {
-            return Err(ModelError::EmptyInput);
-        }
-        c.check_room(t.len())?;
+    if tokens.iter().any(|t| t.is_empty()) {
+        return Err(ModelError::EmptyInput);
+    }
+    for (t, c) in tokens.iter().zip(caches.iter_mut()) {
+        c.reserve(t.len())?;
         segs.push(Segment {
             start,
             len: t.len(),
@@ -445,7 +450,7 @@ pub fn plan_batch(tokens: &[&[u32]], caches: &[&mut KvCache]) -> Result<Vec<Segm
 }
 
 /// One query head at position `pos` against KV head `kvh`.
-fn attend_one(qh: &[f32], kv: &LayerKv, pos: usize, kvh: usize, s: AttnShape, out: &mut [f32]) {
+fn attend_one(qh: &[f32], kv: &LayerKv<'_>, pos: usize, kvh: usize, s: AttnShape, out: &mut [f32]) {
     use half::f16;
     let start = match s.window {
         Some(w) if pos + 1 > w => pos + 1 - w,

@@ -14,7 +14,7 @@ pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use error::ModelError;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvPool, KV_BLOCK};
 pub use models::{load_model, BatchSeq, Logits, Model, ModelInfo};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError};

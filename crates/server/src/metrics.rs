@@ -82,6 +82,12 @@ pub struct Metrics {
     /// Bytes of KV cache held by the prefix cache.
     pub prefix_cache_bytes: AtomicU64,
     pub prefix_cache_entries: AtomicU64,
+    /// Sequences preempted (their KV freed, to be recomputed) because KV memory ran out.
+    pub preemptions: AtomicU64,
+    /// Bytes of the KV pool in use (running sequences and prefix cache, shared blocks once).
+    pub kv_pool_used: AtomicU64,
+    /// The KV pool's limit (`--kv-mem`).
+    pub kv_pool_limit: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }
@@ -199,6 +205,24 @@ impl Metrics {
             "modu_prefix_cache_entries",
             "Sequences held by the prefix cache.",
             &self.prefix_cache_entries,
+        );
+        counter(
+            &mut out,
+            "modu_preemptions_total",
+            "Sequences preempted (KV freed, recomputed later) because KV memory ran out.",
+            &self.preemptions,
+        );
+        gauge(
+            &mut out,
+            "modu_kv_pool_used_bytes",
+            "Bytes of the paged KV pool in use (shared blocks counted once).",
+            &self.kv_pool_used,
+        );
+        gauge(
+            &mut out,
+            "modu_kv_pool_limit_bytes",
+            "Limit of the paged KV pool (--kv-mem).",
+            &self.kv_pool_limit,
         );
         self.ttft.render(
             &mut out,

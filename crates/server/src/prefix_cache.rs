@@ -1,7 +1,9 @@
-//! Prompt-prefix reuse. When a sequence leaves the batch (finished or cancelled) its KV cache
+//! Prompt-prefix reuse. When a sequence leaves the batch (finished or cancelled) its KV blocks
 //! and the tokens that went through the model are kept here, within a byte budget (least
-//! recently used entries go first). A new request starts from a copy of the longest
-//! block-aligned prefix of its prompt found here and prefills only the rest.
+//! recently used entries go first; the scheduler also evicts entries when the KV pool runs
+//! short). A new request starts from the longest block-aligned prefix of its prompt found here,
+//! sharing those KV blocks (no copy: the paged cache copies a block only if it is written), and
+//! prefills only the rest.
 //!
 //! Lookup is by hashes of the token prefix up to each block boundary (a chained hash, so the
 //! hash at block `k` identifies the whole prefix `0..k * BLOCK`); a hit is verified token by
@@ -13,8 +15,9 @@ use std::hash::{Hash, Hasher};
 
 use modu_engine::KvCache;
 
-/// Tokens per block: prefixes are matched and reused in whole blocks.
-pub const BLOCK: usize = 16;
+/// Tokens per block: prefixes are matched and reused in whole KV blocks, so a reused prefix
+/// never ends inside a shared block.
+pub const BLOCK: usize = modu_engine::KV_BLOCK;
 
 struct Entry {
     /// The tokens whose keys and values `cache` holds (a whole number of blocks).
@@ -27,7 +30,7 @@ struct Entry {
 
 /// What [`PrefixCache::lookup`] found.
 pub struct Hit {
-    /// A private copy of the first `tokens` positions.
+    /// A cache holding the first `tokens` positions (blocks shared with the entry).
     pub cache: KvCache,
     pub tokens: usize,
 }
@@ -95,7 +98,7 @@ impl PrefixCache {
     }
 
     /// The longest block-aligned prefix of `prompt`, at most `max_tokens` long, held by an
-    /// entry: a copy of its positions.
+    /// entry: a cache sharing its blocks.
     pub fn lookup(&mut self, prompt: &[u32], max_tokens: usize) -> Option<Hit> {
         if !self.enabled() || self.entries.is_empty() {
             return None;
@@ -154,7 +157,7 @@ impl PrefixCache {
                 superseded.push(*id);
             }
         }
-        // Every position takes the same bytes: check the budget before copying.
+        // Every position takes the same bytes: check the budget before taking anything.
         if cache.bytes() / cache.len() * n > self.budget {
             return;
         }
@@ -163,18 +166,7 @@ impl PrefixCache {
         for id in superseded {
             self.remove(id);
         }
-        while self.bytes + bytes > self.budget {
-            let Some(lru) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(id, _)| *id)
-            else {
-                break;
-            };
-            self.remove(lru);
-            self.evictions += 1;
-        }
+        while self.bytes + bytes > self.budget && self.evict_lru() {}
         let id = self.next_id;
         self.next_id += 1;
         for h in block_hashes(tokens, n / BLOCK) {
@@ -190,6 +182,21 @@ impl PrefixCache {
                 used: self.clock,
             },
         );
+    }
+
+    /// Drop the least recently used entry (to give the KV pool memory back); false if empty.
+    pub fn evict_lru(&mut self) -> bool {
+        let Some(lru) = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.used)
+            .map(|(id, _)| *id)
+        else {
+            return false;
+        };
+        self.remove(lru);
+        self.evictions += 1;
+        true
     }
 
     fn remove(&mut self, id: u64) {
@@ -220,7 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn longest_block_aligned_prefix_is_copied() {
+    fn longest_block_aligned_prefix_is_shared() {
         let mut pc = PrefixCache::new(1 << 20);
         let a: Vec<u32> = (0..50).collect();
         pc.insert(&a, &cache_with(50));
@@ -243,6 +250,29 @@ mod tests {
         // Its prefix is already held.
         pc.insert(&a, &cache_with(50));
         assert_eq!(pc.len(), 1);
+    }
+
+    #[test]
+    fn entries_share_blocks_with_the_pool_instead_of_copying() {
+        let pool = modu_engine::KvPool::new(1 << 20);
+        let mut c = KvCache::new(&[(1, 2)], 1024);
+        c.set_pool(pool.clone());
+        let k: Vec<f32> = (0..40 * 2).map(|i| i as f32).collect();
+        c.layer_mut(0).append(&k, &k);
+        let used = pool.used();
+        let mut pc = PrefixCache::new(1 << 20);
+        let toks: Vec<u32> = (0..40).collect();
+        pc.insert(&toks, &c);
+        let hit = pc.lookup(&toks, 39).unwrap();
+        assert_eq!(hit.tokens, 32);
+        assert_eq!(pool.used(), used, "insert and lookup share blocks");
+        drop(c);
+        // The entry and the hit keep the first two blocks alive; the third is freed.
+        assert_eq!(pool.used(), used / 3 * 2);
+        drop(hit);
+        assert!(pc.evict_lru());
+        assert_eq!(pool.used(), 0);
+        assert!(!pc.evict_lru());
     }
 
     #[test]

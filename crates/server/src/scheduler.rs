@@ -4,6 +4,14 @@
 //! `Model::forward_batch` call advances every participant: one token for each decoding sequence
 //! and a chunk of prompt for sequences still prefilling. Prefill is chunked so that a long prompt
 //! delays running decodes by one chunk per step instead of stalling them for the whole prompt.
+//!
+//! KV memory is paged ([`modu_engine::KvCache`] block tables drawing from one [`KvPool`] with
+//! the `kv_mem` budget). A request is admitted only when the pool can hold its prompt; when a
+//! step needs a block and the pool is empty, cached prefixes are dropped first (least recently
+//! used), then the youngest running sequence is *preempted*: its blocks are freed and it waits,
+//! ahead of new requests, to be recomputed (its prompt and the tokens it already generated are
+//! prefilled again; nothing already sent to the client changes). Older sequences therefore
+//! always make progress.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -14,7 +22,9 @@ use std::time::Instant;
 
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken, StopMatcher};
 use modu_engine::sampling::top_logprobs;
-use modu_engine::{BatchSeq, KvCache, Model, Sampler, StreamDecoder, Tokenizer};
+use modu_engine::{
+    BatchSeq, KvCache, KvPool, Model, ModelError, Sampler, StreamDecoder, Tokenizer, KV_BLOCK,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
@@ -62,6 +72,9 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Bytes of KV cache kept for reusing prompt prefixes of finished sequences; 0 disables.
     pub prefix_cache_mem: usize,
+    /// Bytes of KV cache for everything (running sequences and cached prefixes); 0 means
+    /// enough for `parallel` sequences of `ctx` positions.
+    pub kv_mem: usize,
 }
 
 enum Command {
@@ -135,14 +148,27 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name("modu-scheduler".into())
         .spawn(move || {
+            let probe = model.new_cache(config.ctx);
+            let kv_mem = if config.kv_mem == 0 {
+                config.parallel.max(1) * config.ctx.div_ceil(KV_BLOCK) * probe.block_bytes()
+            } else {
+                config.kv_mem
+            };
+            let pool = KvPool::new(kv_mem);
+            metrics
+                .kv_pool_limit
+                .store(kv_mem as u64, Ordering::Relaxed);
             let mut s = Scheduler {
                 model: model.as_ref(),
                 tok: &tokenizer,
                 metrics,
                 in_system,
                 queue: VecDeque::new(),
+                preempted: VecDeque::new(),
                 running: Vec::new(),
                 prefix: PrefixCache::new(config.prefix_cache_mem),
+                block_bytes: probe.block_bytes(),
+                pool,
                 config,
             };
             s.run(rx);
@@ -168,6 +194,8 @@ struct Seq<'t> {
     generated: usize,
     arrived: Instant,
     last_token: Option<Instant>,
+    /// Set during a step for a sequence that leaves the batch at its end.
+    leave: Leave,
 }
 
 struct Scheduler<'m> {
@@ -178,14 +206,18 @@ struct Scheduler<'m> {
     /// Shared with the handles: decremented whenever a request leaves the system.
     in_system: Arc<AtomicUsize>,
     queue: VecDeque<Box<SeqRequest>>,
+    /// Sequences whose KV was freed to make room; they rejoin before any queued request.
+    preempted: VecDeque<Seq<'m>>,
     running: Vec<Seq<'m>>,
     prefix: PrefixCache,
+    pool: Arc<KvPool>,
+    block_bytes: usize,
 }
 
 impl<'m> Scheduler<'m> {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
-            if self.queue.is_empty() && self.running.is_empty() {
+            if self.queue.is_empty() && self.running.is_empty() && self.preempted.is_empty() {
                 match rx.recv() {
                     Ok(Command::Submit(r)) => self.queue.push_back(r),
                     Ok(Command::Shutdown) | Err(_) => break,
@@ -202,7 +234,10 @@ impl<'m> Scheduler<'m> {
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         // No new work can arrive: finish what is running, then exit.
-                        if self.queue.is_empty() && self.running.is_empty() {
+                        if self.queue.is_empty()
+                            && self.running.is_empty()
+                            && self.preempted.is_empty()
+                        {
                             stop = true;
                         }
                         break;
@@ -222,7 +257,7 @@ impl<'m> Scheduler<'m> {
             }
         }
         // Shutdown: dropping the senders ends each stream; report it first.
-        for s in self.running.drain(..) {
+        for s in self.running.drain(..).chain(self.preempted.drain(..)) {
             let _ = s
                 .events
                 .send(SeqEvent::Error("the server is shutting down".into()));
@@ -238,8 +273,12 @@ impl<'m> Scheduler<'m> {
 
     fn publish_gauges(&self) {
         let m = &self.metrics;
-        m.queue_depth
-            .store(self.queue.len() as u64, Ordering::Relaxed);
+        m.queue_depth.store(
+            (self.queue.len() + self.preempted.len()) as u64,
+            Ordering::Relaxed,
+        );
+        m.kv_pool_used
+            .store(self.pool.used() as u64, Ordering::Relaxed);
         m.running
             .store(self.running.len() as u64, Ordering::Relaxed);
         let kv: usize = self.running.iter().map(|s| s.cache.bytes()).sum();
@@ -262,7 +301,9 @@ impl<'m> Scheduler<'m> {
     fn drop_abandoned(&mut self) {
         let before_q = self.queue.len();
         self.queue.retain(|r| !r.events.is_closed());
-        let gone_q = before_q - self.queue.len();
+        let before_p = self.preempted.len();
+        self.preempted.retain(|s| !s.events.is_closed());
+        let gone_q = before_q - self.queue.len() + before_p - self.preempted.len();
         let before_r = self.running.len();
         let mut i = 0;
         while i < self.running.len() {
@@ -280,35 +321,83 @@ impl<'m> Scheduler<'m> {
             .fetch_add(gone as u64, Ordering::Relaxed);
     }
 
+    /// A fresh cache for a sequence, counted in the pool.
+    fn new_cache(&self) -> KvCache {
+        let mut c = self.model.new_cache(self.config.ctx);
+        c.set_pool(self.pool.clone());
+        c
+    }
+
+    /// Allocate the blocks for `n` more positions of `cache` at admission, keeping one more
+    /// block free for growth, dropping cached prefixes if needed. False (nothing taken) if the
+    /// pool cannot hold them now.
+    fn claim(&mut self, cache: &mut KvCache, n: usize) -> bool {
+        let need = (cache.blocks_needed(n) + 1) * self.block_bytes;
+        while self.pool.free() < need {
+            if !self.prefix.evict_lru() {
+                return false;
+            }
+        }
+        cache.reserve(n).is_ok()
+    }
+
+    /// Move preempted sequences, then queued requests, into the running batch while there are
+    /// slots and KV memory for their prompts (plus one block to grow into). Strictly in order:
+    /// a request that does not fit yet is not overtaken.
     fn admit(&mut self) {
         while self.running.len() < self.config.parallel.max(1) {
-            let Some(r) = self.queue.pop_front() else {
+            if let Some(s) = self.preempted.front() {
+                let history = s.history.clone();
+                let (mut cache, cached) = self.lookup_prefix(&history);
+                if !self.claim(&mut cache, history.len() - cached) {
+                    break;
+                }
+                let mut s = self.preempted.pop_front().expect("front exists");
+                s.cache = cache;
+                s.fed = cached;
+                self.running.push(s);
+                continue;
+            }
+            let Some(r) = self.queue.front() else {
                 break;
             };
-            let r = *r;
             if r.prompt.is_empty() || r.prompt.len() >= self.config.ctx {
-                self.in_system.fetch_sub(1, Ordering::SeqCst);
-                let _ = r.events.send(SeqEvent::Error(format!(
+                let msg = format!(
                     "the prompt has {} tokens; the context limit is {}",
                     r.prompt.len(),
                     self.config.ctx
-                )));
+                );
+                let r = self.queue.pop_front().expect("front exists");
+                self.reject(&r, msg);
                 continue;
             }
+            let prompt_blocks = r.prompt.len().div_ceil(KV_BLOCK) + 1;
+            if prompt_blocks * self.block_bytes > self.pool.limit() {
+                let msg = format!(
+                    "the prompt has {} tokens, which need {} KiB of KV cache; the server's KV memory (--kv-mem) is {} KiB",
+                    r.prompt.len(),
+                    (prompt_blocks * self.block_bytes).div_ceil(1 << 10),
+                    self.pool.limit() >> 10
+                );
+                let r = self.queue.pop_front().expect("front exists");
+                self.reject(&r, msg);
+                continue;
+            }
+            let prompt = r.prompt.clone();
+            let (mut cache, cached) = self.lookup_prefix(&prompt);
+            if !self.claim(&mut cache, prompt.len() - cached) {
+                break;
+            }
+            if cached > 0 {
+                let m = &self.metrics;
+                m.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                m.prefix_reused_tokens
+                    .fetch_add(cached as u64, Ordering::Relaxed);
+            }
+            let r = *self.queue.pop_front().expect("front exists");
             self.metrics
                 .prompt_tokens
                 .fetch_add(r.prompt.len() as u64, Ordering::Relaxed);
-            // Reuse at most all but the last prompt token: that one must run to give logits.
-            let (cache, cached) = match self.prefix.lookup(&r.prompt, r.prompt.len() - 1) {
-                Some(hit) => {
-                    let m = &self.metrics;
-                    m.prefix_hits.fetch_add(1, Ordering::Relaxed);
-                    m.prefix_reused_tokens
-                        .fetch_add(hit.tokens as u64, Ordering::Relaxed);
-                    (hit.cache, hit.tokens)
-                }
-                None => (self.model.new_cache(self.config.ctx), 0),
-            };
             self.metrics
                 .prefilled_tokens
                 .fetch_add((r.prompt.len() - cached) as u64, Ordering::Relaxed);
@@ -326,29 +415,107 @@ impl<'m> Scheduler<'m> {
                 generated: 0,
                 arrived: r.arrived,
                 last_token: None,
+                leave: Leave::Stay,
             });
         }
     }
 
+    /// A cache for `tokens` starting from the longest cached prefix (never all of them: the
+    /// last token must run to give logits), and how many positions it already holds.
+    fn lookup_prefix(&mut self, tokens: &[u32]) -> (KvCache, usize) {
+        match self.prefix.lookup(tokens, tokens.len() - 1) {
+            Some(hit) => (hit.cache, hit.tokens),
+            None => (self.new_cache(), 0),
+        }
+    }
+
+    /// Refuse a queued request that can never run.
+    fn reject(&self, r: &SeqRequest, msg: String) {
+        self.in_system.fetch_sub(1, Ordering::SeqCst);
+        let _ = r.events.send(SeqEvent::Error(msg));
+    }
+
+    /// Reserve KV blocks for every planned sequence, oldest first. When the pool is short,
+    /// cached prefixes go first, then the youngest running sequence is marked for preemption
+    /// (its blocks freed now); a sequence that is alone and still cannot grow is finished.
+    /// Returns the plan without the sequences that lost their place.
+    fn reserve_plan(&mut self, plan: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+        let mut kept = Vec::with_capacity(plan.len());
+        for (i, n) in plan {
+            if self.running[i].leave != Leave::Stay {
+                continue;
+            }
+            loop {
+                match self.running[i].cache.reserve(n) {
+                    Ok(()) => {
+                        kept.push((i, n));
+                        break;
+                    }
+                    Err(ModelError::KvBudget { .. }) => {
+                        if self.prefix.evict_lru() {
+                            continue;
+                        }
+                        let staying = || self.running.iter().filter(|s| s.leave == Leave::Stay);
+                        if staying().count() == 1 {
+                            // Nothing else holds memory: this sequence has used the whole pool.
+                            finish(&mut self.running[i], FinishReason::ContextFull);
+                            self.running[i].leave = Leave::Finished;
+                            break;
+                        }
+                        let victim = self
+                            .running
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| s.leave == Leave::Stay)
+                            .max_by_key(|(_, s)| s.arrived)
+                            .map(|(j, _)| j)
+                            .expect("sequence i is running");
+                        let v = &mut self.running[victim];
+                        v.leave = Leave::Preempt;
+                        v.cache = KvCache::new(&[], 0); // frees its blocks now
+                        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+                        if victim == i {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let s = &mut self.running[i];
+                        let _ = s.events.send(SeqEvent::Error(format!("{e}")));
+                        s.leave = Leave::Failed;
+                        break;
+                    }
+                }
+            }
+        }
+        kept.retain(|&(i, _)| self.running[i].leave == Leave::Stay);
+        kept
+    }
+
     /// One batched forward pass and, for sequences whose input is fully fed, one sampled token.
     fn step(&mut self) {
-        // Decoding sequences always take part; prompt chunks share the per-step budget, oldest
-        // first (the running list is in arrival order).
+        // Decoding sequences always take part; prompt chunks (and the recomputation of
+        // preempted sequences) share the per-step budget, oldest first (the running list is in
+        // admission order).
         let mut budget = self.config.prefill_chunk.max(1);
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens to feed)
         for (i, s) in self.running.iter().enumerate() {
             let todo = s.history.len() - s.fed;
-            if s.fed >= s.prompt_len {
-                plan.push((i, todo));
+            if todo == 1 {
+                plan.push((i, 1));
             } else if budget > 0 {
                 let n = todo.min(budget);
                 budget -= n;
                 plan.push((i, n));
             }
         }
-        if plan.is_empty() {
-            return;
+        let plan = self.reserve_plan(plan);
+        if !plan.is_empty() {
+            self.forward_and_sample(&plan);
         }
+        self.remove_leavers();
+    }
+
+    fn forward_and_sample(&mut self, plan: &[(usize, usize)]) {
         let model = self.model;
         let result = {
             let mut chosen = plan.iter().map(|p| p.0).peekable();
@@ -377,32 +544,64 @@ impl<'m> Scheduler<'m> {
                     Err(_) => "the forward pass panicked".to_string(),
                 };
                 // The caches of the batch are in an unknown state: fail those sequences.
-                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                self.in_system.fetch_sub(failed.len(), Ordering::SeqCst);
-                for &i in failed.iter().rev() {
-                    let s = self.running.remove(i);
+                for &(i, _) in plan {
+                    let s = &mut self.running[i];
                     let _ = s.events.send(SeqEvent::Error(msg.clone()));
+                    s.leave = Leave::Failed;
                 }
                 return;
             }
         };
-        let mut finished: Vec<usize> = Vec::new();
-        for ((i, n), logits) in plan.into_iter().zip(logits) {
+        for (&(i, n), logits) in plan.iter().zip(logits) {
             let s = &mut self.running[i];
             s.fed += n;
             if s.fed < s.history.len() {
                 continue; // more prompt to prefill
             }
             if self::sample_one(s, &logits, self.tok, &self.metrics) {
-                finished.push(i);
+                s.leave = Leave::Finished;
             }
         }
-        self.in_system.fetch_sub(finished.len(), Ordering::SeqCst);
-        for &i in finished.iter().rev() {
-            let s = self.running.remove(i);
-            self.retire(s);
+    }
+
+    /// Take finished, failed and preempted sequences out of the batch.
+    fn remove_leavers(&mut self) {
+        let mut i = self.running.len();
+        while i > 0 {
+            i -= 1;
+            match self.running[i].leave {
+                Leave::Stay => {}
+                Leave::Finished => {
+                    let s = self.running.remove(i);
+                    self.in_system.fetch_sub(1, Ordering::SeqCst);
+                    self.retire(s);
+                }
+                Leave::Failed => {
+                    self.running.remove(i);
+                    self.in_system.fetch_sub(1, Ordering::SeqCst);
+                }
+                Leave::Preempt => {
+                    let mut s = self.running.remove(i);
+                    s.leave = Leave::Stay;
+                    s.fed = 0;
+                    // Youngest first: removed in reverse order, each goes to the front.
+                    self.preempted.push_front(s);
+                }
+            }
         }
     }
+}
+
+/// Why a sequence leaves the running batch at the end of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    Stay,
+    /// Done (its `Done` event sent): its cache goes to the prefix cache.
+    Finished,
+    /// An error was reported to its client.
+    Failed,
+    /// Its KV was freed; it waits in the preempted list to be recomputed.
+    Preempt,
 }
 
 /// Sample and report one token, mirroring `modu_engine::generate::generate` step for step so
@@ -428,7 +627,7 @@ fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metric
     s.history.push(id);
     s.generated += 1;
     metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-    let finish = if !s.params.ignore_eos && tok.is_eog(id) {
+    let reason = if !s.params.ignore_eos && tok.is_eog(id) {
         Some(FinishReason::Eos)
     } else {
         let text = s.decoder.push(id);
@@ -454,10 +653,18 @@ fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metric
             None
         }
     };
-    let Some(finish) = finish else {
-        return false;
-    };
-    if finish != FinishReason::Stop {
+    match reason {
+        Some(r) => {
+            finish(s, r);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Flush held-back text (unless a stop string ended the sequence) and report the end.
+fn finish(s: &mut Seq<'_>, reason: FinishReason) {
+    if reason != FinishReason::Stop {
         let rest = s.decoder.finish();
         let (emit, _) = s.stopper.push(&rest);
         let rest = emit + &s.stopper.flush();
@@ -469,10 +676,9 @@ fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metric
         }
     }
     let _ = s.events.send(SeqEvent::Done {
-        finish,
+        finish: reason,
         prompt_tokens: s.prompt_len,
         completion_tokens: s.generated,
         cached_tokens: s.cached,
     });
-    true
 }

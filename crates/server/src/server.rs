@@ -54,6 +54,9 @@ pub struct ServeConfig {
     pub prefill_chunk: usize,
     /// Bytes of KV cache kept for reusing the prompt prefixes of finished requests; 0 disables.
     pub prefix_cache_mem: usize,
+    /// Bytes of paged KV cache for running sequences and cached prefixes together; 0 means
+    /// enough for `parallel` sequences of `ctx` positions (no preemption).
+    pub kv_mem: usize,
 }
 
 impl Default for ServeConfig {
@@ -67,6 +70,7 @@ impl Default for ServeConfig {
             allow_remote: false,
             prefill_chunk: 64,
             prefix_cache_mem: 256 << 20,
+            kv_mem: 0,
         }
     }
 }
@@ -193,6 +197,7 @@ pub fn start(
             ctx: config.ctx,
             prefill_chunk: config.prefill_chunk,
             prefix_cache_mem: config.prefix_cache_mem,
+            kv_mem: config.kv_mem,
         },
         metrics.clone(),
     )

@@ -44,6 +44,7 @@ pub fn start(parallel: usize, max_queue: usize) -> ServerHandle {
         allow_remote: false,
         prefill_chunk: 16,
         prefix_cache_mem: ServeConfig::default().prefix_cache_mem,
+        kv_mem: 0,
     };
     modu_server::start(served(), config, false).expect("starting the server")
 }

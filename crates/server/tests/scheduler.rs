@@ -1,0 +1,403 @@
+//! The scheduler on a fake model: KV budget and admission, preemption with recomputation,
+//! cancellation, queue limits and fairness, fast and deterministic (no real weights).
+//!
+//! The fake model writes `[token, position, 0, 0]` as each position's key and value in every
+//! layer, and its next token is a hash of *everything in its cache*: a sequence whose cache lost,
+//! duplicated or reordered a position (a broken preemption or block table) continues
+//! differently from [`expected`], which replays the same rule on the plain token history.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use modu_engine::generate::GenerateParams;
+use modu_engine::layers::plan_batch;
+use modu_engine::models::{Logits, Model, ModelInfo};
+use modu_engine::tokenizer::TokenizerSpec;
+use modu_engine::{KvCache, ModelError, SamplingParams, Tokenizer};
+use modu_server::metrics::Metrics;
+use modu_server::scheduler::{
+    self, SchedulerConfig, SchedulerHandle, SeqEvent, SeqRequest, SubmitError,
+};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const VOCAB: usize = 64;
+const EOS: u32 = 1;
+const LAYERS: usize = 2;
+const KV: (usize, usize) = (1, 4);
+
+/// The next token after `history` (never EOS or 0).
+fn next_token(history: impl Iterator<Item = (u32, usize)>) -> u32 {
+    let mut h: u64 = 1469598103934665603;
+    for (tok, pos) in history {
+        h = (h ^ (tok as u64 * 131 + pos as u64)).wrapping_mul(1099511628211);
+    }
+    (h % (VOCAB as u64 - 2)) as u32 + 2
+}
+
+/// Greedy continuation of `prompt` by the fake model's rule.
+fn expected(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut hist = prompt.to_vec();
+    for _ in 0..n {
+        let t = next_token(hist.iter().enumerate().map(|(p, &t)| (t, p)));
+        hist.push(t);
+    }
+    hist[prompt.len()..].to_vec()
+}
+
+type Step = (usize, u32, usize);
+
+struct FakeModel {
+    info: ModelInfo,
+    /// `(tokens, first token, first position)` per sequence of every step, in order.
+    log: Arc<Mutex<Vec<Vec<Step>>>>,
+    /// Delay per step, to let tests act between steps.
+    delay: Duration,
+}
+
+impl Model for FakeModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(&[KV; LAYERS], max_len)
+    }
+
+    fn forward_seqs(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        assert_eq!(which, Logits::Last);
+        let segs = plan_batch(tokens, caches)?;
+        self.log.lock().unwrap().push(
+            tokens
+                .iter()
+                .zip(&segs)
+                .map(|(t, s)| (t.len(), t[0], s.pos0))
+                .collect(),
+        );
+        std::thread::sleep(self.delay);
+        let mut out = Vec::new();
+        for ((t, seg), cache) in tokens.iter().zip(&segs).zip(caches.iter_mut()) {
+            let rows: Vec<f32> = t
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &tok)| [tok as f32, (seg.pos0 + i) as f32, 0.0, 0.0])
+                .collect();
+            for l in 0..LAYERS {
+                cache.layer_mut(l).append(&rows, &rows);
+            }
+            let kv = cache.layer(LAYERS - 1);
+            let next = next_token((0..kv.len()).map(|p| {
+                let k = kv.key_f16(p, 0);
+                assert_eq!(k[1].to_f32() as usize, p, "position {p} misplaced");
+                (k[0].to_f32() as u32, p)
+            }));
+            let mut logits = vec![0.0; VOCAB];
+            logits[next as usize] = 10.0;
+            out.extend(logits);
+        }
+        Ok(out)
+    }
+}
+
+fn tokenizer() -> Tokenizer {
+    let chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut tokens = vec!["<pad>".to_string(), "<eos>".to_string()];
+    tokens.extend(chars.chars().map(|c| c.to_string()));
+    assert_eq!(tokens.len(), VOCAB);
+    let mut types = vec![1i64; VOCAB];
+    types[0] = 3;
+    types[1] = 3;
+    Tokenizer::from_spec(TokenizerSpec {
+        model: "gpt2".into(),
+        tokens,
+        token_types: types,
+        eos: Some(EOS as u64),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+struct Harness {
+    handle: SchedulerHandle,
+    metrics: Arc<Metrics>,
+    log: Arc<Mutex<Vec<Vec<Step>>>>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// Bytes of one KV block of the fake model.
+fn block_bytes() -> usize {
+    KvCache::new(&[KV; LAYERS], 16).block_bytes()
+}
+
+fn start(config: SchedulerConfig, delay: Duration) -> Harness {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let model = FakeModel {
+        info: ModelInfo {
+            arch: "fake".into(),
+            name: None,
+            n_vocab: VOCAB,
+            n_layer: LAYERS,
+            n_embd: 4,
+            n_ctx_train: 4096,
+        },
+        log: log.clone(),
+        delay,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (handle, join) = scheduler::spawn(
+        Box::new(model),
+        Arc::new(tokenizer()),
+        config,
+        metrics.clone(),
+    )
+    .unwrap();
+    Harness {
+        handle,
+        metrics,
+        log,
+        join: Some(join),
+    }
+}
+
+fn config(parallel: usize, kv_blocks: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        parallel,
+        max_queue: 64,
+        ctx: 512,
+        prefill_chunk: 8,
+        prefix_cache_mem: 0,
+        kv_mem: kv_blocks * block_bytes(),
+    }
+}
+
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+fn submit(h: &SchedulerHandle, prompt: Vec<u32>, max_tokens: usize) -> UnboundedReceiver<SeqEvent> {
+    let (tx, rx) = unbounded_channel();
+    h.submit(SeqRequest {
+        prompt,
+        params: greedy(max_tokens),
+        events: tx,
+        arrived: Instant::now(),
+    })
+    .unwrap();
+    rx
+}
+
+/// Generated token ids until `Done`, or the error message.
+fn collect(mut rx: UnboundedReceiver<SeqEvent>) -> Result<Vec<u32>, String> {
+    let mut ids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "no result within 30 s");
+        match rx.try_recv() {
+            Ok(SeqEvent::Text { token: Some(t), .. }) => ids.push(t.id),
+            Ok(SeqEvent::Text { token: None, .. }) => {}
+            Ok(SeqEvent::Done {
+                completion_tokens, ..
+            }) => {
+                assert_eq!(completion_tokens, ids.len());
+                return Ok(ids);
+            }
+            Ok(SeqEvent::Error(e)) => return Err(e),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(format!("channel closed: {e}")),
+        }
+    }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (seed * 7 + i * 3) % 62 + 2)
+        .collect()
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn enough_kv_memory_means_no_preemption_and_exact_outputs() {
+    let h = start(config(4, 0), Duration::ZERO);
+    let rxs: Vec<_> = (0..6)
+        .map(|i| submit(&h.handle, prompt(i, 10 + i as usize * 7), 40))
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let p = prompt(i as u32, 10 + i * 7);
+        assert_eq!(collect(rx).unwrap(), expected(&p, 40), "request {i}");
+    }
+    assert_eq!(h.metrics.preemptions.load(Ordering::Relaxed), 0);
+    // At most `parallel` sequences per step.
+    assert!(h.log.lock().unwrap().iter().all(|s| s.len() <= 4));
+}
+
+#[test]
+fn exhausted_kv_memory_preempts_and_recomputes_without_changing_outputs() {
+    // Each request grows to 20 + 60 = 80 positions = 5 blocks; four at once would need 20
+    // blocks but the pool has 9, so younger sequences are preempted and recomputed.
+    let h = start(config(4, 9), Duration::ZERO);
+    let rxs: Vec<_> = (0..4)
+        .map(|i| submit(&h.handle, prompt(i, 20), 60))
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        assert_eq!(
+            collect(rx).unwrap(),
+            expected(&prompt(i as u32, 20), 60),
+            "request {i} after preemption"
+        );
+    }
+    let pre = h.metrics.preemptions.load(Ordering::Relaxed);
+    assert!(pre > 0, "the budget forces preemption");
+    // Never more KV than the budget, and every block comes back.
+    let m = h.metrics.clone();
+    wait_for("the pool to empty", || {
+        m.kv_pool_used.load(Ordering::Relaxed) == 0 && m.running.load(Ordering::Relaxed) == 0
+    });
+    assert_eq!(
+        h.metrics.kv_pool_limit.load(Ordering::Relaxed) as usize,
+        9 * block_bytes()
+    );
+}
+
+#[test]
+fn a_prompt_larger_than_kv_memory_is_refused_but_others_run() {
+    let h = start(config(2, 4), Duration::ZERO);
+    let big = submit(&h.handle, prompt(1, 100), 4);
+    let small = submit(&h.handle, prompt(2, 10), 4);
+    let err = collect(big).unwrap_err();
+    assert!(err.contains("KV memory"), "{err}");
+    assert_eq!(collect(small).unwrap(), expected(&prompt(2, 10), 4));
+}
+
+#[test]
+fn a_sequence_that_fills_the_whole_pool_alone_finishes_with_length() {
+    // 3 blocks = 48 positions: the 10-token prompt and 38 generated tokens fill them, and the
+    // logits of the last position give a 39th token.
+    let h = start(config(1, 3), Duration::ZERO);
+    let rx = submit(&h.handle, prompt(3, 10), 100);
+    let out = collect(rx).unwrap();
+    assert_eq!(out, expected(&prompt(3, 10), 39));
+}
+
+#[test]
+fn cancelled_sequence_frees_its_kv_at_once() {
+    let h = start(config(2, 0), Duration::from_millis(5));
+    let mut rx = submit(&h.handle, prompt(4, 30), 10_000);
+    let m = h.metrics.clone();
+    wait_for("the first token", || {
+        matches!(rx.try_recv(), Ok(SeqEvent::Text { .. }))
+    });
+    assert!(m.kv_pool_used.load(Ordering::Relaxed) > 0);
+    drop(rx);
+    wait_for("the KV to be freed", || {
+        m.kv_pool_used.load(Ordering::Relaxed) == 0 && m.running.load(Ordering::Relaxed) == 0
+    });
+    assert_eq!(m.cancelled.load(Ordering::Relaxed), 1);
+    // The scheduler is still serving.
+    assert_eq!(
+        collect(submit(&h.handle, prompt(5, 5), 3)).unwrap(),
+        expected(&prompt(5, 5), 3)
+    );
+}
+
+#[test]
+fn full_queue_refuses_submissions() {
+    let mut cfg = config(1, 0);
+    cfg.max_queue = 2;
+    let h = start(cfg, Duration::from_millis(20));
+    let rxs: Vec<_> = (0..3)
+        .map(|i| submit(&h.handle, prompt(i, 5), 20))
+        .collect();
+    let (tx, _rx) = unbounded_channel();
+    let r = h.handle.submit(SeqRequest {
+        prompt: prompt(9, 5),
+        params: greedy(1),
+        events: tx,
+        arrived: Instant::now(),
+    });
+    assert_eq!(r.err(), Some(SubmitError::QueueFull));
+    for rx in rxs {
+        assert_eq!(collect(rx).unwrap().len(), 20);
+    }
+}
+
+#[test]
+fn long_prompt_is_chunked_and_never_stalls_running_decodes() {
+    let h = start(config(2, 0), Duration::from_millis(1));
+    let mut a = submit(&h.handle, prompt(6, 4), 400);
+    wait_for("the first token", || {
+        matches!(a.try_recv(), Ok(SeqEvent::Text { .. }))
+    });
+    let b = submit(&h.handle, prompt(7, 200), 2);
+    assert_eq!(collect(b).unwrap(), expected(&prompt(7, 200), 2));
+    let log = h.log.lock().unwrap().clone();
+    let chunks: Vec<&Vec<Step>> = log
+        .iter()
+        .filter(|s| s.iter().any(|&(n, _, _)| n == 8))
+        .collect();
+    // 200 prompt tokens at 8 per step, each step also decoding `a`.
+    assert_eq!(chunks.len(), 25);
+    for s in &chunks {
+        assert_eq!(
+            s.len(),
+            2,
+            "a prefill step without the running decode: {s:?}"
+        );
+        assert!(s.iter().any(|&(n, _, _)| n == 1), "{s:?}");
+    }
+}
+
+#[test]
+fn requests_start_in_arrival_order_and_none_starves() {
+    let h = start(config(2, 0), Duration::from_millis(1));
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i, 6)).collect();
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| submit(&h.handle, p.clone(), 10))
+        .collect();
+    for (p, rx) in prompts.iter().zip(rxs) {
+        assert_eq!(collect(rx).unwrap(), expected(p, 10));
+    }
+    // FCFS with 2 slots: prompts start (position 0) in arrival order, never more than two
+    // sequences per step.
+    let log = h.log.lock().unwrap().clone();
+    let order: Vec<u32> = log
+        .iter()
+        .flatten()
+        .filter(|&&(_, _, pos0)| pos0 == 0)
+        .map(|&(_, first, _)| first)
+        .collect();
+    let want: Vec<u32> = prompts.iter().map(|p| p[0]).collect();
+    assert_eq!(order, want);
+    assert!(log.iter().all(|s| s.len() <= 2));
+}
