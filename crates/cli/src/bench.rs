@@ -26,8 +26,18 @@ use modu_engine::{load_model, Logits, Model};
 use modu_gguf::GgufFile;
 use serde_json::{json, Value};
 
+#[derive(clap::Subcommand)]
+pub enum BenchTarget {
+    /// Load-test an OpenAI-compatible server (modu's own in-process, or --url) with concurrent
+    /// streaming clients: aggregate tok/s, TTFT and inter-token latency percentiles.
+    Serve(crate::bench_serve::ServeBenchArgs),
+}
+
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub target: Option<BenchTarget>,
     /// Model: a GGUF path, a known name or hf: source (default: qwen2.5-coder-0.5b-instruct;
     /// with --membw and no -m only the bandwidth is measured).
     #[arg(short, long)]

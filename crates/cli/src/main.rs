@@ -1,6 +1,7 @@
 //! `modu`: run quantized GGUF language models on the CPU.
 
 mod bench;
+mod bench_serve;
 mod pull;
 mod run;
 mod serve;
@@ -51,7 +52,10 @@ fn main() {
         Command::Chat(a) => run::chat(a),
         Command::Tokenize(a) => run::tokenize(a),
         Command::Info(a) => run::info(a),
-        Command::Bench(a) => bench::bench(a),
+        Command::Bench(mut a) => match a.target.take() {
+            Some(bench::BenchTarget::Serve(s)) => bench_serve::bench_serve(s),
+            None => bench::bench(a),
+        },
         Command::Serve(a) => serve::serve(a),
     };
     if let Err(e) = result {

@@ -1085,3 +1085,53 @@ fn empty_stop_string_is_ignored() {
     ]);
     assert_eq!(out, " red, blue,\n");
 }
+
+#[test]
+fn bench_json_has_llama_bench_fields() {
+    let out = ok(&[
+        "bench", "-m", GEMMA, "-p", "8", "-n", "4", "-r", "2", "-t", "2", "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{out}");
+    for (row, (p, n)) in rows.iter().zip([(8, 0), (0, 4)]) {
+        assert_eq!(row["n_prompt"], p, "{row}");
+        assert_eq!(row["n_gen"], n, "{row}");
+        assert_eq!(row["n_threads"], 2, "{row}");
+        assert!(row["avg_ts"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["stddev_ts"].as_f64().unwrap() >= 0.0, "{row}");
+    }
+}
+
+#[test]
+fn bench_serve_reports_every_level_without_errors() {
+    let out = ok(&[
+        "bench", "serve", "-m", GEMMA, "-c", "1,3", "-n", "6", "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{out}");
+    for (row, c) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["clients"], c, "{row}");
+        assert_eq!(row["requests"], c, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        // ignore_eos: every request generates exactly -n tokens.
+        assert_eq!(row["tokens"], 6 * c, "{row}");
+        assert!(row["agg_tps"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ttft_p99_ms"].as_f64().unwrap() >= row["ttft_p50_ms"].as_f64().unwrap());
+    }
+    // A server that is not there is a clear error, not a hang.
+    let out = modu(&[
+        "bench",
+        "serve",
+        "--url",
+        "http://127.0.0.1:9",
+        "-c",
+        "1",
+        "-n",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+}
