@@ -32,6 +32,8 @@ pub mod blocks;
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemv;
 mod matmul;
 pub mod scalar;
 #[doc(hidden)]

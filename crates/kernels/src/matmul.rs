@@ -233,6 +233,12 @@ pub fn matmul_quantized(
             return r;
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if n_tokens < GEMM_MIN_TOKENS && dispatch::use_avx2() {
+        if let Some(r) = gemv_x86(w, a, y) {
+            return r;
+        }
+    }
     match (&a.data, w.ty) {
         (ActivationData::F32(v), T::F32) => go!(v, dispatch::sel_f32, dispatch::sel4_f32),
         (ActivationData::F16(v), T::F16) => go!(v, dispatch::sel_f16, dispatch::sel4_f16),
@@ -451,6 +457,71 @@ fn gemm_x86(
         (ActivationData::Q8K(v), T::Q4_K) => go_k!(BlockQ4K, v, 8, gemm::gemm_rows_q4k),
         _ => None,
     }
+}
+
+/// The decode GEMV of [`crate::gemv`] for Q4_0/Q5_0/Q8_0 weights, token by token (AVX2
+/// only); `None` for other types.
+#[cfg(target_arch = "x86_64")]
+fn gemv_x86(
+    w: &QMatrix,
+    a: &QuantizedActivations,
+    y: &mut [f32],
+) -> Option<Result<(), KernelError>> {
+    use crate::gemv::{self, GemvBlock};
+    use GgmlType as T;
+    let ActivationData::Q8_0(v) = &a.data else {
+        return None;
+    };
+    fn go<W: GemvBlock + ByteBlock>(
+        w: &QMatrix,
+        v: &[BlockQ8_0],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        check_lengths(
+            w,
+            v.len() * 32,
+            n_tokens,
+            y.len(),
+            "activation rows",
+            "values",
+        )?;
+        let wv = as_blocks::<W>(w.data).ok_or(KernelError::Overflow)?;
+        let (rows, nb) = (w.rows, w.cols / 32);
+        let row_bytes = row_bytes(w.ty, w.cols)?;
+        let threads = rayon::current_num_threads().max(1);
+        // Multiples of 4 rows (the kernel's pass), up to 1024, about 8 chunks per thread.
+        let chunk = (rows.div_ceil(threads * 8).div_ceil(4) * 4).clamp(4, 1024);
+        let n_chunks = rows.div_ceil(chunk);
+        let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows >= 64 * 1024;
+        for t in 0..n_tokens {
+            let act = &v[t * nb..(t + 1) * nb];
+            // SAFETY: the caller checked AVX2/FMA/F16C.
+            let prep = unsafe { gemv::prepare(act, W::NEEDS_SUMS) };
+            let out = OutPtr(y[t * rows..(t + 1) * rows].as_mut_ptr());
+            let (out, prep) = (&out, &prep);
+            let job = |ci: usize| {
+                let r0 = ci * chunk;
+                let r1 = (r0 + chunk).min(rows);
+                // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), act nb blocks
+                // and prep was made from it with the sums W needs; out points to this token's
+                // `rows` outputs and chunks are disjoint.
+                unsafe { gemv::gemv_rows(wv, nb, r0, r1, act, prep, out.0) }
+            };
+            if parallel {
+                (0..n_chunks).into_par_iter().for_each(job);
+            } else {
+                (0..n_chunks).for_each(job);
+            }
+        }
+        Ok(())
+    }
+    Some(match w.ty {
+        T::Q4_0 => go::<BlockQ4_0>(w, v, a.n_tokens, y),
+        T::Q5_0 => go::<BlockQ5_0>(w, v, a.n_tokens, y),
+        T::Q8_0 => go::<BlockQ8_0>(w, v, a.n_tokens, y),
+        _ => return None,
+    })
 }
 
 /// Runs `f(r0, r1)` over chunks of rows covering `0..rows`, in parallel when worth it. A chunk
