@@ -24,23 +24,26 @@ use crate::x86::{decode_q8_0, h2f, hsum_ps, q5_0_high_bits, unpack_nibbles_pub};
 pub(crate) struct Prepared {
     /// f32 scale of each activation block.
     da: Vec<f32>,
-    /// Per activation block, `Σ y` over each group of four values (eight i32 lanes).
+    /// Per activation block, `off · Σ y` over each group of four values (eight i32 lanes),
+    /// `off` being the weight type's offset (`GemvBlock::OFFSET_SHIFT`).
     lane_sums: Vec<__m256i>,
 }
 
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn prepare(act: &[BlockQ8_0], with_sums: bool) -> Prepared {
+pub(crate) unsafe fn prepare(act: &[BlockQ8_0], offset_shift: Option<i32>) -> Prepared {
     let da = act.iter().map(|b| h2f(b.d)).collect();
-    let lane_sums = if with_sums {
+    let lane_sums = if let Some(shift) = offset_shift {
+        let shift = _mm_cvtsi32_si128(shift);
         let ones8 = _mm256_set1_epi8(1);
         let ones16 = _mm256_set1_epi16(1);
         act.iter()
             .map(|b| {
                 // SAFETY: qs is 32 bytes; loadu has no alignment requirement.
                 let y = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-                _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16)
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, y), ones16);
+                _mm256_sll_epi32(sums, shift)
             })
             .collect()
     } else {
@@ -51,8 +54,9 @@ pub(crate) unsafe fn prepare(act: &[BlockQ8_0], with_sums: bool) -> Prepared {
 
 /// How a weight type turns a block into lane sums `Σ q·y` (eight i32 lanes of four values).
 pub(crate) trait GemvBlock: Copy + Sync {
-    /// Whether [`GemvBlock::lanes`] needs the activation lane sums.
-    const NEEDS_SUMS: bool;
+    /// `log2` of the offset subtracted from the unsigned quants, if the type uses the
+    /// unsigned trick (then [`GemvBlock::lanes`] gets `offset · Σ y` per lane).
+    const OFFSET_SHIFT: Option<i32>;
     fn d(&self) -> [u8; 2];
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
@@ -60,7 +64,7 @@ pub(crate) trait GemvBlock: Copy + Sync {
 }
 
 impl GemvBlock for BlockQ8_0 {
-    const NEEDS_SUMS: bool = false;
+    const OFFSET_SHIFT: Option<i32> = None;
     #[inline(always)]
     fn d(&self) -> [u8; 2] {
         self.d
@@ -75,7 +79,7 @@ impl GemvBlock for BlockQ8_0 {
 }
 
 impl GemvBlock for BlockQ4_0 {
-    const NEEDS_SUMS: bool = true;
+    const OFFSET_SHIFT: Option<i32> = Some(3);
     #[inline(always)]
     fn d(&self) -> [u8; 2] {
         self.d
@@ -86,12 +90,12 @@ impl GemvBlock for BlockQ4_0 {
         // u in 0..=15; u·y pairs stay far inside i16.
         let u = unpack_nibbles_pub(&self.qs);
         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1));
-        _mm256_sub_epi32(p, _mm256_slli_epi32(ysum, 3))
+        _mm256_sub_epi32(p, ysum)
     }
 }
 
 impl GemvBlock for BlockQ5_0 {
-    const NEEDS_SUMS: bool = true;
+    const OFFSET_SHIFT: Option<i32> = Some(4);
     #[inline(always)]
     fn d(&self) -> [u8; 2] {
         self.d
@@ -102,7 +106,7 @@ impl GemvBlock for BlockQ5_0 {
         // u in 0..=31; 2·31·127 fits an i16.
         let u = _mm256_or_si256(unpack_nibbles_pub(&self.qs), q5_0_high_bits(self.qh));
         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1));
-        _mm256_sub_epi32(p, _mm256_slli_epi32(ysum, 4))
+        _mm256_sub_epi32(p, ysum)
     }
 }
 
@@ -111,7 +115,7 @@ impl GemvBlock for BlockQ5_0 {
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. `w.len() >= r1 * nb`, `act.len() == nb`, `p` was
-/// prepared from `act` (with lane sums if `W::NEEDS_SUMS`), and `y` points to at least `r1`
+/// prepared from `act` (with `W::OFFSET_SHIFT`), and `y` points to at least `r1`
 /// writable f32 of which no other thread touches `r0..r1`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn gemv_rows<W: GemvBlock>(
@@ -151,7 +155,7 @@ unsafe fn rows_kernel<W: GemvBlock, const N: usize>(
             // SAFETY: b < nb == act.len() == p.da.len(); qs is 32 bytes.
             let yv = _mm256_loadu_si256(act.get_unchecked(b).qs.as_ptr() as *const __m256i);
             let da = _mm256_broadcast_ss(p.da.get_unchecked(b));
-            let ys = if W::NEEDS_SUMS {
+            let ys = if W::OFFSET_SHIFT.is_some() {
                 *p.lane_sums.get_unchecked(b)
             } else {
                 zero

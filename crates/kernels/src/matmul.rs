@@ -497,7 +497,7 @@ fn gemv_x86(
         for t in 0..n_tokens {
             let act = &v[t * nb..(t + 1) * nb];
             // SAFETY: the caller checked AVX2/FMA/F16C.
-            let prep = unsafe { gemv::prepare(act, W::NEEDS_SUMS) };
+            let prep = unsafe { gemv::prepare(act, W::OFFSET_SHIFT) };
             let out = OutPtr(y[t * rows..(t + 1) * rows].as_mut_ptr());
             let (out, prep) = (&out, &prep);
             let job = |ci: usize| {
