@@ -40,4 +40,6 @@ pub enum ModelError {
     BadToken { id: u32, vocab: usize },
     #[error("empty input")]
     EmptyInput,
+    #[error("module: {0}")]
+    Module(#[from] crate::lora::LoraError),
 }

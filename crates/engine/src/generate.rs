@@ -7,6 +7,7 @@ use std::ops::ControlFlow;
 
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
+use crate::lora::ModuleRef;
 use crate::models::{Logits, Model};
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -143,8 +144,23 @@ pub fn generate(
     cache: &mut KvCache,
     prompt: &[u32],
     params: &GenerateParams,
+    on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
+) -> Result<Generation, ModelError> {
+    generate_with(model, tokenizer, cache, prompt, params, &[], on_text)
+}
+
+/// [`generate`] with LoRA modules applied to every forward pass (`(adapter, scale)` pairs, summed
+/// in order; empty = the base model).
+pub fn generate_with(
+    model: &dyn Model,
+    tokenizer: &Tokenizer,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    params: &GenerateParams,
+    modules: &[ModuleRef],
     mut on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
 ) -> Result<Generation, ModelError> {
+    let mods: &[&[ModuleRef]] = if modules.is_empty() { &[] } else { &[modules] };
     if prompt.is_empty() {
         return Err(ModelError::EmptyInput);
     }
@@ -152,7 +168,8 @@ pub fn generate(
     let cached = cache.len().min(prompt.len() - 1);
     cache.truncate(cached);
     cache.check_room(prompt.len() - cached)?;
-    let mut logits = model.forward(&prompt[cached..], cache, Logits::Last)?;
+    let mut logits =
+        model.forward_seqs_with(&[&prompt[cached..]], &mut [&mut *cache], Logits::Last, mods)?;
 
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut history = prompt.to_vec();
@@ -201,7 +218,7 @@ pub fn generate(
             finish = FinishReason::ContextFull;
             break;
         }
-        logits = model.forward(&[id], cache, Logits::Last)?;
+        logits = model.forward_seqs_with(&[&[id]], &mut [&mut *cache], Logits::Last, mods)?;
     }
     if finish != FinishReason::Stop {
         let mut rest = decoder.finish();

@@ -9,6 +9,7 @@ use modu_kernels::QMatrix;
 
 use crate::error::ModelError;
 use crate::kv_cache::{KvCache, LayerKv};
+use crate::lora::{BatchLora, Proj};
 
 /// A 2-D weight matrix stored in the GGUF file (`rows` outputs × `cols` inputs, ggml dims
 /// `[cols, rows]`), read in place from the memory map.
@@ -152,9 +153,25 @@ impl Linear {
         n_tokens: usize,
         y: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
+        self.forward_lora(file, x, n_tokens, y, None)
+    }
+
+    /// [`Linear::forward`] plus the batch's LoRA updates for `(layer, proj)`, added after the
+    /// matmul and before the bias (llama.cpp's order).
+    pub fn forward_lora(
+        &self,
+        file: &GgufFile,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut Vec<f32>,
+        lora: Option<(&mut BatchLora<'_>, usize, Proj)>,
+    ) -> Result<(), ModelError> {
         y.resize(n_tokens * self.weight.rows, 0.0);
         modu_kernels::matmul(&self.weight.mat(file), x, n_tokens, y)
             .map_err(|e| ModelError::Kernel(e.to_string()))?;
+        if let Some((l, layer, proj)) = lora {
+            l.apply(layer, &[proj], x, &mut [y]);
+        }
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(b.len()) {
                 for (v, bv) in row.iter_mut().zip(b) {
@@ -181,6 +198,19 @@ pub fn forward_many(
     x: &[f32],
     n_tokens: usize,
     outs: &mut [&mut Vec<f32>],
+) -> Result<(), ModelError> {
+    forward_many_lora(file, layers, x, n_tokens, outs, None)
+}
+
+/// [`forward_many`] plus the batch's LoRA updates of `layer` for `projs` (one per entry of
+/// `layers`), added after the matmuls and before the biases.
+pub fn forward_many_lora(
+    file: &GgufFile,
+    layers: &[&Linear],
+    x: &[f32],
+    n_tokens: usize,
+    outs: &mut [&mut Vec<f32>],
+    lora: Option<(&mut BatchLora<'_>, usize, &[Proj])>,
 ) -> Result<(), ModelError> {
     let kerr = |e: modu_kernels::KernelError| ModelError::Kernel(e.to_string());
     let dot_types: Vec<GgmlType> = layers
@@ -211,6 +241,9 @@ pub fn forward_many(
             }
         }
         modu_kernels::matmul_quantized_many(&mut jobs, &qa).map_err(kerr)?;
+    }
+    if let Some((l, layer, projs)) = lora {
+        l.apply(layer, projs, x, outs);
     }
     for (l, o) in layers.iter().zip(outs.iter_mut()) {
         if let Some(b) = &l.bias {

@@ -265,3 +265,76 @@ pub fn scale_f16(acc: &mut [f16], s: f32) {
     }
     scalar::scale_f16(acc, s)
 }
+
+/// `out[r] = Σ_c w[r·k + c]·x[c]` with `k = x.len()` and `out.len()` rows of f16 weights against
+/// f16 activations, each output summed the way llamafile's tinyBLAS does (see
+/// [`scalar::vec_dot_f16_tiny`]), which is what ggml's CPU `mul_mat` uses for F16 weights when
+/// `k` is a multiple of 8 (LoRA adapters). Rows beyond `w.len() / k` are left untouched.
+pub fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
+    let k = x.len();
+    let rows = if k == 0 {
+        0
+    } else {
+        out.len().min(w.len() / k)
+    };
+    let out = &mut out[..rows];
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C; rows·k <= w.len().
+        return unsafe { crate::x86::matvec_f16_tiny(w, x, out) };
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = scalar::vec_dot_f16_tiny(&w[r * k..(r + 1) * k], x);
+    }
+}
+
+/// `out[r] = Σ_c w[r·k + c]·x[c]` with `k = x.len()`, each output summed exactly as ggml's
+/// `ggml_vec_dot_f16` does (see [`scalar::vec_dot_f16_ggml`]): what ggml's CPU `mul_mat` uses
+/// for F16 weights when tinyBLAS does not (a single token). Rows beyond `w.len() / k` are left
+/// untouched.
+pub fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
+    let k = x.len();
+    let rows = if k == 0 {
+        0
+    } else {
+        out.len().min(w.len() / k)
+    };
+    let out = &mut out[..rows];
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C; rows·k <= w.len().
+        return unsafe { crate::x86::matvec_f16_ggml(w, x, out) };
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = scalar::vec_dot_f16_ggml(&w[r * k..(r + 1) * k], x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_f16_tiny_matches_the_scalar_reference_bitwise() {
+        for k in [8usize, 16, 24, 64, 96, 896, 13, 45] {
+            let rows = 37;
+            let w: Vec<f16> = (0..rows * k)
+                .map(|i| f16::from_f32((((i * 7919) % 201) as f32 - 100.0) / 37.0))
+                .collect();
+            let x: Vec<f16> = (0..k)
+                .map(|i| f16::from_f32((((i * 104729) % 97) as f32 - 48.0) / 11.0))
+                .collect();
+            let mut out = vec![0f32; rows];
+            matvec_f16_tiny(&w, &x, &mut out);
+            for (r, o) in out.iter().enumerate() {
+                let want = scalar::vec_dot_f16_tiny(&w[r * k..(r + 1) * k], &x);
+                assert_eq!(o.to_bits(), want.to_bits(), "tiny k {k} row {r}");
+            }
+            matvec_f16_ggml(&w, &x, &mut out);
+            for (r, o) in out.iter().enumerate() {
+                let want = scalar::vec_dot_f16_ggml(&w[r * k..(r + 1) * k], &x);
+                assert_eq!(o.to_bits(), want.to_bits(), "ggml k {k} row {r}");
+            }
+        }
+    }
+}

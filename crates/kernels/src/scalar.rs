@@ -527,3 +527,56 @@ pub fn scale_f16(acc: &mut [f16], s: f32) {
         *a = f16::from_f32(a.to_f32() * s);
     }
 }
+
+/// Dot product of two f16 vectors the way llamafile's tinyBLAS (ggml's CPU `mul_mat` for F16
+/// weights on AVX2) computes one output: eight f32 lane accumulators, each a chain of fused
+/// multiply-adds over the 8-element chunks in order, then the horizontal sum
+/// `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`. A tail of `n % 8` elements (tinyBLAS never sees one)
+/// is added afterwards in order.
+pub fn vec_dot_f16_tiny(x: &[f16], y: &[f16]) -> f32 {
+    let n = x.len().min(y.len());
+    let mut acc = [0f32; 8];
+    let full = n / 8 * 8;
+    for (xc, yc) in x[..full].chunks_exact(8).zip(y[..full].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = xc[l].to_f32().mul_add(yc[l].to_f32(), acc[l]);
+        }
+    }
+    let h = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    let mut s = (h[0] + h[2]) + (h[1] + h[3]);
+    for i in full..n {
+        s += x[i].to_f32() * y[i].to_f32();
+    }
+    s
+}
+
+/// Dot product of two f16 vectors exactly as ggml's `ggml_vec_dot_f16` computes it on AVX2
+/// (what its CPU `mul_mat` uses for F16 weights when tinyBLAS does not take the job, e.g. for a
+/// single token): four 8-lane FMA accumulators over 32-element steps, reduced as
+/// `(a0+a2)+(a1+a3)`, then the lanes as `((l0+l4)+(l1+l5)) + ((l2+l6)+(l3+l7))`; the remaining
+/// `n % 32` products (each rounded to f32) are summed in f64, and the result rounded to f32.
+pub fn vec_dot_f16_ggml(x: &[f16], y: &[f16]) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n / 32 * 32;
+    let mut acc = [[0f32; 8]; 4];
+    for i in (0..np).step_by(32) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            for (l, al) in a.iter_mut().enumerate() {
+                let k = i + 8 * j + l;
+                *al = x[k].to_f32().mul_add(y[k].to_f32(), *al);
+            }
+        }
+    }
+    let v: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let t0 = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+    let mut sum = ((t0[0] + t0[1]) + (t0[2] + t0[3])) as f64;
+    for i in np..n {
+        sum += (x[i].to_f32() * y[i].to_f32()) as f64;
+    }
+    sum as f32
+}

@@ -1340,3 +1340,67 @@ mod tests_f16ops {
         }
     }
 }
+
+/// `out[r] = vec_dot_f16_tiny(w[r*k..(r+1)*k], x)` for every row, `k = x.len()` (see
+/// [`crate::scalar::vec_dot_f16_tiny`]: one 8-lane FMA accumulator per output, then `hsum_ps`,
+/// whose order is tinyBLAS's).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w.len() >= out.len() * x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
+    let k = x.len();
+    let full = k / 8 * 8;
+    let xp = x.as_ptr() as *const u16;
+    let ld = |p: *const u16, i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(i) as *const __m128i));
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = &w[r * k..(r + 1) * k];
+        let wp = row.as_ptr() as *const u16;
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY: i + 8 <= full <= k, the length of both `row` and `x`; unaligned loads.
+        while i < full {
+            acc = _mm256_fmadd_ps(ld(wp, i), ld(xp, i), acc);
+            i += 8;
+        }
+        let mut s = hsum_ps(acc);
+        for j in full..k {
+            s += row[j].to_f32() * x[j].to_f32();
+        }
+        *o = s;
+    }
+}
+
+/// `out[r] = vec_dot_f16_ggml(w[r*k..(r+1)*k], x)` for every row, `k = x.len()` (see
+/// [`crate::scalar::vec_dot_f16_ggml`]; bit-identical to it).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w.len() >= out.len() * x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
+    let k = x.len();
+    let np = k / 32 * 32;
+    let xp = x.as_ptr() as *const u16;
+    let ld = |p: *const u16, i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(i) as *const __m128i));
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = &w[r * k..(r + 1) * k];
+        let wp = row.as_ptr() as *const u16;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: i + 32 <= np <= k, the length of both `row` and `x`; unaligned loads.
+        while i < np {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(ld(wp, i + 8 * j), ld(xp, i + 8 * j), *a);
+            }
+            i += 32;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+        let t0 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let t1 = _mm_hadd_ps(t0, t0);
+        let mut sum = _mm_cvtss_f32(_mm_hadd_ps(t1, t1)) as f64;
+        for j in np..k {
+            sum += (row[j].to_f32() * x[j].to_f32()) as f64;
+        }
+        *o = sum as f32;
+    }
+}

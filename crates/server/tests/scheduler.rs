@@ -14,7 +14,7 @@ use modu_engine::generate::GenerateParams;
 use modu_engine::layers::plan_batch;
 use modu_engine::models::{Logits, Model, ModelInfo};
 use modu_engine::tokenizer::TokenizerSpec;
-use modu_engine::{KvCache, ModelError, SamplingParams, Tokenizer};
+use modu_engine::{BaseShapes, KvCache, ModelError, ModuleRef, SamplingParams, Tokenizer};
 use modu_server::metrics::Metrics;
 use modu_server::scheduler::{
     self, SchedulerConfig, SchedulerHandle, SeqEvent, SeqRequest, SubmitError,
@@ -53,6 +53,7 @@ struct FakeModel {
     log: Arc<Mutex<Vec<Vec<Step>>>>,
     /// Delay per step, to let tests act between steps.
     delay: Duration,
+    shapes: BaseShapes,
 }
 
 impl Model for FakeModel {
@@ -64,11 +65,16 @@ impl Model for FakeModel {
         KvCache::new(&[KV; LAYERS], max_len)
     }
 
-    fn forward_seqs(
+    fn module_shapes(&self) -> &BaseShapes {
+        &self.shapes
+    }
+
+    fn forward_seqs_with(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
         which: Logits,
+        _modules: &[&[ModuleRef]],
     ) -> Result<Vec<f32>, ModelError> {
         assert_eq!(which, Logits::Last);
         let segs = plan_batch(tokens, caches)?;
@@ -156,6 +162,12 @@ fn start(config: SchedulerConfig, delay: Duration) -> Harness {
         },
         log: log.clone(),
         delay,
+        shapes: BaseShapes {
+            arch: "fake".into(),
+            n_head: 1,
+            n_head_kv: 1,
+            layers: vec![[None; 7]; LAYERS],
+        },
     };
     let metrics = Arc::new(Metrics::default());
     let (handle, join) = scheduler::spawn(

@@ -16,9 +16,10 @@ use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    add_inplace, attend_batch, forward_many, gelu_ggml, plan_batch, rms_norm, rms_norm_inplace,
-    AttnShape, Linear, Rope, RopeStyle, TensorLoader, Weight,
+    add_inplace, attend_batch, forward_many_lora, gelu_ggml, plan_batch, rms_norm,
+    rms_norm_inplace, AttnShape, Linear, Rope, RopeStyle, TensorLoader, Weight,
 };
+use crate::lora::{BaseShapes, BatchLora, ModuleRef, Proj};
 
 /// Hyper-parameters, parsed once from `gemma3.*` metadata.
 #[derive(Debug, Clone)]
@@ -114,6 +115,7 @@ pub struct Gemma3 {
     output: Linear,
     rope_local: Rope,
     rope_global: Rope,
+    shapes: BaseShapes,
 }
 
 impl Gemma3 {
@@ -165,6 +167,18 @@ impl Gemma3 {
             n_embd: d,
             n_ctx_train: cfg.n_ctx_train,
         };
+        let shapes = BaseShapes {
+            arch: "gemma3".to_string(),
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            layers: blocks
+                .iter()
+                .map(|b| {
+                    [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]
+                        .map(|l| Some((l.weight.cols, l.weight.rows)))
+                })
+                .collect(),
+        };
         Ok(Self {
             file,
             cfg,
@@ -178,6 +192,7 @@ impl Gemma3 {
             },
             rope_local,
             rope_global,
+            shapes,
         })
     }
 
@@ -198,13 +213,19 @@ impl Model for Gemma3 {
         )
     }
 
-    fn forward_seqs(
+    fn module_shapes(&self) -> &BaseShapes {
+        &self.shapes
+    }
+
+    fn forward_seqs_with(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
         which: Logits,
+        modules: &[&[ModuleRef]],
     ) -> Result<Vec<f32>, ModelError> {
         let segs = plan_batch(tokens, caches)?;
+        let mut lora = BatchLora::plan(modules, &segs, &self.shapes)?;
         let f = &*self.file;
         let c = &self.cfg;
         let all: Vec<u32> = tokens.concat();
@@ -234,26 +255,41 @@ impl Model for Gemma3 {
             };
 
             rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
-            forward_many(
+            forward_many_lora(
                 f,
                 &[&b.wq, &b.wk, &b.wv],
                 &h,
                 n,
                 &mut [&mut q, &mut k, &mut v],
+                lora.as_mut()
+                    .map(|l| (l, il, &[Proj::Q, Proj::K, Proj::V][..])),
             )?;
             rms_norm_inplace(&mut q, &b.q_norm, c.rms_eps);
             rms_norm_inplace(&mut k, &b.k_norm, c.rms_eps);
             attend_batch(&mut q, &mut k, &v, &segs, il, caches, rope, shape, &mut att);
-            b.wo.forward(f, &att, n, &mut o)?;
+            b.wo.forward_lora(f, &att, n, &mut o, lora.as_mut().map(|l| (l, il, Proj::O)))?;
             rms_norm(&o, &b.post_attn_norm, c.rms_eps, &mut h);
             add_inplace(&mut x, &h);
 
             rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut h);
-            forward_many(f, &[&b.w_gate, &b.w_up], &h, n, &mut [&mut gate, &mut up])?;
+            forward_many_lora(
+                f,
+                &[&b.w_gate, &b.w_up],
+                &h,
+                n,
+                &mut [&mut gate, &mut up],
+                lora.as_mut().map(|l| (l, il, &[Proj::Gate, Proj::Up][..])),
+            )?;
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = gelu_ggml(*g) * u;
             }
-            b.w_down.forward(f, &gate, n, &mut o)?;
+            b.w_down.forward_lora(
+                f,
+                &gate,
+                n,
+                &mut o,
+                lora.as_mut().map(|l| (l, il, Proj::Down)),
+            )?;
             rms_norm(&o, &b.post_ffn_norm, c.rms_eps, &mut h);
             add_inplace(&mut x, &h);
         }

@@ -14,9 +14,10 @@ use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    add_inplace, attend_batch, forward_many, plan_batch, rms_norm, silu, AttnShape, Linear, Rope,
-    RopeStyle, TensorLoader, Weight,
+    add_inplace, attend_batch, forward_many_lora, plan_batch, rms_norm, silu, AttnShape, Linear,
+    Rope, RopeStyle, TensorLoader, Weight,
 };
+use crate::lora::{BaseShapes, BatchLora, ModuleRef, Proj};
 
 /// Hyper-parameters, parsed once from `{arch}.*` metadata.
 #[derive(Debug, Clone)]
@@ -96,6 +97,7 @@ pub struct Llama {
     /// `output.weight`, or the token embedding when the two are tied.
     output: Linear,
     rope: Rope,
+    shapes: BaseShapes,
 }
 
 impl Llama {
@@ -140,12 +142,24 @@ impl Llama {
             1.0 / cfg.rope_scale,
         );
         let info = ModelInfo {
-            arch,
+            arch: arch.clone(),
             name: file.get_str("general.name").map(str::to_string),
             n_vocab,
             n_layer: cfg.n_layer,
             n_embd: d,
             n_ctx_train: cfg.n_ctx_train,
+        };
+        let shapes = BaseShapes {
+            arch: arch.clone(),
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            layers: blocks
+                .iter()
+                .map(|b| {
+                    [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]
+                        .map(|l| Some((l.weight.cols, l.weight.rows)))
+                })
+                .collect(),
         };
         Ok(Self {
             file,
@@ -156,6 +170,7 @@ impl Llama {
             output_norm,
             output,
             rope,
+            shapes,
         })
     }
 
@@ -176,13 +191,19 @@ impl Model for Llama {
         )
     }
 
-    fn forward_seqs(
+    fn module_shapes(&self) -> &BaseShapes {
+        &self.shapes
+    }
+
+    fn forward_seqs_with(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
         which: Logits,
+        modules: &[&[ModuleRef]],
     ) -> Result<Vec<f32>, ModelError> {
         let segs = plan_batch(tokens, caches)?;
+        let mut lora = BatchLora::plan(modules, &segs, &self.shapes)?;
         let f = &*self.file;
         let c = &self.cfg;
         let all: Vec<u32> = tokens.concat();
@@ -203,26 +224,41 @@ impl Model for Llama {
         for (il, b) in self.blocks.iter().enumerate() {
             // Attention.
             rms_norm(&x, &b.attn_norm, c.rms_eps, &mut h);
-            forward_many(
+            forward_many_lora(
                 f,
                 &[&b.wq, &b.wk, &b.wv],
                 &h,
                 n,
                 &mut [&mut q, &mut k, &mut v],
+                lora.as_mut()
+                    .map(|l| (l, il, &[Proj::Q, Proj::K, Proj::V][..])),
             )?;
             attend_batch(
                 &mut q, &mut k, &v, &segs, il, caches, &self.rope, shape, &mut att,
             );
-            b.wo.forward(f, &att, n, &mut o)?;
+            b.wo.forward_lora(f, &att, n, &mut o, lora.as_mut().map(|l| (l, il, Proj::O)))?;
             add_inplace(&mut x, &o);
 
             // Feed-forward (SwiGLU).
             rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut h);
-            forward_many(f, &[&b.w_gate, &b.w_up], &h, n, &mut [&mut gate, &mut up])?;
+            forward_many_lora(
+                f,
+                &[&b.w_gate, &b.w_up],
+                &h,
+                n,
+                &mut [&mut gate, &mut up],
+                lora.as_mut().map(|l| (l, il, &[Proj::Gate, Proj::Up][..])),
+            )?;
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = silu(*g) * u;
             }
-            b.w_down.forward(f, &gate, n, &mut o)?;
+            b.w_down.forward_lora(
+                f,
+                &gate,
+                n,
+                &mut o,
+                lora.as_mut().map(|l| (l, il, Proj::Down)),
+            )?;
             add_inplace(&mut x, &o);
         }
 

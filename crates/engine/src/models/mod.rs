@@ -11,6 +11,7 @@ use modu_gguf::GgufFile;
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{Segment, Weight};
+use crate::lora::{BaseShapes, ModuleRef};
 
 /// What callers need to know about a loaded model.
 #[derive(Debug, Clone)]
@@ -39,17 +40,37 @@ pub trait Model: Send + Sync {
     /// An empty cache sized for this model, holding at most `max_len` positions.
     fn new_cache(&self, max_len: usize) -> KvCache;
 
+    /// The shapes of the adaptable projections (what LoRA modules are validated against).
+    fn module_shapes(&self) -> &BaseShapes;
+
     /// The forward pass over a batch of sequences: sequence `i` runs `tokens[i]` at positions
     /// `caches[i].len()..`, appending to its own cache; every matmul runs once over all the new
     /// tokens, RoPE, cache and attention per sequence. Logits: `Last` gives one row per
     /// sequence, `All` one per token (`[rows, n_vocab]`). Nothing is cached on an error found
-    /// before the pass (empty input, full context, bad token id).
+    /// before the pass (empty input, full context, bad token id, a module that does not fit).
+    ///
+    /// `modules` is empty (no sequence uses a module) or holds one list per sequence: sequence
+    /// `i` adds `scale·B·A·x` of each `(adapter, scale)` in `modules[i]`, in list order, to every
+    /// projection the adapter targets (an empty list is the base model). Each base matmul still
+    /// runs once for the whole batch; the low-rank updates run per group of rows that share a
+    /// module.
+    fn forward_seqs_with(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        which: Logits,
+        modules: &[&[ModuleRef]],
+    ) -> Result<Vec<f32>, ModelError>;
+
+    /// [`Model::forward_seqs_with`] without modules.
     fn forward_seqs(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
         which: Logits,
-    ) -> Result<Vec<f32>, ModelError>;
+    ) -> Result<Vec<f32>, ModelError> {
+        self.forward_seqs_with(tokens, caches, which, &[])
+    }
 
     /// Run `tokens` at positions `cache.len()..` (appending their keys and values) and return
     /// logits `[n, n_vocab]` for the positions `which` asks for.
@@ -67,9 +88,19 @@ pub trait Model: Send + Sync {
     /// token (`n_vocab` floats). One weight pass serves the whole batch, and the results equal
     /// running each sequence alone.
     fn forward_batch(&self, seqs: &mut [BatchSeq<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_batch_with(seqs, &[])
+    }
+
+    /// [`Model::forward_batch`] with per-sequence modules (`modules` empty, or one list per
+    /// sequence, as in [`Model::forward_seqs_with`]).
+    fn forward_batch_with(
+        &self,
+        seqs: &mut [BatchSeq<'_>],
+        modules: &[&[ModuleRef]],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let tokens: Vec<&[u32]> = seqs.iter().map(|s| s.tokens).collect();
         let mut caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| &mut *s.cache).collect();
-        let logits = self.forward_seqs(&tokens, &mut caches, Logits::Last)?;
+        let logits = self.forward_seqs_with(&tokens, &mut caches, Logits::Last, modules)?;
         Ok(logits
             .chunks_exact(self.info().n_vocab)
             .map(<[f32]>::to_vec)
