@@ -203,6 +203,7 @@ fn submit(h: &SchedulerHandle, prompt: Vec<u32>, max_tokens: usize) -> Unbounded
         params: greedy(max_tokens),
         events: tx,
         arrived: Instant::now(),
+        service: Default::default(),
     })
     .unwrap();
     rx
@@ -344,6 +345,7 @@ fn full_queue_refuses_submissions() {
         params: greedy(1),
         events: tx,
         arrived: Instant::now(),
+        service: Default::default(),
     });
     assert_eq!(r.err(), Some(SubmitError::QueueFull));
     for rx in rxs {
