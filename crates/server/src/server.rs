@@ -538,16 +538,15 @@ impl AppState {
     /// The module a request runs with, refusing modules the service may not use (403) and
     /// names that are not modules of this server (404).
     fn module_for(&self, service: usize, common: &Common) -> Result<String, ApiError> {
-        let module = self.services.resolve_module(
-            service,
-            common.model.as_deref(),
-            &self.id,
-            &self.names,
-        )?;
-        if module == self.id {
-            return Ok(module);
+        let module =
+            self.services
+                .module_name(service, common.model.as_deref(), &self.id, &self.names);
+        let base = module == self.id;
+        if !base && !self.services.knows_module(&module) {
+            return Err(ApiError::model_not_found(&module, &self.id));
         }
-        if self.services.knows_module(&module) {
+        self.services.check_allowed(service, &module)?;
+        if !base {
             return Err(ApiError {
                 param: Some("model".into()),
                 code: Some("model_not_found"),
@@ -558,7 +557,7 @@ impl AppState {
                 )
             });
         }
-        Err(ApiError::model_not_found(&module, &self.id))
+        Ok(module)
     }
 
     /// Record a finished request: one committed SQLite row, the labelled metrics and the

@@ -420,30 +420,34 @@ impl Services {
             .ok_or_else(|| Refusal::Unauthorized("invalid API key".into()))
     }
 
-    /// The module a request of service `i` runs with: the one it names (the base model's
-    /// names all mean `base_id`), else the service's default, else the base model.
-    pub fn resolve_module(
+    /// The module a request of service `i` names: the base model's names all mean `base_id`;
+    /// none means the service's default, else the base model.
+    pub fn module_name(
         &self,
         i: usize,
         requested: Option<&str>,
         base_id: &str,
         base_names: &[String],
-    ) -> Result<String, Refusal> {
-        let s = &self.list[i];
-        let module = match requested {
-            None | Some("") => s
+    ) -> String {
+        match requested {
+            None | Some("") => self.list[i]
                 .config
                 .default_module
                 .clone()
                 .unwrap_or_else(|| base_id.to_string()),
             Some(m) if base_names.iter().any(|n| n.eq_ignore_ascii_case(m)) => base_id.to_string(),
             Some(m) => m.to_string(),
-        };
+        }
+    }
+
+    /// 403 unless service `i` may use `module`.
+    pub fn check_allowed(&self, i: usize, module: &str) -> Result<(), Refusal> {
+        let s = &self.list[i];
         match &s.config.allowed_modules {
-            Some(allowed) if !allowed.iter().any(|a| a == &module) => Err(Refusal::Forbidden(
+            Some(allowed) if !allowed.iter().any(|a| a == module) => Err(Refusal::Forbidden(
                 format!("the service `{}` may not use the module `{module}`", s.name),
             )),
-            _ => Ok(module),
+            _ => Ok(()),
         }
     }
 
