@@ -2,9 +2,11 @@
 
 mod bench;
 mod bench_serve;
+mod key;
 mod pull;
 mod run;
 mod serve;
+mod usage;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +42,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Manage API keys of services (`modu key new SERVICE`).
+    Key(key::KeyArgs),
+    /// Show recorded usage (tokens, CPU, energy, cost) by service, module and time.
+    Usage(usage::UsageArgs),
 }
 
 fn main() {
@@ -57,6 +63,8 @@ fn main() {
             None => bench::bench(a),
         },
         Command::Serve(a) => serve::serve(a),
+        Command::Key(a) => key::key(a),
+        Command::Usage(a) => usage::usage(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

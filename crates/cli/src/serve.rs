@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use modu_server::services::ServicesConfig;
 use modu_server::{check_bind_address, model_names, ServeConfig, ServedModel};
 
 use crate::run::{load, ModelArgs};
@@ -10,8 +11,8 @@ use crate::run::{load, ModelArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Address to listen on. Only loopback addresses unless --allow-remote (there is no
-    /// authentication yet).
+    /// Address to listen on. Only loopback addresses unless API keys are configured
+    /// (--config) or --allow-remote is given.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8080)]
@@ -33,14 +34,23 @@ pub struct ServeArgs {
     /// recomputed). Default: enough for --parallel sequences of the full context.
     #[arg(long)]
     pub kv_mem: Option<usize>,
-    /// Listen on a non-loopback address although the server has no authentication.
+    /// Listen on a non-loopback address although no API keys are configured (anyone who can
+    /// reach the port can use the server).
     #[arg(long)]
     pub allow_remote: bool,
+    /// Services config (TOML): services, API key hashes, modules, limits, priorities, the
+    /// usage database and the machine's power and price model. See README "Services".
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
+    let services = match &a.config {
+        Some(p) => ServicesConfig::load(p)?,
+        None => ServicesConfig::open(),
+    };
     // Refuse a bad address before spending time loading the model.
-    check_bind_address(&a.host, a.allow_remote)?;
+    check_bind_address(&a.host, a.allow_remote || services.auth_enabled())?;
     if a.parallel == 0 {
         anyhow::bail!("--parallel must be at least 1");
     }
@@ -56,6 +66,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         prefill_chunk: a.prefill_chunk.max(1),
         prefix_cache_mem: a.prefix_cache_mem << 20,
         kv_mem: a.kv_mem.map_or(0, |m| m.max(1) << 20),
+        services,
     };
     let served = ServedModel {
         model: l.model,

@@ -103,8 +103,10 @@ impl IntoResponse for ApiError {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
-        "refusing to listen on {0}: it is not a loopback address and the server has no \
-         authentication yet; pass --allow-remote to accept connections from other machines"
+        "refusing to listen on {0}: it is not a loopback address and no API keys are \
+         configured, so anyone could use the server; configure services with keys \
+         (`modu serve --config modu.toml`, keys from `modu key new SERVICE`) or pass \
+         --allow-remote to serve without authentication"
     )]
     NotLoopback(String),
     #[error("invalid listen address {0:?}: {1}")]

@@ -4,10 +4,13 @@
 
 pub mod api;
 pub mod error;
+pub mod fair;
 pub mod metrics;
 pub mod prefix_cache;
 pub mod scheduler;
 pub mod server;
+pub mod services;
+pub mod usage;
 
 pub use error::{ApiError, ServerError};
 pub use server::{

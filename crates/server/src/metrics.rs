@@ -2,8 +2,10 @@
 //! the HTTP handlers update them without locks and `/metrics` renders them without stopping
 //! either.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Bucket upper bounds in seconds: from 5 ms (a decode step of a tiny model) to a minute (a long
@@ -36,6 +38,24 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
+    /// Bucket, sum and count lines with extra labels (`labels` is `k="v",...`).
+    fn render_labelled(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{b}\"}} {}",
+                self.counts[i].load(Relaxed)
+            );
+        }
+        let n = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {n}");
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {n}"
+        );
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -52,9 +72,30 @@ impl Histogram {
     }
 }
 
+/// Counters of one (service, module) pair.
+#[derive(Default)]
+pub struct ServiceStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    /// Request duration, arrival to last byte.
+    pub latency: Histogram,
+}
+
+/// Escape a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Everything `/metrics` reports.
 #[derive(Default)]
 pub struct Metrics {
+    /// Per (service, module) series; a map behind a lock because services and modules are
+    /// only known at run time (updated once or twice per request, not per token).
+    pub by_service: Mutex<BTreeMap<(String, String), std::sync::Arc<ServiceStats>>>,
     pub requests_chat: AtomicU64,
     pub requests_completion: AtomicU64,
     /// Requests answered with a 4xx/5xx status.
@@ -93,9 +134,65 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The counters of `service` using `module`.
+    pub fn service(&self, service: &str, module: &str) -> std::sync::Arc<ServiceStats> {
+        let mut m = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((service.to_string(), module.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    fn render_services(&self, out: &mut String) {
+        let m = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
+        let series: [(&str, &str, fn(&ServiceStats) -> &AtomicU64); 4] = [
+            (
+                "modu_service_requests_total",
+                "Generation requests per service and module.",
+                |s| &s.requests,
+            ),
+            (
+                "modu_service_errors_total",
+                "Requests answered with an error per service and module.",
+                |s| &s.errors,
+            ),
+            (
+                "modu_service_prompt_tokens_total",
+                "Prompt tokens per service and module.",
+                |s| &s.prompt_tokens,
+            ),
+            (
+                "modu_service_completion_tokens_total",
+                "Generated tokens per service and module.",
+                |s| &s.completion_tokens,
+            ),
+        ];
+        for (name, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((svc, module), st) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",module=\"{}\"}} {}",
+                    label(svc),
+                    label(module),
+                    get(st).load(Relaxed)
+                );
+            }
+        }
+        let name = "modu_service_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Request duration (arrival to last byte) per service and module.\n# TYPE {name} histogram"
+        );
+        for ((svc, module), st) in m.iter() {
+            let labels = format!("service=\"{}\",module=\"{}\"", label(svc), label(module));
+            st.latency.render_labelled(out, name, &labels);
+        }
+    }
+
     /// The Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        self.render_services(&mut out);
         let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(
                 out,

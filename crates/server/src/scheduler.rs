@@ -18,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken, StopMatcher};
 use modu_engine::sampling::top_logprobs;
@@ -27,8 +27,10 @@ use modu_engine::{
 };
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::fair::FairQueue;
 use crate::metrics::Metrics;
 use crate::prefix_cache::PrefixCache;
+use crate::usage::StepMeter;
 
 /// What a sequence reports to its HTTP handler.
 #[derive(Debug)]
@@ -45,8 +47,43 @@ pub enum SeqEvent {
         completion_tokens: usize,
         /// Prompt tokens whose keys and values came from the prefix cache.
         cached_tokens: usize,
+        /// What the sequence cost, for usage accounting.
+        stats: SeqStats,
     },
     Error(String),
+}
+
+/// Timings and resources of one finished sequence. CPU time, step time and energy of each
+/// batched step are split over the step's sequences by the tokens each fed.
+#[derive(Debug, Clone, Default)]
+pub struct SeqStats {
+    /// From arrival to first admission into the batch.
+    pub queued: Duration,
+    /// From arrival to the first generated token.
+    pub ttft: Option<Duration>,
+    /// Process CPU-seconds attributed to the sequence.
+    pub cpu_s: f64,
+    /// Wall-clock seconds of batch steps attributed to the sequence.
+    pub wall_s: f64,
+    /// Joules measured by RAPL, when the counters are readable.
+    pub energy_j: Option<f64>,
+}
+
+/// The service a request is accounted to and scheduled for.
+#[derive(Debug, Clone)]
+pub struct ServiceTag {
+    pub name: Arc<str>,
+    /// Admission weight (at least 1).
+    pub priority: u32,
+}
+
+impl Default for ServiceTag {
+    fn default() -> Self {
+        ServiceTag {
+            name: Arc::from("default"),
+            priority: 1,
+        }
+    }
 }
 
 /// One generation request.
@@ -57,6 +94,8 @@ pub struct SeqRequest {
     /// Where the sequence's events go; dropping the receiver cancels the sequence.
     pub events: UnboundedSender<SeqEvent>,
     pub arrived: Instant,
+    /// Queued in this service's lane; lanes share the batch by priority.
+    pub service: ServiceTag,
 }
 
 /// Scheduler settings.
@@ -163,7 +202,8 @@ pub fn spawn(
                 tok: &tokenizer,
                 metrics,
                 in_system,
-                queue: VecDeque::new(),
+                queue: FairQueue::default(),
+                meter: StepMeter::new(),
                 preempted: VecDeque::new(),
                 running: Vec::new(),
                 prefix: PrefixCache::new(config.prefix_cache_mem),
@@ -194,6 +234,7 @@ struct Seq<'t> {
     generated: usize,
     arrived: Instant,
     last_token: Option<Instant>,
+    stats: SeqStats,
     /// Set during a step for a sequence that leaves the batch at its end.
     leave: Leave,
 }
@@ -205,7 +246,10 @@ struct Scheduler<'m> {
     metrics: Arc<Metrics>,
     /// Shared with the handles: decremented whenever a request leaves the system.
     in_system: Arc<AtomicUsize>,
-    queue: VecDeque<Box<SeqRequest>>,
+    /// Waiting requests, one lane per service (fair admission).
+    queue: FairQueue<Box<SeqRequest>>,
+    /// CPU time, wall time and energy of each step, for accounting.
+    meter: StepMeter,
     /// Sequences whose KV was freed to make room; they rejoin before any queued request.
     preempted: VecDeque<Seq<'m>>,
     running: Vec<Seq<'m>>,
@@ -219,14 +263,14 @@ impl<'m> Scheduler<'m> {
         loop {
             if self.queue.is_empty() && self.running.is_empty() && self.preempted.is_empty() {
                 match rx.recv() {
-                    Ok(Command::Submit(r)) => self.queue.push_back(r),
+                    Ok(Command::Submit(r)) => self.enqueue(r),
                     Ok(Command::Shutdown) | Err(_) => break,
                 }
             }
             let mut stop = false;
             loop {
                 match rx.try_recv() {
-                    Ok(Command::Submit(r)) => self.queue.push_back(r),
+                    Ok(Command::Submit(r)) => self.enqueue(r),
                     Ok(Command::Shutdown) => {
                         stop = true;
                         break;
@@ -262,13 +306,18 @@ impl<'m> Scheduler<'m> {
                 .events
                 .send(SeqEvent::Error("the server is shutting down".into()));
         }
-        for r in self.queue.drain(..) {
+        for r in self.queue.drain() {
             let _ = r
                 .events
                 .send(SeqEvent::Error("the server is shutting down".into()));
         }
         self.in_system.store(0, Ordering::SeqCst);
         self.publish_gauges();
+    }
+
+    fn enqueue(&mut self, r: Box<SeqRequest>) {
+        let tag = r.service.clone();
+        self.queue.push(&tag.name, tag.priority, r);
     }
 
     fn publish_gauges(&self) {
@@ -413,6 +462,10 @@ impl<'m> Scheduler<'m> {
                 events: r.events,
                 params: r.params,
                 generated: 0,
+                stats: SeqStats {
+                    queued: r.arrived.elapsed(),
+                    ..Default::default()
+                },
                 arrived: r.arrived,
                 last_token: None,
                 leave: Leave::Stay,
@@ -532,8 +585,21 @@ impl<'m> Scheduler<'m> {
                     });
                 }
             }
+            self.meter.start();
             std::panic::catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut batch)))
         };
+        // Attribute the step's CPU time, wall time and energy by tokens fed.
+        let (cpu, wall, energy) = self.meter.stop();
+        let total: usize = plan.iter().map(|p| p.1).sum();
+        for &(i, n) in plan {
+            let share = n as f64 / total.max(1) as f64;
+            let st = &mut self.running[i].stats;
+            st.cpu_s += cpu * share;
+            st.wall_s += wall * share;
+            if let Some(e) = energy {
+                *st.energy_j.get_or_insert(0.0) += e * share;
+            }
+        }
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(Ok(l)) if l.len() == plan.len() => l,
@@ -610,7 +676,10 @@ fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metric
     let id = s.sampler.sample(logits, &s.history);
     let now = Instant::now();
     match s.last_token {
-        None => metrics.ttft.observe(now - s.arrived),
+        None => {
+            metrics.ttft.observe(now - s.arrived);
+            s.stats.ttft = Some(now - s.arrived);
+        }
         Some(t) => metrics.inter_token.observe(now - t),
     }
     s.last_token = Some(now);
@@ -680,5 +749,6 @@ fn finish(s: &mut Seq<'_>, reason: FinishReason) {
         prompt_tokens: s.prompt_len,
         completion_tokens: s.generated,
         cached_tokens: s.cached,
+        stats: s.stats.clone(),
     });
 }

@@ -9,10 +9,10 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRequest, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken};
@@ -25,7 +25,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::api::{check_logprobs, ChatRequest, Common, CompletionRequest, Content, PromptField};
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
-use crate::scheduler::{self, SchedulerConfig, SchedulerHandle, SeqEvent, SeqRequest, SubmitError};
+use crate::scheduler::{
+    self, SchedulerConfig, SchedulerHandle, SeqEvent, SeqRequest, SeqStats, ServiceTag, SubmitError,
+};
+use crate::services::{ActiveGuard, Caller, Refusal, Services, ServicesConfig};
+use crate::usage::{UsageDb, UsageQuery, UsageRecord};
 
 /// A loaded model and what identifies it to clients.
 pub struct ServedModel {
@@ -57,6 +61,9 @@ pub struct ServeConfig {
     /// Bytes of paged KV cache for running sequences and cached prefixes together; 0 means
     /// enough for `parallel` sequences of `ctx` positions (no preemption).
     pub kv_mem: usize,
+    /// Services, keys, limits and the machine's cost model ([`ServicesConfig::open`]: one open
+    /// service, loopback only).
+    pub services: ServicesConfig,
 }
 
 impl Default for ServeConfig {
@@ -71,6 +78,7 @@ impl Default for ServeConfig {
             prefill_chunk: 64,
             prefix_cache_mem: 256 << 20,
             kv_mem: 0,
+            services: ServicesConfig::open(),
         }
     }
 }
@@ -86,12 +94,15 @@ struct AppState {
     ctx: usize,
     metrics: Arc<Metrics>,
     started: u64,
+    services: Services,
+    usage: UsageDb,
 }
 
 type St = State<Arc<AppState>>;
 
-/// Refuse non-loopback addresses unless allowed: the server has no authentication, so
-/// listening beyond this machine must be a deliberate choice.
+/// Refuse non-loopback addresses unless allowed: without API keys the server has no
+/// authentication, so listening beyond this machine must be a deliberate choice (pass
+/// `allow_remote` true when keys are configured).
 pub fn check_bind_address(host: &str, allow_remote: bool) -> Result<(), ServerError> {
     if host.eq_ignore_ascii_case("localhost") {
         return Ok(());
@@ -160,7 +171,15 @@ pub fn start(
     config: ServeConfig,
     on_signal: bool,
 ) -> Result<ServerHandle, ServerError> {
-    check_bind_address(&config.host, config.allow_remote)?;
+    check_bind_address(
+        &config.host,
+        config.allow_remote || config.services.auth_enabled(),
+    )?;
+    let usage = match &config.services.database {
+        Some(p) => UsageDb::open(p),
+        None => UsageDb::in_memory(),
+    }
+    .map_err(|e| ServerError::Config(e.to_string()))?;
     if config.parallel == 0 {
         return Err(ServerError::Config("--parallel must be at least 1".into()));
     }
@@ -215,6 +234,8 @@ pub fn start(
         ctx: config.ctx,
         metrics,
         started: unix_now(),
+        services: Services::new(&config.services),
+        usage,
     });
     let app = router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -303,6 +324,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/usage", get(usage_endpoint))
+        .route("/v1/services", get(services_endpoint))
+        .route("/", get(dashboard))
+        .route("/dashboard.js", get(dashboard_js))
+        .route("/dashboard.css", get(dashboard_css))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -381,14 +407,6 @@ async fn models(State(st): St) -> Json<Value> {
 }
 
 impl AppState {
-    fn check_model(&self, common: &Common) -> Result<(), ApiError> {
-        match common.model.as_deref() {
-            None | Some("") => Ok(()),
-            Some(m) if self.names.iter().any(|n| n.eq_ignore_ascii_case(m)) => Ok(()),
-            Some(m) => Err(ApiError::model_not_found(m, &self.id)),
-        }
-    }
-
     /// Check the prompt fits and cap `max_tokens` at the room left in the context.
     fn fit(
         &self,
@@ -422,6 +440,7 @@ impl AppState {
         prompt: Vec<u32>,
         params: GenerateParams,
         arrived: Instant,
+        service: ServiceTag,
     ) -> Result<UnboundedReceiver<SeqEvent>, ApiError> {
         let (tx, rx) = unbounded_channel();
         match self.sched.submit(SeqRequest {
@@ -429,6 +448,7 @@ impl AppState {
             params,
             events: tx,
             arrived,
+            service,
         }) {
             Ok(()) => Ok(rx),
             Err(SubmitError::QueueFull) => {
@@ -458,45 +478,344 @@ fn failed(st: &AppState, e: ApiError) -> Response {
     e.into_response()
 }
 
-async fn chat(State(st): St, body: Result<ApiJson<ChatRequest>, ApiError>) -> Response {
-    st.metrics.requests_chat.fetch_add(1, Ordering::Relaxed);
-    let arrived = Instant::now();
-    let result = match body {
-        Ok(ApiJson(req)) => prepare_chat(&st, req),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok((prompt, params, common)) => {
-            respond(st, Kind::Chat, prompt, params, common, arrived).await
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        match r {
+            Refusal::Unauthorized(m) => ApiError {
+                code: Some("invalid_api_key"),
+                ..ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", m)
+            },
+            Refusal::Forbidden(m) => ApiError {
+                code: Some("permission_denied"),
+                ..ApiError::new(StatusCode::FORBIDDEN, "permission_error", m)
+            },
+            Refusal::Limited {
+                message,
+                retry_after,
+            } => ApiError {
+                code: Some("rate_limit_exceeded"),
+                retry_after: Some(retry_after),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            },
         }
+    }
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Who is calling: any valid key (or anyone, with authentication off).
+fn caller(st: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    Ok(st.services.authenticate(authorization(headers))?)
+}
+
+/// A generation request's service: admin keys are for admin endpoints only.
+fn service_of(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
+    match caller(st, headers)? {
+        Caller::Service(i) => Ok(i),
+        Caller::Admin => Err(Refusal::Forbidden(
+            "the admin key is for admin endpoints; generate with a service's key".into(),
+        )
+        .into()),
+    }
+}
+
+/// Accounting context of one admitted request, carried until its last byte.
+struct Acct {
+    service: usize,
+    module: String,
+    endpoint: &'static str,
+    request_id: String,
+    arrived: Instant,
+    /// Frees the service's concurrency slot when the response ends.
+    _guard: ActiveGuard,
+}
+
+impl AppState {
+    /// The module a request runs with, refusing modules the service may not use (403) and
+    /// names that are not modules of this server (404).
+    fn module_for(&self, service: usize, common: &Common) -> Result<String, ApiError> {
+        let module =
+            self.services
+                .module_name(service, common.model.as_deref(), &self.id, &self.names);
+        let base = module == self.id;
+        if !base && !self.services.knows_module(&module) {
+            return Err(ApiError::model_not_found(&module, &self.id));
+        }
+        self.services.check_allowed(service, &module)?;
+        if !base {
+            return Err(ApiError {
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("the module `{module}` is not loaded on this server"),
+                )
+            });
+        }
+        Ok(module)
+    }
+
+    /// Record a finished request: one committed SQLite row, the labelled metrics and the
+    /// service's token window.
+    fn account(&self, a: &Acct, status: &str, tokens: (usize, usize, usize), stats: &SeqStats) {
+        let (prompt, completion, cached) = tokens;
+        let duration = a.arrived.elapsed();
+        let svc = &self.services.list[a.service];
+        let m = self.metrics.service(&svc.name, &a.module);
+        m.completion_tokens
+            .fetch_add(completion as u64, Ordering::Relaxed);
+        m.latency.observe(duration);
+        if status == "error" {
+            m.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.services.add_tokens(a.service, completion as u64);
+        let machine = &self.services.machine;
+        let rec = UsageRecord {
+            ts: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            request_id: a.request_id.clone(),
+            service: svc.name.clone(),
+            module: a.module.clone(),
+            endpoint: a.endpoint.into(),
+            status: status.into(),
+            prompt_tokens: prompt as u64,
+            cached_tokens: cached as u64,
+            completion_tokens: completion as u64,
+            queue_s: stats.queued.as_secs_f64(),
+            ttft_s: stats.ttft.map(|d| d.as_secs_f64()),
+            duration_s: duration.as_secs_f64(),
+            cpu_s: stats.cpu_s,
+            energy_j: machine.energy_j(stats.wall_s, stats.cpu_s, stats.energy_j),
+            cost: machine.cost(stats.cpu_s),
+        };
+        // The INSERT blocks briefly; tell the runtime so other tasks keep running.
+        let result = tokio::task::block_in_place(|| self.usage.record(&rec));
+        if let Err(e) = result {
+            eprintln!("modu: recording usage of {}: {e}", rec.request_id);
+        }
+    }
+}
+
+/// Everything before the scheduler: key, body, module, prompt, limits.
+fn admit_request<R>(
+    st: &AppState,
+    headers: &HeaderMap,
+    kind: Kind,
+    body: Result<ApiJson<R>, ApiError>,
+    prepare: fn(&AppState, R) -> Result<Prepared, ApiError>,
+    model_of: fn(&R) -> &Common,
+) -> Result<(Prepared, Acct), ApiError> {
+    let arrived = Instant::now();
+    let service = service_of(st, headers)?;
+    let ApiJson(req) = body?;
+    let module = match st.module_for(service, model_of(&req)) {
+        Ok(m) => m,
+        Err(e) => {
+            let requested = model_of(&req).model.clone().unwrap_or_default();
+            let name = &st.services.list[service].name;
+            st.metrics
+                .service(name, &requested)
+                .errors
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let svc = &st.services.list[service];
+    let counters = st.metrics.service(&svc.name, &module);
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    let mut prepared = prepare(st, req).inspect_err(|_| {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+    })?;
+    if let Some(max) = svc.config.limits.max_tokens_per_request {
+        prepared.1.max_tokens = prepared.1.max_tokens.min(max.max(1));
+    }
+    let guard = st
+        .services
+        .admit(service, prepared.0.len() as u64)
+        .inspect_err(|_| {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+        })?;
+    counters
+        .prompt_tokens
+        .fetch_add(prepared.0.len() as u64, Ordering::Relaxed);
+    let acct = Acct {
+        service,
+        module,
+        endpoint: if kind == Kind::Chat {
+            "chat"
+        } else {
+            "completions"
+        },
+        request_id: new_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        arrived,
+        _guard: guard,
+    };
+    Ok((prepared, acct))
+}
+
+async fn chat(
+    State(st): St,
+    headers: HeaderMap,
+    body: Result<ApiJson<ChatRequest>, ApiError>,
+) -> Response {
+    st.metrics.requests_chat.fetch_add(1, Ordering::Relaxed);
+    match admit_request(&st, &headers, Kind::Chat, body, prepare_chat, |r| &r.common) {
+        Ok((p, acct)) => respond(st, Kind::Chat, p, acct).await,
         Err(e) => failed(&st, e),
     }
 }
 
 async fn completions(
     State(st): St,
+    headers: HeaderMap,
     body: Result<ApiJson<CompletionRequest>, ApiError>,
 ) -> Response {
     st.metrics
         .requests_completion
         .fetch_add(1, Ordering::Relaxed);
-    let arrived = Instant::now();
-    let result = match body {
-        Ok(ApiJson(req)) => prepare_completion(&st, req),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok((prompt, params, common)) => {
-            respond(st, Kind::Completion, prompt, params, common, arrived).await
-        }
+    match admit_request(
+        &st,
+        &headers,
+        Kind::Completion,
+        body,
+        prepare_completion,
+        |r| &r.common,
+    ) {
+        Ok((p, acct)) => respond(st, Kind::Completion, p, acct).await,
         Err(e) => failed(&st, e),
     }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct UsageParams {
+    service: Option<String>,
+    module: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+}
+
+/// `GET /v1/usage`: the admin key (or anyone, with authentication off) sees every service; a
+/// service's key sees only its own records.
+async fn usage_endpoint(
+    State(st): St,
+    headers: HeaderMap,
+    Query(q): Query<UsageParams>,
+) -> Response {
+    let caller = match caller(&st, &headers) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let mut service = q.service.filter(|s| !s.is_empty());
+    if st.services.auth {
+        if let Caller::Service(i) = caller {
+            let own = &st.services.list[i].name;
+            if service.as_ref().is_some_and(|s| s != own) {
+                return ApiError::from(Refusal::Forbidden(format!(
+                    "a service key may read only its own usage (`{own}`)"
+                )))
+                .into_response();
+            }
+            service = Some(own.clone());
+        }
+    }
+    let query = UsageQuery {
+        service,
+        module: q.module.filter(|s| !s.is_empty()),
+        from: q.from.filter(|s| !s.is_empty()),
+        to: q.to.filter(|s| !s.is_empty()),
+        group_by: q
+            .group_by
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    };
+    match tokio::task::block_in_place(|| st.usage.query(&query)) {
+        Ok(rows) => Json(json!({"object": "list", "data": rows})).into_response(),
+        Err(crate::usage::UsageError::Invalid(m)) => ApiError::invalid("query", m).into_response(),
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+/// `GET /v1/services`: the services the caller may see, with their modules and limits.
+async fn services_endpoint(State(st): St, headers: HeaderMap) -> Response {
+    let caller = match caller(&st, &headers) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let visible = |i: usize| match caller {
+        Caller::Admin => true,
+        Caller::Service(j) => !st.services.auth || i == j,
+    };
+    let data: Vec<Value> = st
+        .services
+        .list
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| visible(*i))
+        .map(|(_, s)| {
+            let l = &s.config.limits;
+            json!({
+                "name": s.name,
+                "priority": s.config.priority,
+                "allowed_modules": s.config.allowed_modules.clone().unwrap_or_else(|| vec![st.id.clone()]),
+                "default_module": s.config.default_module.clone().unwrap_or_else(|| st.id.clone()),
+                "limits": {
+                    "requests_per_minute": l.requests_per_minute,
+                    "tokens_per_minute": l.tokens_per_minute,
+                    "max_concurrent": l.max_concurrent,
+                    "max_tokens_per_request": l.max_tokens_per_request,
+                },
+            })
+        })
+        .collect();
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "auth": st.services.auth,
+        "admin": caller == Caller::Admin,
+        "base_model": st.id,
+        "price_per_hour": st.services.machine.price_per_hour,
+    }))
+    .into_response()
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("../assets/dashboard.html"))
+}
+
+async fn dashboard_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../assets/dashboard.js"),
+    )
+        .into_response()
+}
+
+async fn dashboard_css() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../assets/dashboard.css"),
+    )
+        .into_response()
 }
 
 type Prepared = (Vec<u32>, GenerateParams, Common);
 
 fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
-    st.check_model(&req.common)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
@@ -565,7 +884,6 @@ fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
 }
 
 fn prepare_completion(st: &AppState, req: CompletionRequest) -> Result<Prepared, ApiError> {
-    st.check_model(&req.common)?;
     if req.echo == Some(true) {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
@@ -660,28 +978,37 @@ fn completion_logprobs(tok: &Tokenizer, toks: &[GeneratedToken], start_offset: u
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
-async fn respond(
-    st: Arc<AppState>,
-    kind: Kind,
-    prompt: Vec<u32>,
-    params: GenerateParams,
-    common: Common,
-    arrived: Instant,
-) -> Response {
+async fn respond(st: Arc<AppState>, kind: Kind, prepared: Prepared, acct: Acct) -> Response {
+    let (prompt, params, common) = prepared;
     let want_logprobs = params.logprobs.is_some();
-    let rx = match st.submit(prompt, params, arrived) {
-        Ok(rx) => rx,
-        Err(e) => return failed(&st, e),
+    let svc = &st.services.list[acct.service];
+    let tag = ServiceTag {
+        name: Arc::from(svc.name.as_str()),
+        priority: svc.config.priority.max(1),
     };
-    let id = new_id(if kind == Kind::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    });
+    let rx = match st.submit(prompt, params, acct.arrived, tag) {
+        Ok(rx) => rx,
+        Err(e) => {
+            st.metrics
+                .service(&svc.name, &acct.module)
+                .errors
+                .fetch_add(1, Ordering::Relaxed);
+            return failed(&st, e);
+        }
+    };
+    let id = acct.request_id.clone();
     if common.wants_stream() {
-        stream_response(st, kind, rx, id, want_logprobs, common.include_usage())
+        stream_response(
+            st,
+            kind,
+            rx,
+            id,
+            want_logprobs,
+            common.include_usage(),
+            acct,
+        )
     } else {
-        collect_response(st, kind, rx, id, want_logprobs).await
+        collect_response(st, kind, rx, id, want_logprobs, acct).await
     }
 }
 
@@ -691,6 +1018,7 @@ async fn collect_response(
     mut rx: UnboundedReceiver<SeqEvent>,
     id: String,
     want_logprobs: bool,
+    acct: Acct,
 ) -> Response {
     let mut text = String::new();
     let mut toks: Vec<GeneratedToken> = vec![];
@@ -707,8 +1035,20 @@ async fn collect_response(
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
-            }) => break (finish, prompt_tokens, completion_tokens, cached_tokens),
-            Some(SeqEvent::Error(m)) => return failed(&st, ApiError::internal(m)),
+                stats,
+            }) => {
+                st.account(
+                    &acct,
+                    finish_str(finish),
+                    (prompt_tokens, completion_tokens, cached_tokens),
+                    &stats,
+                );
+                break (finish, prompt_tokens, completion_tokens, cached_tokens);
+            }
+            Some(SeqEvent::Error(m)) => {
+                st.account(&acct, "error", (0, toks.len(), 0), &SeqStats::default());
+                return failed(&st, ApiError::internal(m));
+            }
             None => return failed(&st, ApiError::internal("the scheduler stopped")),
         }
     };
@@ -759,6 +1099,8 @@ struct StreamState {
     ready: std::collections::VecDeque<String>,
     text_offset: usize,
     done: bool,
+    acct: Acct,
+    generated: usize,
 }
 
 impl StreamState {
@@ -794,6 +1136,9 @@ impl StreamState {
     fn on_event(&mut self, ev: Option<SeqEvent>) {
         match ev {
             Some(SeqEvent::Text { text, token }) => {
+                if token.is_some() {
+                    self.generated += 1;
+                }
                 let logprobs = match (&token, self.want_logprobs) {
                     (Some(t), true) => match self.kind {
                         Kind::Chat => json!({"content": [chat_logprob(&self.st.tok, t)]}),
@@ -824,7 +1169,15 @@ impl StreamState {
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                stats,
             }) => {
+                // Committed before the last chunk is sent.
+                self.st.account(
+                    &self.acct,
+                    finish_str(finish),
+                    (prompt_tokens, completion_tokens, cached_tokens),
+                    &stats,
+                );
                 let c = self.chunk(self.empty_delta(), Value::Null, Some(finish_str(finish)));
                 self.ready.push_back(c);
                 if self.include_usage {
@@ -841,6 +1194,12 @@ impl StreamState {
                 self.done = true;
             }
             Some(SeqEvent::Error(m)) => {
+                self.st.account(
+                    &self.acct,
+                    "error",
+                    (0, self.generated, 0),
+                    &SeqStats::default(),
+                );
                 self.st
                     .metrics
                     .requests_failed
@@ -870,6 +1229,7 @@ fn stream_response(
     id: String,
     want_logprobs: bool,
     include_usage: bool,
+    acct: Acct,
 ) -> Response {
     let mut state = StreamState {
         st,
@@ -882,6 +1242,8 @@ fn stream_response(
         ready: Default::default(),
         text_offset: 0,
         done: false,
+        acct,
+        generated: 0,
     };
     if kind == Kind::Chat {
         let first = state.chunk(

@@ -43,8 +43,8 @@ pub fn start(parallel: usize, max_queue: usize) -> ServerHandle {
         ctx: CTX,
         allow_remote: false,
         prefill_chunk: 16,
-        prefix_cache_mem: ServeConfig::default().prefix_cache_mem,
         kv_mem: 0,
+        ..ServeConfig::default()
     };
     modu_server::start(served(), config, false).expect("starting the server")
 }

@@ -29,6 +29,7 @@ fn server(prefix_cache_mem: usize) -> (ServerHandle, String) {
         prefill_chunk: 64,
         prefix_cache_mem,
         kv_mem: 0,
+        ..ServeConfig::default()
     };
     let h = modu_server::start(served(), config, false).expect("starting the server");
     let base = format!("http://{}", h.addr);
