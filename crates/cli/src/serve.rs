@@ -42,6 +42,15 @@ pub struct ServeArgs {
     /// usage database and the machine's power and price model. See README "Services".
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
+    /// Register a LoRA module: NAME=PATH (a GGUF-LoRA file or a PEFT directory); repeatable.
+    /// Requests pick it with "model": "NAME". More can be loaded at run time (POST
+    /// /v1/modules).
+    #[arg(long = "module", value_name = "NAME=PATH")]
+    pub modules: Vec<String>,
+    /// MiB of module weights kept in memory; idle modules beyond it are evicted (least
+    /// recently used) and re-read on demand. Default: no limit.
+    #[arg(long)]
+    pub module_mem: Option<usize>,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -53,6 +62,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     check_bind_address(&a.host, a.allow_remote || services.auth_enabled())?;
     if a.parallel == 0 {
         anyhow::bail!("--parallel must be at least 1");
+    }
+    let mut modules = services.modules.clone();
+    for m in &a.modules {
+        let Some((name, path)) = m.split_once('=') else {
+            anyhow::bail!("--module expects NAME=PATH, got {m:?}");
+        };
+        modules.push((
+            name.trim().to_string(),
+            std::path::PathBuf::from(path.trim()),
+        ));
     }
     let l = load(&a.model)?;
     let (id, aliases) = model_names(&a.model.model, l.model.info().name.as_deref());
@@ -67,6 +86,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         prefix_cache_mem: a.prefix_cache_mem << 20,
         kv_mem: a.kv_mem.map_or(0, |m| m.max(1) << 20),
         services,
+        modules,
+        module_mem: a.module_mem.unwrap_or(0) << 20,
     };
     let served = ServedModel {
         model: l.model,

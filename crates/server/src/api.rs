@@ -58,6 +58,21 @@ pub struct Common {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Scale of the module `model` names (default 1).
+    #[serde(default)]
+    pub lora_scale: Option<f32>,
+    /// Further modules applied together with the one `model` names, each with its scale.
+    #[serde(default)]
+    pub lora: Option<Vec<LoraSpec>>,
+}
+
+/// One entry of a request's `lora` list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub name: String,
+    #[serde(default)]
+    pub scale: Option<f32>,
 }
 
 /// Message content: a string, or a list of parts of which only text parts are supported.

@@ -6,6 +6,7 @@ pub mod api;
 pub mod error;
 pub mod fair;
 pub mod metrics;
+pub mod modules;
 pub mod prefix_cache;
 pub mod scheduler;
 pub mod server;

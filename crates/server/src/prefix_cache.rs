@@ -22,6 +22,8 @@ pub const BLOCK: usize = modu_engine::KV_BLOCK;
 struct Entry {
     /// The tokens whose keys and values `cache` holds (a whole number of blocks).
     tokens: Vec<u32>,
+    /// The module key the positions were computed with.
+    salt: u64,
     cache: KvCache,
     bytes: usize,
     /// Logical time of the last insertion or reuse (LRU order).
@@ -48,9 +50,11 @@ pub struct PrefixCache {
 }
 
 /// Chained hashes of `tokens` at each full block boundary: `out[k]` covers `0..(k + 1) * BLOCK`.
-fn block_hashes(tokens: &[u32], max_blocks: usize) -> Vec<u64> {
+/// The chain starts from `salt` (the request's module key), so prefixes computed with different
+/// modules never match.
+fn block_hashes(tokens: &[u32], max_blocks: usize, salt: u64) -> Vec<u64> {
     let mut out = Vec::new();
-    let mut prev = 0u64;
+    let mut prev = salt;
     for block in tokens.chunks_exact(BLOCK).take(max_blocks) {
         let mut h = DefaultHasher::new();
         prev.hash(&mut h);
@@ -99,11 +103,12 @@ impl PrefixCache {
 
     /// The longest block-aligned prefix of `prompt`, at most `max_tokens` long, held by an
     /// entry: a cache sharing its blocks.
-    pub fn lookup(&mut self, prompt: &[u32], max_tokens: usize) -> Option<Hit> {
+    /// Only entries computed with the same module key (`salt`) qualify.
+    pub fn lookup(&mut self, prompt: &[u32], max_tokens: usize, salt: u64) -> Option<Hit> {
         if !self.enabled() || self.entries.is_empty() {
             return None;
         }
-        let hashes = block_hashes(prompt, max_tokens.min(prompt.len()) / BLOCK);
+        let hashes = block_hashes(prompt, max_tokens.min(prompt.len()) / BLOCK, salt);
         // The deepest level any entry shares (hashes can only match along a chain).
         let deepest = hashes
             .iter()
@@ -118,7 +123,9 @@ impl PrefixCache {
             let best = ids
                 .iter()
                 .filter_map(|id| self.entries.get(id).map(|e| (*id, e)))
-                .filter(|(_, e)| e.tokens.len() >= n && e.tokens[..n] == prompt[..n])
+                .filter(|(_, e)| {
+                    e.salt == salt && e.tokens.len() >= n && e.tokens[..n] == prompt[..n]
+                })
                 .max_by_key(|(_, e)| e.used)
                 .map(|(id, _)| id);
             if let Some(id) = best {
@@ -136,7 +143,7 @@ impl PrefixCache {
 
     /// Keep the first `tokens.len()` positions of `cache` (rounded down to whole blocks), unless
     /// an entry already holds them; entries holding only a prefix of them are replaced.
-    pub fn insert(&mut self, tokens: &[u32], cache: &KvCache) {
+    pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, salt: u64) {
         if !self.enabled() {
             return;
         }
@@ -148,6 +155,9 @@ impl PrefixCache {
         self.clock += 1;
         let mut superseded = Vec::new();
         for (id, e) in self.entries.iter_mut() {
+            if e.salt != salt {
+                continue;
+            }
             let m = e.tokens.len();
             if m >= n && e.tokens[..n] == *tokens {
                 e.used = self.clock; // already held
@@ -169,7 +179,7 @@ impl PrefixCache {
         while self.bytes + bytes > self.budget && self.evict_lru() {}
         let id = self.next_id;
         self.next_id += 1;
-        for h in block_hashes(tokens, n / BLOCK) {
+        for h in block_hashes(tokens, n / BLOCK, salt) {
             self.index.entry(h).or_default().push(id);
         }
         self.bytes += bytes;
@@ -177,6 +187,7 @@ impl PrefixCache {
             id,
             Entry {
                 tokens: tokens.to_vec(),
+                salt,
                 cache,
                 bytes,
                 used: self.clock,
@@ -204,7 +215,7 @@ impl PrefixCache {
             return;
         };
         self.bytes -= e.bytes;
-        for h in block_hashes(&e.tokens, e.tokens.len() / BLOCK) {
+        for h in block_hashes(&e.tokens, e.tokens.len() / BLOCK, e.salt) {
             if let Some(ids) = self.index.get_mut(&h) {
                 ids.retain(|&x| x != id);
                 if ids.is_empty() {
@@ -230,25 +241,27 @@ mod tests {
     fn longest_block_aligned_prefix_is_shared() {
         let mut pc = PrefixCache::new(1 << 20);
         let a: Vec<u32> = (0..50).collect();
-        pc.insert(&a, &cache_with(50));
+        pc.insert(&a, &cache_with(50), 0);
         assert_eq!(pc.len(), 1);
         // Shares 40 tokens: 2 whole blocks.
         let mut b: Vec<u32> = (0..40).collect();
         b.extend([999, 998, 997]);
-        let hit = pc.lookup(&b, b.len() - 1).unwrap();
+        let hit = pc.lookup(&b, b.len() - 1, 0).unwrap();
         assert_eq!(hit.tokens, 32);
         assert_eq!(hit.cache.len(), 32);
         assert_eq!(hit.cache.layer(0).key_f16(31, 0)[0].to_f32(), 62.0);
         // Capped by max_tokens.
-        assert_eq!(pc.lookup(&a, 20).unwrap().tokens, 16);
-        assert!(pc.lookup(&[7; 40], 39).is_none());
+        assert_eq!(pc.lookup(&a, 20, 0).unwrap().tokens, 16);
+        assert!(pc.lookup(&[7; 40], 39, 0).is_none());
         // A longer sequence with the same prefix replaces the entry.
         let c: Vec<u32> = (0..70).collect();
-        pc.insert(&c, &cache_with(70));
+        pc.insert(&c, &cache_with(70), 0);
         assert_eq!(pc.len(), 1);
-        assert_eq!(pc.lookup(&c, 69).unwrap().tokens, 64);
+        assert_eq!(pc.lookup(&c, 69, 0).unwrap().tokens, 64);
+        // The same tokens under another module key are a different prefix.
+        assert!(pc.lookup(&c, 69, 7).is_none());
         // Its prefix is already held.
-        pc.insert(&a, &cache_with(50));
+        pc.insert(&a, &cache_with(50), 0);
         assert_eq!(pc.len(), 1);
     }
 
@@ -262,8 +275,8 @@ mod tests {
         let used = pool.used();
         let mut pc = PrefixCache::new(1 << 20);
         let toks: Vec<u32> = (0..40).collect();
-        pc.insert(&toks, &c);
-        let hit = pc.lookup(&toks, 39).unwrap();
+        pc.insert(&toks, &c, 0);
+        let hit = pc.lookup(&toks, 39, 0).unwrap();
         assert_eq!(hit.tokens, 32);
         assert_eq!(pool.used(), used, "insert and lookup share blocks");
         drop(c);
@@ -280,18 +293,18 @@ mod tests {
         let one = cache_with(32).prefix(32).bytes();
         let mut pc = PrefixCache::new(one * 2);
         let seq = |s: u32| -> Vec<u32> { (s..s + 32).collect() };
-        pc.insert(&seq(0), &cache_with(32));
-        pc.insert(&seq(100), &cache_with(32));
-        assert!(pc.lookup(&seq(0), 31).is_some()); // 0 is now the most recent
-        pc.insert(&seq(200), &cache_with(32));
+        pc.insert(&seq(0), &cache_with(32), 0);
+        pc.insert(&seq(100), &cache_with(32), 0);
+        assert!(pc.lookup(&seq(0), 31, 0).is_some()); // 0 is now the most recent
+        pc.insert(&seq(200), &cache_with(32), 0);
         assert_eq!(pc.len(), 2);
         assert!(pc.bytes() <= one * 2);
         assert_eq!(pc.evictions(), 1);
-        assert!(pc.lookup(&seq(100), 31).is_none());
-        assert!(pc.lookup(&seq(0), 31).is_some());
+        assert!(pc.lookup(&seq(100), 31, 0).is_none());
+        assert!(pc.lookup(&seq(0), 31, 0).is_some());
         // Too big for the budget: not kept, nothing evicted.
-        pc.insert(&(0..96).collect::<Vec<_>>()[..], &cache_with(96));
+        pc.insert(&(0..96).collect::<Vec<_>>()[..], &cache_with(96), 0);
         assert_eq!(pc.evictions(), 1);
-        assert!(PrefixCache::new(0).lookup(&seq(0), 31).is_none());
+        assert!(PrefixCache::new(0).lookup(&seq(0), 31, 0).is_none());
     }
 }

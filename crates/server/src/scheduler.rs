@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken, StopMatcher};
 use modu_engine::sampling::top_logprobs;
 use modu_engine::{
-    BatchSeq, KvCache, KvPool, Model, ModelError, Sampler, StreamDecoder, Tokenizer, KV_BLOCK,
+    BatchSeq, KvCache, KvPool, Model, ModelError, ModuleRef, Sampler, StreamDecoder, Tokenizer,
+    KV_BLOCK,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -96,6 +97,13 @@ pub struct SeqRequest {
     pub arrived: Instant,
     /// Queued in this service's lane; lanes share the batch by priority.
     pub service: ServiceTag,
+    /// LoRA modules with their scales (empty: the base model). The `Arc`s pin the module
+    /// generations the request started with.
+    pub modules: Vec<ModuleRef>,
+    /// Identifies `modules` (generations and scales; 0 for the base model): cached prompt
+    /// prefixes are only shared between requests with the same key, since the modules change
+    /// the keys and values.
+    pub module_key: u64,
 }
 
 /// Scheduler settings.
@@ -237,6 +245,8 @@ struct Seq<'t> {
     stats: SeqStats,
     /// Set during a step for a sequence that leaves the batch at its end.
     leave: Leave,
+    modules: Vec<ModuleRef>,
+    module_key: u64,
 }
 
 struct Scheduler<'m> {
@@ -343,7 +353,8 @@ impl<'m> Scheduler<'m> {
     /// Keep a departing sequence's cache (the positions that went through the model) for
     /// prompts that share its prefix.
     fn retire(&mut self, s: Seq<'m>) {
-        self.prefix.insert(&s.history[..s.fed], &s.cache);
+        self.prefix
+            .insert(&s.history[..s.fed], &s.cache, s.module_key);
     }
 
     /// Cancel sequences whose client has gone (the receiver was dropped), freeing their caches.
@@ -397,7 +408,8 @@ impl<'m> Scheduler<'m> {
         while self.running.len() < self.config.parallel.max(1) {
             if let Some(s) = self.preempted.front() {
                 let history = s.history.clone();
-                let (mut cache, cached) = self.lookup_prefix(&history);
+                let key = s.module_key;
+                let (mut cache, cached) = self.lookup_prefix(&history, key);
                 if !self.claim(&mut cache, history.len() - cached) {
                     break;
                 }
@@ -433,7 +445,8 @@ impl<'m> Scheduler<'m> {
                 continue;
             }
             let prompt = r.prompt.clone();
-            let (mut cache, cached) = self.lookup_prefix(&prompt);
+            let key = r.module_key;
+            let (mut cache, cached) = self.lookup_prefix(&prompt, key);
             if !self.claim(&mut cache, prompt.len() - cached) {
                 break;
             }
@@ -469,14 +482,16 @@ impl<'m> Scheduler<'m> {
                 arrived: r.arrived,
                 last_token: None,
                 leave: Leave::Stay,
+                modules: r.modules,
+                module_key: r.module_key,
             });
         }
     }
 
     /// A cache for `tokens` starting from the longest cached prefix (never all of them: the
     /// last token must run to give logits), and how many positions it already holds.
-    fn lookup_prefix(&mut self, tokens: &[u32]) -> (KvCache, usize) {
-        match self.prefix.lookup(tokens, tokens.len() - 1) {
+    fn lookup_prefix(&mut self, tokens: &[u32], module_key: u64) -> (KvCache, usize) {
+        match self.prefix.lookup(tokens, tokens.len() - 1, module_key) {
             Some(hit) => (hit.cache, hit.tokens),
             None => (self.new_cache(), 0),
         }
@@ -573,6 +588,7 @@ impl<'m> Scheduler<'m> {
         let result = {
             let mut chosen = plan.iter().map(|p| p.0).peekable();
             let mut batch: Vec<BatchSeq<'_>> = Vec::with_capacity(plan.len());
+            let mut modules: Vec<&[ModuleRef]> = Vec::with_capacity(plan.len());
             let mut k = 0;
             for (i, s) in self.running.iter_mut().enumerate() {
                 if chosen.peek() == Some(&i) {
@@ -583,10 +599,17 @@ impl<'m> Scheduler<'m> {
                         tokens: &s.history[s.fed..s.fed + n],
                         cache: &mut s.cache,
                     });
+                    modules.push(&s.modules);
                 }
             }
+            // No module anywhere in the batch: the plain base path.
+            if modules.iter().all(|m| m.is_empty()) {
+                modules.clear();
+            }
             self.meter.start();
-            std::panic::catch_unwind(AssertUnwindSafe(|| model.forward_batch(&mut batch)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                model.forward_batch_with(&mut batch, &modules)
+            }))
         };
         // Attribute the step's CPU time, wall time and energy by tokens fed.
         let (cpu, wall, energy) = self.meter.stop();

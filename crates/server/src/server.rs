@@ -16,7 +16,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken};
-use modu_engine::{ChatMessage, ChatTemplate, Model, Tokenizer};
+use modu_engine::{ChatMessage, ChatTemplate, Model, ModuleRef, Tokenizer};
 use modu_gguf::GgufFile;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::api::{check_logprobs, ChatRequest, Common, CompletionRequest, Content, PromptField};
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
+use crate::modules::{ModuleError, ModuleRegistry};
 use crate::scheduler::{
     self, SchedulerConfig, SchedulerHandle, SeqEvent, SeqRequest, SeqStats, ServiceTag, SubmitError,
 };
@@ -64,6 +65,11 @@ pub struct ServeConfig {
     /// Services, keys, limits and the machine's cost model ([`ServicesConfig::open`]: one open
     /// service, loopback only).
     pub services: ServicesConfig,
+    /// LoRA modules to register at start: `(name, adapter file or PEFT directory)`.
+    pub modules: Vec<(String, std::path::PathBuf)>,
+    /// Bytes of module weights kept resident (0 = no limit); idle modules beyond it are
+    /// evicted, least recently used first, and re-read on demand.
+    pub module_mem: usize,
 }
 
 impl Default for ServeConfig {
@@ -79,6 +85,8 @@ impl Default for ServeConfig {
             prefix_cache_mem: 256 << 20,
             kv_mem: 0,
             services: ServicesConfig::open(),
+            modules: Vec::new(),
+            module_mem: 0,
         }
     }
 }
@@ -96,6 +104,7 @@ struct AppState {
     started: u64,
     services: Services,
     usage: UsageDb,
+    modules: Arc<ModuleRegistry>,
 }
 
 type St = State<Arc<AppState>>;
@@ -207,6 +216,18 @@ pub fn start(
     };
     let (bos, eos) = (text_of(tok.bos_id()), text_of(tok.eos_id()));
     let metrics = Arc::new(Metrics::default());
+    let mut names = vec![served.id.clone()];
+    names.extend(served.aliases.iter().cloned());
+    let modules = Arc::new(ModuleRegistry::new(
+        served.model.module_shapes().clone(),
+        names.clone(),
+        config.module_mem,
+    ));
+    for (name, path) in &config.modules {
+        modules
+            .load(name, path)
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+    }
     let (sched, sched_thread) = scheduler::spawn(
         served.model,
         tok.clone(),
@@ -221,8 +242,6 @@ pub fn start(
         metrics.clone(),
     )
     .map_err(ServerError::Runtime)?;
-    let mut names = vec![served.id.clone()];
-    names.extend(served.aliases.iter().cloned());
     let state = Arc::new(AppState {
         sched: sched.clone(),
         tok,
@@ -236,6 +255,7 @@ pub fn start(
         started: unix_now(),
         services: Services::new(&config.services),
         usage,
+        modules,
     });
     let app = router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -326,6 +346,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/usage", get(usage_endpoint))
         .route("/v1/services", get(services_endpoint))
+        .route("/v1/modules", get(list_modules).post(load_module))
+        .route("/v1/modules/{name}", axum::routing::delete(unload_module))
         .route("/", get(dashboard))
         .route("/dashboard.js", get(dashboard_js))
         .route("/dashboard.css", get(dashboard_css))
@@ -400,10 +422,101 @@ async fn metrics(State(st): St) -> Response {
 }
 
 async fn models(State(st): St) -> Json<Value> {
+    let mut data =
+        vec![json!({"id": st.id, "object": "model", "created": st.started, "owned_by": "modu"})];
+    for m in st.modules.list() {
+        data.push(json!({
+            "id": m.name, "object": "model", "created": st.started, "owned_by": "modu",
+            "parent": st.id, "module": {"rank": m.rank, "alpha": m.alpha, "resident": m.resident},
+        }));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Module administration needs the admin key when keys are configured.
+fn require_admin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match caller(st, headers)? {
+        Caller::Admin => Ok(()),
+        Caller::Service(_) if !st.services.auth => Ok(()),
+        Caller::Service(_) => Err(Refusal::Forbidden(
+            "loading and unloading modules needs the admin key".into(),
+        )
+        .into()),
+    }
+}
+
+fn module_error(e: ModuleError) -> ApiError {
+    let (status, param) = match &e {
+        ModuleError::NotFound(_) => (StatusCode::NOT_FOUND, "name"),
+        ModuleError::BadName(_) | ModuleError::BaseName(_) => (StatusCode::BAD_REQUEST, "name"),
+        ModuleError::Load { .. } => (StatusCode::BAD_REQUEST, "path"),
+    };
+    ApiError {
+        param: Some(param.into()),
+        ..ApiError::new(status, "invalid_request_error", format!("{e:#}"))
+    }
+}
+
+async fn list_modules(State(st): St) -> Json<Value> {
+    let list = st.modules.list();
     Json(json!({
         "object": "list",
-        "data": [{"id": st.id, "object": "model", "created": st.started, "owned_by": "modu"}],
+        "base": st.id,
+        "resident_bytes": st.modules.resident_bytes(),
+        "evictions": st.modules.evictions(),
+        "data": list,
     }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadModule {
+    name: String,
+    path: String,
+}
+
+async fn load_module(
+    State(st): St,
+    headers: HeaderMap,
+    body: Result<ApiJson<LoadModule>, ApiError>,
+) -> Response {
+    if let Err(e) = require_admin(&st, &headers) {
+        return e.into_response();
+    }
+    let ApiJson(req) = match body {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    // Reading and validating the file blocks: keep it off the async workers (and it never
+    // touches the scheduler thread, so running streams go on).
+    let reg = st.modules.clone();
+    let res =
+        tokio::task::spawn_blocking(move || reg.load(&req.name, std::path::Path::new(&req.path)))
+            .await;
+    match res {
+        Ok(Ok(summary)) => (StatusCode::OK, Json(json!(summary))).into_response(),
+        Ok(Err(e)) => module_error(e).into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "loading the module failed",
+        )
+        .into_response(),
+    }
+}
+
+async fn unload_module(
+    State(st): St,
+    headers: HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    if let Err(e) = require_admin(&st, &headers) {
+        return e.into_response();
+    }
+    match st.modules.unload(&name) {
+        Ok(()) => Json(json!({"name": name, "deleted": true})).into_response(),
+        Err(e) => module_error(e).into_response(),
+    }
 }
 
 impl AppState {
@@ -441,6 +554,7 @@ impl AppState {
         params: GenerateParams,
         arrived: Instant,
         service: ServiceTag,
+        modules: (Vec<ModuleRef>, u64),
     ) -> Result<UnboundedReceiver<SeqEvent>, ApiError> {
         let (tx, rx) = unbounded_channel();
         match self.sched.submit(SeqRequest {
@@ -449,6 +563,8 @@ impl AppState {
             events: tx,
             arrived,
             service,
+            modules: modules.0,
+            module_key: modules.1,
         }) {
             Ok(()) => Ok(rx),
             Err(SubmitError::QueueFull) => {
@@ -527,6 +643,9 @@ fn service_of(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
 struct Acct {
     service: usize,
     module: String,
+    /// The modules (pinned generations) and scales it runs with, and their prefix-cache key.
+    run_modules: Vec<ModuleRef>,
+    module_key: u64,
     endpoint: &'static str,
     request_id: String,
     arrived: Instant,
@@ -535,29 +654,85 @@ struct Acct {
 }
 
 impl AppState {
-    /// The module a request runs with, refusing modules the service may not use (403) and
-    /// names that are not modules of this server (404).
-    fn module_for(&self, service: usize, common: &Common) -> Result<String, ApiError> {
-        let module =
-            self.services
-                .module_name(service, common.model.as_deref(), &self.id, &self.names);
-        let base = module == self.id;
-        if !base && !self.services.knows_module(&module) {
+    /// The modules a request runs with: the one `model` names (or the service's default;
+    /// `base:NAME` also names module NAME) at `lora_scale`, plus any in its `lora` list.
+    /// Modules the service may not use are refused (403), unknown ones are 404. Returns the
+    /// name used for accounting, the modules with their scales, and the prefix-cache key.
+    fn module_for(
+        &self,
+        service: usize,
+        common: &Common,
+    ) -> Result<(String, Vec<ModuleRef>, u64), ApiError> {
+        let requested = common
+            .model
+            .as_deref()
+            .map(|m| m.strip_prefix("base:").unwrap_or(m));
+        let module = self
+            .services
+            .module_name(service, requested, &self.id, &self.names);
+        // A name that is no module of this deployment is 404 before any permission check.
+        let unknown =
+            |m: &str| m != self.id && !self.modules.contains(m) && !self.services.knows_module(m);
+        if unknown(&module) {
             return Err(ApiError::model_not_found(&module, &self.id));
         }
         self.services.check_allowed(service, &module)?;
-        if !base {
-            return Err(ApiError {
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-                ..ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "invalid_request_error",
-                    format!("the module `{module}` is not loaded on this server"),
-                )
-            });
+        let scale_of = |s: Option<f32>, param: &str| -> Result<f32, ApiError> {
+            match s {
+                None => Ok(1.0),
+                Some(v) if v.is_finite() && (-16.0..=16.0).contains(&v) => Ok(v),
+                Some(v) => Err(ApiError::invalid(
+                    param,
+                    format!("{param} must be a finite number in [-16, 16], got {v}"),
+                )),
+            }
+        };
+        let mut refs: Vec<ModuleRef> = Vec::new();
+        let mut key = std::collections::hash_map::DefaultHasher::new();
+        let mut add = |name: &str, scale: f32, refs: &mut Vec<ModuleRef>| -> Result<(), ApiError> {
+            let h = self.modules.get(name).map_err(|e| match e {
+                // Named in the services config but not registered (yet).
+                ModuleError::NotFound(_) if self.services.knows_module(name) => ApiError {
+                    param: Some("model".into()),
+                    code: Some("model_not_found"),
+                    ..ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "invalid_request_error",
+                        format!("the module `{name}` is not loaded on this server"),
+                    )
+                },
+                ModuleError::NotFound(_) => ApiError::model_not_found(name, &self.id),
+                other => module_error(other),
+            })?;
+            std::hash::Hash::hash(&(h.generation, scale.to_bits()), &mut key);
+            refs.push((h.adapter, scale));
+            Ok(())
+        };
+        if module != self.id {
+            add(
+                &module,
+                scale_of(common.lora_scale, "lora_scale")?,
+                &mut refs,
+            )?;
+        } else if common.lora_scale.is_some() && common.lora.is_none() {
+            return Err(ApiError::invalid(
+                "lora_scale",
+                "lora_scale needs a module: name one in `model`",
+            ));
         }
-        Ok(module)
+        for spec in common.lora.iter().flatten() {
+            if unknown(&spec.name) {
+                return Err(ApiError::model_not_found(&spec.name, &self.id));
+            }
+            self.services.check_allowed(service, &spec.name)?;
+            add(&spec.name, scale_of(spec.scale, "lora.scale")?, &mut refs)?;
+        }
+        let key = if refs.is_empty() {
+            0
+        } else {
+            std::hash::Hasher::finish(&key) | 1
+        };
+        Ok((module, refs, key))
     }
 
     /// Record a finished request: one committed SQLite row, the labelled metrics and the
@@ -615,7 +790,7 @@ fn admit_request<R>(
     let arrived = Instant::now();
     let service = service_of(st, headers)?;
     let ApiJson(req) = body?;
-    let module = match st.module_for(service, model_of(&req)) {
+    let (module, run_modules, module_key) = match st.module_for(service, model_of(&req)) {
         Ok(m) => m,
         Err(e) => {
             let requested = model_of(&req).model.clone().unwrap_or_default();
@@ -648,6 +823,8 @@ fn admit_request<R>(
     let acct = Acct {
         service,
         module,
+        run_modules,
+        module_key,
         endpoint: if kind == Kind::Chat {
             "chat"
         } else {
@@ -986,7 +1163,8 @@ async fn respond(st: Arc<AppState>, kind: Kind, prepared: Prepared, acct: Acct) 
         name: Arc::from(svc.name.as_str()),
         priority: svc.config.priority.max(1),
     };
-    let rx = match st.submit(prompt, params, acct.arrived, tag) {
+    let mods = (acct.run_modules.clone(), acct.module_key);
+    let rx = match st.submit(prompt, params, acct.arrived, tag, mods) {
         Ok(rx) => rx,
         Err(e) => {
             st.metrics

@@ -161,6 +161,10 @@ pub struct FileConfig {
     /// Services by name, in file order.
     #[serde(default)]
     pub services: toml::map::Map<String, toml::Value>,
+    /// LoRA modules to register at start: name = adapter file or PEFT directory (relative
+    /// paths are relative to the config file).
+    #[serde(default)]
+    pub modules: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// A parsed and checked services configuration.
@@ -171,6 +175,8 @@ pub struct ServicesConfig {
     pub admin_key_hashes: Vec<String>,
     pub machine: MachineConfig,
     pub database: Option<PathBuf>,
+    /// `[modules]`: name → adapter path.
+    pub modules: Vec<(String, PathBuf)>,
 }
 
 impl ServicesConfig {
@@ -187,6 +193,7 @@ impl ServicesConfig {
             admin_key_hashes: vec![],
             machine: MachineConfig::default(),
             database: None,
+            modules: vec![],
         }
     }
 
@@ -201,11 +208,13 @@ impl ServicesConfig {
             .database
             .take()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE));
-        c.database = Some(if db.is_relative() {
-            path.parent().unwrap_or(Path::new(".")).join(db)
-        } else {
-            db
-        });
+        let dir = path.parent().unwrap_or(Path::new("."));
+        c.database = Some(if db.is_relative() { dir.join(db) } else { db });
+        for (_, p) in &mut c.modules {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
         Ok(c)
     }
 
@@ -274,6 +283,7 @@ impl ServicesConfig {
             admin_key_hashes: file.admin.key_hashes,
             machine: file.machine,
             database: file.database,
+            modules: file.modules.into_iter().collect(),
         })
     }
 

@@ -77,6 +77,14 @@ pub fn get(base: &str, path: &str) -> (u16, String) {
     }
 }
 
+pub fn delete(base: &str, path: &str) -> (u16, String) {
+    match ureq::delete(&format!("{base}{path}")).call() {
+        Ok(resp) => (resp.status(), resp.into_string().unwrap()),
+        Err(ureq::Error::Status(code, resp)) => (code, resp.into_string().unwrap()),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }

@@ -216,6 +216,8 @@ fn submit(h: &SchedulerHandle, prompt: Vec<u32>, max_tokens: usize) -> Unbounded
         events: tx,
         arrived: Instant::now(),
         service: Default::default(),
+        modules: Vec::new(),
+        module_key: 0,
     })
     .unwrap();
     rx
@@ -358,6 +360,8 @@ fn full_queue_refuses_submissions() {
         events: tx,
         arrived: Instant::now(),
         service: Default::default(),
+        modules: Vec::new(),
+        module_key: 0,
     });
     assert_eq!(r.err(), Some(SubmitError::QueueFull));
     for rx in rxs {
@@ -433,6 +437,8 @@ fn submit_as(
             name: service.into(),
             priority,
         },
+        modules: Vec::new(),
+        module_key: 0,
     })
     .unwrap();
     rx
