@@ -486,6 +486,17 @@ impl Services {
             }
         }
         if let Some(tpm) = l.tokens_per_minute {
+            if prompt_tokens > tpm {
+                // Waiting would not help; say so rather than send the client into a retry loop.
+                return Err(Refusal::Limited {
+                    message: format!(
+                        "the prompt has {prompt_tokens} tokens, more than the service `{}`'s \
+                         limit of {tpm} tokens per minute",
+                        s.name
+                    ),
+                    retry_after: 60,
+                });
+            }
             let used: u64 = w.tokens.iter().map(|&(_, n)| n).sum();
             if used + prompt_tokens > tpm {
                 // Wait until enough old tokens leave the window; a request that alone exceeds
