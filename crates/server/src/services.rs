@@ -618,4 +618,44 @@ mod tests {
             _ => panic!("expected 429"),
         }
     }
+
+    #[test]
+    fn tokens_per_minute_window_and_oversized_prompts() {
+        let text = "[services.t]\ntokens_per_minute = 100\n";
+        let s = Services::new(&ServicesConfig::parse(text, Path::new("m.toml")).unwrap());
+        assert!(!s.auth);
+        drop(s.admit(0, 60).unwrap());
+        s.add_tokens(0, 30);
+        // 90 used: a 20-token prompt waits until the first entry leaves the window.
+        match s.admit(0, 20) {
+            Err(Refusal::Limited {
+                retry_after,
+                message,
+            }) => {
+                assert!((59..=60).contains(&retry_after), "{retry_after}");
+                assert!(message.contains("90 used"), "{message}");
+            }
+            _ => panic!("expected 429"),
+        }
+        assert!(s.admit(0, 10).is_ok());
+        match s.admit(0, 101) {
+            Err(Refusal::Limited { message, .. }) => {
+                assert!(message.contains("more than"), "{message}")
+            }
+            _ => panic!("expected 429"),
+        }
+    }
+
+    #[test]
+    fn max_concurrent_slots_come_back_with_the_guard() {
+        let text = "[services.c]\nmax_concurrent = 1\n";
+        let s = Services::new(&ServicesConfig::parse(text, Path::new("m.toml")).unwrap());
+        let g = s.admit(0, 1).unwrap();
+        assert!(matches!(
+            s.admit(0, 1),
+            Err(Refusal::Limited { retry_after: 1, .. })
+        ));
+        drop(g);
+        assert!(s.admit(0, 1).is_ok());
+    }
 }
