@@ -160,7 +160,35 @@ pub struct FileConfig {
     pub admin: AdminConfig,
     /// Services by name, in file order.
     #[serde(default)]
-    pub services: toml::map::Map<String, toml::Value>,
+    pub services: OrderedServices,
+}
+
+/// `[services.NAME]` tables in file order, deserialized in place so that an error in one
+/// carries its line number.
+#[derive(Debug, Clone, Default)]
+pub struct OrderedServices(pub Vec<(String, ServiceConfig)>);
+
+impl<'de> Deserialize<'de> for OrderedServices {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OrderedServices;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table of services")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, s)) = m.next_entry::<String, ServiceConfig>()? {
+                    v.push((k, s));
+                }
+                Ok(OrderedServices(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// A parsed and checked services configuration.
@@ -221,13 +249,24 @@ impl ServicesConfig {
         };
         let file: FileConfig = toml::from_str(text).map_err(parse_err)?;
         let mut services = Vec::new();
-        for (name, v) in file.services {
-            // Re-parse each table on its own so an error names the service.
-            let s: ServiceConfig = v.try_into().map_err(|e: toml::de::Error| {
-                invalid(format!("[services.{name:?}]: {}", e.message()))
-            })?;
+        for (name, s) in file.services.0 {
             if name.trim().is_empty() {
                 return Err(invalid("a service name must not be empty".into()));
+            }
+            let l = &s.limits;
+            let zero = [
+                ("requests_per_minute", l.requests_per_minute == Some(0)),
+                ("tokens_per_minute", l.tokens_per_minute == Some(0)),
+                ("max_concurrent", l.max_concurrent == Some(0)),
+                (
+                    "max_tokens_per_request",
+                    l.max_tokens_per_request == Some(0),
+                ),
+            ];
+            if let Some((field, _)) = zero.iter().find(|(_, z)| *z) {
+                return Err(invalid(format!(
+                    "[services.{name:?}]: {field} must be at least 1 (leave it out for no limit)"
+                )));
             }
             if s.priority == 0 {
                 return Err(invalid(format!(
@@ -579,6 +618,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn zero_limits_are_config_errors() {
+        let e = ServicesConfig::parse(
+            "[services.a]\nrequests_per_minute = 0\n",
+            Path::new("m.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("requests_per_minute must be at least 1"), "{e}");
+        let e = ServicesConfig::parse("[services.a]\npriority = -1\n", Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("priority"), "{e}");
     }
 
     #[test]
