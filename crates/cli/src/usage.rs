@@ -33,6 +33,22 @@ pub struct UsageArgs {
     pub csv: bool,
 }
 
+/// Terminal columns of a text: Hangul, CJK and full-width characters take two.
+fn columns(s: &str) -> usize {
+    s.chars()
+        .map(|c| match c as u32 {
+            0x1100..=0x115F
+            | 0x2E80..=0xA4CF
+            | 0xAC00..=0xD7A3
+            | 0xF900..=0xFAFF
+            | 0xFE30..=0xFE4F
+            | 0xFF00..=0xFF60
+            | 0xFFE0..=0xFFE6 => 2,
+            _ => 1,
+        })
+        .sum()
+}
+
 pub fn usage(a: UsageArgs) -> Result<()> {
     let db = match (&a.db, &a.config) {
         (Some(p), _) => p.clone(),
@@ -118,7 +134,7 @@ pub fn usage(a: UsageArgs) -> Result<()> {
         .collect();
     let width = |i: usize| {
         body.iter()
-            .map(|r| r[i].chars().count())
+            .map(|r| columns(&r[i]))
             .chain([header[i].len()])
             .max()
             .unwrap_or(0)
@@ -127,7 +143,7 @@ pub fn usage(a: UsageArgs) -> Result<()> {
         let parts: Vec<String> = keep
             .iter()
             .map(|&i| {
-                let pad = width(i).saturating_sub(cols[i].chars().count());
+                let pad = width(i).saturating_sub(columns(&cols[i]));
                 if i >= 3 {
                     format!("{}{}", " ".repeat(pad), cols[i])
                 } else {

@@ -83,6 +83,9 @@ pub struct ServiceStats {
     pub latency: Histogram,
 }
 
+/// Picks one counter of a [`ServiceStats`].
+type Field = fn(&ServiceStats) -> &AtomicU64;
+
 /// Escape a Prometheus label value.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -144,7 +147,7 @@ impl Metrics {
 
     fn render_services(&self, out: &mut String) {
         let m = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
-        let series: [(&str, &str, fn(&ServiceStats) -> &AtomicU64); 4] = [
+        let series: [(&str, &str, Field); 4] = [
             (
                 "modu_service_requests_total",
                 "Generation requests per service and module.",

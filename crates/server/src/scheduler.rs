@@ -81,7 +81,7 @@ pub struct ServiceTag {
 impl Default for ServiceTag {
     fn default() -> Self {
         ServiceTag {
-            name: Arc::from("default"),
+            name: Arc::from(crate::services::DEFAULT_SERVICE),
             priority: 1,
         }
     }
@@ -402,8 +402,9 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Move preempted sequences, then queued requests, into the running batch while there are
-    /// slots and KV memory for their prompts (plus one block to grow into). Strictly in order:
-    /// a request that does not fit yet is not overtaken.
+    /// slots and KV memory for their prompts (plus one block to grow into). Queued requests
+    /// come in the fair queue's order (services by priority, FIFO within one); a request that
+    /// does not fit yet is not overtaken.
     fn admit(&mut self) {
         while self.running.len() < self.config.parallel.max(1) {
             if let Some(s) = self.preempted.front() {

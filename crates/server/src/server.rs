@@ -184,11 +184,13 @@ pub fn start(
         &config.host,
         config.allow_remote || config.services.auth_enabled(),
     )?;
+    // Without a database path (no config) usage is kept in memory for the dashboard.
     let usage = match &config.services.database {
-        Some(p) => UsageDb::open(p),
-        None => UsageDb::in_memory(),
-    }
-    .map_err(|e| ServerError::Config(e.to_string()))?;
+        Some(p) => UsageDb::open(p).map_err(|e| {
+            ServerError::Config(format!("opening the usage database {}: {e}", p.display()))
+        }),
+        None => UsageDb::in_memory().map_err(|e| ServerError::Config(e.to_string())),
+    }?;
     if config.parallel == 0 {
         return Err(ServerError::Config("--parallel must be at least 1".into()));
     }

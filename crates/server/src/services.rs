@@ -160,11 +160,39 @@ pub struct FileConfig {
     pub admin: AdminConfig,
     /// Services by name, in file order.
     #[serde(default)]
-    pub services: toml::map::Map<String, toml::Value>,
+    pub services: OrderedServices,
     /// LoRA modules to register at start: name = adapter file or PEFT directory (relative
     /// paths are relative to the config file).
     #[serde(default)]
     pub modules: std::collections::BTreeMap<String, PathBuf>,
+}
+
+/// `[services.NAME]` tables in file order, deserialized in place so that an error in one
+/// carries its line number.
+#[derive(Debug, Clone, Default)]
+pub struct OrderedServices(pub Vec<(String, ServiceConfig)>);
+
+impl<'de> Deserialize<'de> for OrderedServices {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OrderedServices;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table of services")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, s)) = m.next_entry::<String, ServiceConfig>()? {
+                    v.push((k, s));
+                }
+                Ok(OrderedServices(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// A parsed and checked services configuration.
@@ -230,13 +258,24 @@ impl ServicesConfig {
         };
         let file: FileConfig = toml::from_str(text).map_err(parse_err)?;
         let mut services = Vec::new();
-        for (name, v) in file.services {
-            // Re-parse each table on its own so an error names the service.
-            let s: ServiceConfig = v.try_into().map_err(|e: toml::de::Error| {
-                invalid(format!("[services.{name:?}]: {}", e.message()))
-            })?;
+        for (name, s) in file.services.0 {
             if name.trim().is_empty() {
                 return Err(invalid("a service name must not be empty".into()));
+            }
+            let l = &s.limits;
+            let zero = [
+                ("requests_per_minute", l.requests_per_minute == Some(0)),
+                ("tokens_per_minute", l.tokens_per_minute == Some(0)),
+                ("max_concurrent", l.max_concurrent == Some(0)),
+                (
+                    "max_tokens_per_request",
+                    l.max_tokens_per_request == Some(0),
+                ),
+            ];
+            if let Some((field, _)) = zero.iter().find(|(_, z)| *z) {
+                return Err(invalid(format!(
+                    "[services.{name:?}]: {field} must be at least 1 (leave it out for no limit)"
+                )));
             }
             if s.priority == 0 {
                 return Err(invalid(format!(
@@ -496,6 +535,17 @@ impl Services {
             }
         }
         if let Some(tpm) = l.tokens_per_minute {
+            if prompt_tokens > tpm {
+                // Waiting would not help; say so rather than send the client into a retry loop.
+                return Err(Refusal::Limited {
+                    message: format!(
+                        "the prompt has {prompt_tokens} tokens, more than the service `{}`'s \
+                         limit of {tpm} tokens per minute",
+                        s.name
+                    ),
+                    retry_after: 60,
+                });
+            }
             let used: u64 = w.tokens.iter().map(|&(_, n)| n).sum();
             if used + prompt_tokens > tpm {
                 // Wait until enough old tokens leave the window; a request that alone exceeds
@@ -581,6 +631,21 @@ mod tests {
     }
 
     #[test]
+    fn zero_limits_are_config_errors() {
+        let e = ServicesConfig::parse(
+            "[services.a]\nrequests_per_minute = 0\n",
+            Path::new("m.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("requests_per_minute must be at least 1"), "{e}");
+        let e = ServicesConfig::parse("[services.a]\npriority = -1\n", Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("priority"), "{e}");
+    }
+
+    #[test]
     fn unknown_field_is_an_error() {
         let e = ServicesConfig::parse("[services.a]\nprioritee = 2\n", Path::new("m.toml"))
             .unwrap_err()
@@ -616,5 +681,45 @@ mod tests {
             Err(Refusal::Limited { retry_after, .. }) => assert!((59..=60).contains(&retry_after)),
             _ => panic!("expected 429"),
         }
+    }
+
+    #[test]
+    fn tokens_per_minute_window_and_oversized_prompts() {
+        let text = "[services.t]\ntokens_per_minute = 100\n";
+        let s = Services::new(&ServicesConfig::parse(text, Path::new("m.toml")).unwrap());
+        assert!(!s.auth);
+        drop(s.admit(0, 60).unwrap());
+        s.add_tokens(0, 30);
+        // 90 used: a 20-token prompt waits until the first entry leaves the window.
+        match s.admit(0, 20) {
+            Err(Refusal::Limited {
+                retry_after,
+                message,
+            }) => {
+                assert!((59..=60).contains(&retry_after), "{retry_after}");
+                assert!(message.contains("90 used"), "{message}");
+            }
+            _ => panic!("expected 429"),
+        }
+        assert!(s.admit(0, 10).is_ok());
+        match s.admit(0, 101) {
+            Err(Refusal::Limited { message, .. }) => {
+                assert!(message.contains("more than"), "{message}")
+            }
+            _ => panic!("expected 429"),
+        }
+    }
+
+    #[test]
+    fn max_concurrent_slots_come_back_with_the_guard() {
+        let text = "[services.c]\nmax_concurrent = 1\n";
+        let s = Services::new(&ServicesConfig::parse(text, Path::new("m.toml")).unwrap());
+        let g = s.admit(0, 1).unwrap();
+        assert!(matches!(
+            s.admit(0, 1),
+            Err(Refusal::Limited { retry_after: 1, .. })
+        ));
+        drop(g);
+        assert!(s.admit(0, 1).is_ok());
     }
 }

@@ -389,3 +389,26 @@ fn bad_config_names_the_line() {
     .to_string();
     assert!(e.contains("not a key hash"), "{e}");
 }
+
+#[test]
+fn without_a_config_one_open_default_service_is_accounted() {
+    let base = shared(); // ServeConfig::default() services: open, loopback
+    let (s, b) = post(
+        &base,
+        "/v1/completions",
+        r#"{"prompt": "hi", "max_tokens": 2, "temperature": 0}"#,
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = get(&base, "/v1/usage?group_by=service,module");
+    assert_eq!(s, 200, "{b}");
+    let rows = json(&b)["data"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 1, "{b}");
+    assert_eq!(rows[0]["service"], "default");
+    assert_eq!(rows[0]["module"], "gemma-3-270m");
+    let (s, b) = get(&base, "/v1/services");
+    assert_eq!(s, 200);
+    assert_eq!(json(&b)["auth"], false);
+    let (s, html) = get(&base, "/");
+    assert_eq!(s, 200);
+    assert!(html.contains("<title>modu dashboard</title>"));
+}
