@@ -48,6 +48,104 @@ pub struct ServeBenchArgs {
     /// Print JSON (one object per level) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// In-process server: register this many random LoRA modules (all seven projections) and
+    /// send client `c`'s requests to module `c mod K`. Compare with 0 to see what mixing
+    /// modules in one batch costs.
+    #[arg(long, default_value_t = 0)]
+    pub modules: usize,
+    /// Rank of the random modules.
+    #[arg(long, default_value_t = 16)]
+    pub module_rank: usize,
+    /// With --url: request model names to cycle through per client (modules of that server).
+    #[arg(long, value_delimiter = ',')]
+    pub module_names: Vec<String>,
+    /// With --url against llama.cpp's llama-server started with N `--lora` adapters: client `c`
+    /// sends `"lora": [{"id": c mod N, "scale": 1}]` (the others at scale 0).
+    #[arg(long)]
+    pub llama_lora: Option<usize>,
+}
+
+/// What a request adds to pick its module.
+#[derive(Clone)]
+enum ModulePick {
+    None,
+    /// Request `model` names, by client.
+    Names(Vec<String>),
+    /// llama-server adapter ids, by client.
+    LlamaIds(usize),
+}
+
+impl ModulePick {
+    fn apply(&self, client: usize, body: &mut Value) {
+        match self {
+            ModulePick::None => {}
+            ModulePick::Names(n) => body["model"] = json!(n[client % n.len()]),
+            ModulePick::LlamaIds(k) => {
+                let list: Vec<Value> = (0..*k)
+                    .map(|i| json!({"id": i, "scale": if i == client % k { 1.0 } else { 0.0 }}))
+                    .collect();
+                body["lora"] = json!(list);
+            }
+        }
+    }
+
+    fn count(&self, clients: usize) -> usize {
+        match self {
+            ModulePick::None => 0,
+            ModulePick::Names(n) => n.len().min(clients),
+            ModulePick::LlamaIds(k) => (*k).min(clients),
+        }
+    }
+}
+
+/// `k` random rank-`rank` adapters over every projection of the base model, written as
+/// GGUF-LoRA files into `dir`: (name, path) pairs.
+fn random_modules(
+    file: &modu_gguf::GgufFile,
+    k: usize,
+    rank: usize,
+    dir: &std::path::Path,
+) -> Result<Vec<(String, std::path::PathBuf)>> {
+    use modu_engine::lora::LoraTensor;
+    let shapes = modu_engine::BaseShapes::from_gguf(file)?;
+    let mut out = Vec::new();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 0.02
+    };
+    for m in 0..k {
+        let layers = shapes
+            .layers
+            .iter()
+            .map(|l| {
+                std::array::from_fn(|p| {
+                    l[p].and_then(|(n_in, n_out)| {
+                        let a = (0..rank * n_in)
+                            .map(|_| half::f16::from_f32(rnd()))
+                            .collect();
+                        let b = (0..rank * n_out)
+                            .map(|_| half::f16::from_f32(rnd()))
+                            .collect();
+                        LoraTensor::new(rank, n_in, n_out, rank as f32, rank as f32, a, b)
+                    })
+                })
+            })
+            .collect();
+        let name = format!("bench-m{m}");
+        let ad = modu_engine::LoraAdapter::from_tensors(
+            &name,
+            Some(shapes.arch.clone()),
+            rank as f32,
+            layers,
+        )?;
+        let path = dir.join(format!("{name}.gguf"));
+        ad.to_gguf(&shapes.arch)?.write_file(&path)?;
+        out.push((name, path));
+    }
+    Ok(out)
 }
 
 /// One finished request.
@@ -101,8 +199,9 @@ fn one_request(
     model: &str,
     prompt: &str,
     n: usize,
+    pick: (&ModulePick, usize),
 ) -> Result<Sample> {
-    let body = json!({
+    let mut body = json!({
         "model": model,
         "prompt": prompt,
         "max_tokens": n,
@@ -111,6 +210,7 @@ fn one_request(
         "ignore_eos": true,
         "stream_options": {"include_usage": true},
     });
+    pick.0.apply(pick.1, &mut body);
     let start = Instant::now();
     let resp = agent
         .post(&format!("{base}/v1/completions"))
@@ -161,7 +261,13 @@ fn one_request(
     })
 }
 
-fn run_level(base: &str, model: &str, a: &ServeBenchArgs, clients: usize) -> Level {
+fn run_level(
+    base: &str,
+    model: &str,
+    pick: &ModulePick,
+    a: &ServeBenchArgs,
+    clients: usize,
+) -> Level {
     let agent = ureq::AgentBuilder::new()
         .timeout_read(Duration::from_secs(600))
         .build();
@@ -172,7 +278,9 @@ fn run_level(base: &str, model: &str, a: &ServeBenchArgs, clients: usize) -> Lev
                 let agent = agent.clone();
                 s.spawn(move || {
                     (0..a.rounds)
-                        .map(|r| one_request(&agent, base, model, &prompt_for(c, r), a.n_gen))
+                        .map(|r| {
+                            one_request(&agent, base, model, &prompt_for(c, r), a.n_gen, (pick, c))
+                        })
                         .collect()
                 })
             })
@@ -230,18 +338,37 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     }
     let max_clients = *a.clients.iter().max().expect("not empty");
     let mut own = None;
+    let mut pick = if !a.module_names.is_empty() {
+        ModulePick::Names(a.module_names.clone())
+    } else if let Some(k) = a.llama_lora {
+        if k == 0 {
+            bail!("--llama-lora needs at least 1 adapter");
+        }
+        ModulePick::LlamaIds(k)
+    } else {
+        ModulePick::None
+    };
+    let tmp = std::env::temp_dir().join(format!("modu-bench-modules-{}", std::process::id()));
     let base = match &a.url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {
             let l = load(&a.model)?;
             let (id, aliases) =
                 modu_server::model_names(&a.model.model, l.model.info().name.as_deref());
+            let mut modules = Vec::new();
+            if a.modules > 0 {
+                std::fs::create_dir_all(&tmp)?;
+                modules = random_modules(&l.file, a.modules, a.module_rank, &tmp)
+                    .context("writing random modules")?;
+                pick = ModulePick::Names(modules.iter().map(|m| m.0.clone()).collect());
+            }
             let config = modu_server::ServeConfig {
                 host: "127.0.0.1".into(),
                 port: 0,
                 parallel: a.parallel.unwrap_or(max_clients).max(1),
                 max_queue: max_clients * 2,
                 ctx: l.ctx,
+                modules,
                 ..Default::default()
             };
             let served = modu_server::ServedModel {
@@ -274,12 +401,18 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         }
     };
     // Warm up (page in weights) with one short request.
-    one_request(&agent, &base, &model, "Hello", 4)
+    one_request(&agent, &base, &model, "Hello", 4, (&pick, 0))
         .with_context(|| format!("warm-up request to {base}"))?;
     if !a.json {
         println!(
-            "target: {target}; {} tokens per request, {} round(s) per client",
-            a.n_gen, a.rounds
+            "target: {target}; {} tokens per request, {} round(s) per client; modules: {}",
+            a.n_gen,
+            a.rounds,
+            match &pick {
+                ModulePick::None => "none".to_string(),
+                ModulePick::Names(n) => format!("{} by name", n.len()),
+                ModulePick::LlamaIds(k) => format!("{k} llama-server adapter ids"),
+            }
         );
         println!(
             "| clients | requests | tokens | wall s | agg tok/s | per-stream tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
@@ -288,11 +421,12 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     }
     let mut rows = Vec::new();
     for &c in &a.clients {
-        let mut l = run_level(&base, &model, &a, c);
+        let mut l = run_level(&base, &model, &pick, &a, c);
         let agg = l.tokens as f64 / l.wall.as_secs_f64();
         let itl50 = percentile(&mut l.itl, 50.0);
         let row = json!({
             "target": target,
+            "modules": pick.count(c),
             "clients": l.clients,
             "requests": l.requests,
             "errors": l.errors.len(),
@@ -333,6 +467,7 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     if let Some(h) = own {
         h.stop().context("stopping the server")?;
     }
+    let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
 

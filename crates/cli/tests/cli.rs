@@ -1120,6 +1120,28 @@ fn bench_serve_reports_every_level_without_errors() {
         assert!(row["agg_tps"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["ttft_p99_ms"].as_f64().unwrap() >= row["ttft_p50_ms"].as_f64().unwrap());
     }
+    // Mixed modules: random rank-4 modules, one per client (cycled).
+    let out = ok(&[
+        "bench",
+        "serve",
+        "-m",
+        GEMMA,
+        "-c",
+        "1,3",
+        "-n",
+        "4",
+        "--modules",
+        "2",
+        "--module-rank",
+        "4",
+        "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for (row, (c, m)) in rows.as_array().unwrap().iter().zip([(1, 1), (3, 2)]) {
+        assert_eq!(row["modules"], m, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        assert_eq!(row["tokens"], 4 * c, "{row}");
+    }
     // A server that is not there is a clear error, not a hang.
     let out = modu(&[
         "bench",

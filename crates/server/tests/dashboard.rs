@@ -117,7 +117,10 @@ fn playground_chat_raises_the_services_tokens_and_cost_on_the_page() {
     assert!(seen["after"]["cost"].as_f64() > seen["before"]["cost"].as_f64());
     assert!(!seen["output"].as_str().unwrap().trim().is_empty());
     assert!(
-        seen["modules"].as_str().unwrap().contains("no modules registered"),
+        seen["modules"]
+            .as_str()
+            .unwrap()
+            .contains("no modules registered"),
         "{seen}"
     );
 
