@@ -31,6 +31,9 @@ pub enum BenchTarget {
     /// Load-test an OpenAI-compatible server (modu's own in-process, or --url) with concurrent
     /// streaming clients: aggregate tok/s, TTFT and inter-token latency percentiles.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// Register many random LoRA modules at run time while a stream runs: load latency,
+    /// resident memory against file sizes, and the stream's inter-token latency.
+    Modules(crate::bench_serve::ModulesBenchArgs),
 }
 
 #[derive(Args)]

@@ -484,3 +484,140 @@ mod tests {
         assert!(percentile(&mut [], 50.0).is_nan());
     }
 }
+
+#[derive(Args)]
+pub struct ModulesBenchArgs {
+    /// Base model (served in-process).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Modules to register.
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    /// Rank of the random modules (all seven projections).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Tokens of the stream that runs while the modules load.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Resident set size of this process, bytes (Linux; 0 elsewhere).
+fn rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<usize>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// `modu bench modules`: register many modules at run time while a stream is running. Reports
+/// load latency (p50/max), the resident-memory growth against the modules' file sizes, and the
+/// stream's inter-token latency with and without loads going on.
+pub fn bench_modules(a: ModulesBenchArgs) -> Result<()> {
+    if a.count == 0 || a.rank == 0 {
+        bail!("--count and --rank must be at least 1");
+    }
+    let l = load(&a.model)?;
+    let tmp = std::env::temp_dir().join(format!("modu-bench-modules-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let mods = random_modules(&l.file, a.count, a.rank, &tmp).context("writing random modules")?;
+    let file_bytes: u64 = mods
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let (id, aliases) = modu_server::model_names(&a.model.model, l.model.info().name.as_deref());
+    let config = modu_server::ServeConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        parallel: 2,
+        ctx: l.ctx,
+        ..Default::default()
+    };
+    let served = modu_server::ServedModel {
+        model: l.model,
+        tokenizer: l.tokenizer,
+        file: l.file,
+        id,
+        aliases,
+    };
+    let h = modu_server::start(served, config, false).context("starting the server")?;
+    let base = format!("http://{}", h.addr);
+    let agent = ureq::AgentBuilder::new().build();
+    let none = ModulePick::None;
+    // Warm up, then a baseline stream with nothing else going on.
+    one_request(&agent, &base, "", "Hello", 4, (&none, 0))?;
+    let quiet = one_request(&agent, &base, "", &prompt_for(0, 0), a.n_gen, (&none, 0))?;
+    let rss0 = rss_bytes();
+    // The same stream while every module is loaded through the HTTP API.
+    let (busy, loads) = std::thread::scope(|s| -> Result<(Sample, Vec<f64>)> {
+        let stream =
+            s.spawn(|| one_request(&agent, &base, "", &prompt_for(1, 0), a.n_gen, (&none, 0)));
+        // Let the stream start first.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut loads = Vec::with_capacity(mods.len());
+        for (name, path) in &mods {
+            let t = Instant::now();
+            agent
+                .post(&format!("{base}/v1/modules"))
+                .send_json(json!({"name": name, "path": path}))
+                .with_context(|| format!("loading {name}"))?;
+            loads.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let busy = stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
+        Ok((busy, loads))
+    })?;
+    let rss1 = rss_bytes();
+    h.stop().context("stopping the server")?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut loads_sorted = loads.clone();
+    let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+    let mut q: Vec<f64> = quiet.gaps.iter().map(ms).collect();
+    let mut b: Vec<f64> = busy.gaps.iter().map(ms).collect();
+    let growth = rss1.saturating_sub(rss0) as f64;
+    let row = json!({
+        "modules": a.count,
+        "rank": a.rank,
+        "file_bytes": file_bytes,
+        "rss_growth_bytes": growth,
+        "rss_growth_over_files": growth / file_bytes.max(1) as f64,
+        "load_ms_p50": percentile(&mut loads_sorted, 50.0),
+        "load_ms_max": percentile(&mut loads_sorted, 100.0),
+        "stream_itl_p50_ms_quiet": percentile(&mut q, 50.0),
+        "stream_itl_max_ms_quiet": percentile(&mut q, 100.0),
+        "stream_itl_p50_ms_loading": percentile(&mut b, 50.0),
+        "stream_itl_max_ms_loading": percentile(&mut b, 100.0),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&row)?);
+    } else {
+        println!(
+            "{} rank-{} modules, {:.1} MiB of files: resident memory grew {:.1} MiB ({:.2}x the files)",
+            a.count,
+            a.rank,
+            file_bytes as f64 / 1048576.0,
+            growth / 1048576.0,
+            row["rss_growth_over_files"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!(
+            "load time per module (HTTP round trip): p50 {:.1} ms, max {:.1} ms",
+            row["load_ms_p50"].as_f64().unwrap_or(f64::NAN),
+            row["load_ms_max"].as_f64().unwrap_or(f64::NAN)
+        );
+        println!(
+            "stream inter-token latency: quiet p50 {:.1} / max {:.1} ms; while loading p50 {:.1} / max {:.1} ms",
+            row["stream_itl_p50_ms_quiet"].as_f64().unwrap_or(f64::NAN),
+            row["stream_itl_max_ms_quiet"].as_f64().unwrap_or(f64::NAN),
+            row["stream_itl_p50_ms_loading"].as_f64().unwrap_or(f64::NAN),
+            row["stream_itl_max_ms_loading"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}

@@ -60,6 +60,7 @@ fn main() {
         Command::Info(a) => run::info(a),
         Command::Bench(mut a) => match a.target.take() {
             Some(bench::BenchTarget::Serve(s)) => bench_serve::bench_serve(s),
+            Some(bench::BenchTarget::Modules(m)) => bench_serve::bench_modules(m),
             None => bench::bench(a),
         },
         Command::Serve(a) => serve::serve(a),

@@ -1157,3 +1157,18 @@ fn bench_serve_reports_every_level_without_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("127.0.0.1:9"), "{err}");
 }
+
+#[test]
+fn bench_modules_registers_modules_while_streaming() {
+    let out = ok(&[
+        "bench", "modules", "-m", GEMMA, "--count", "3", "--rank", "4", "-n", "8", "--json",
+    ]);
+    let row: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(row["modules"], 3, "{row}");
+    assert!(row["file_bytes"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["load_ms_max"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(
+        row["stream_itl_p50_ms_loading"].as_f64().unwrap() > 0.0,
+        "{row}"
+    );
+}
