@@ -56,6 +56,10 @@ pub struct ServeBenchArgs {
     /// Rank of the random modules.
     #[arg(long, default_value_t = 16)]
     pub module_rank: usize,
+    /// Write the random modules (GGUF-LoRA, loadable by llama.cpp's `--lora`) into this
+    /// directory and keep them, instead of a temporary one (the contents are deterministic).
+    #[arg(long)]
+    pub module_dir: Option<std::path::PathBuf>,
     /// With --url: request model names to cycle through per client (modules of that server).
     #[arg(long, value_delimiter = ',')]
     pub module_names: Vec<String>,
@@ -357,8 +361,9 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
                 modu_server::model_names(&a.model.model, l.model.info().name.as_deref());
             let mut modules = Vec::new();
             if a.modules > 0 {
-                std::fs::create_dir_all(&tmp)?;
-                modules = random_modules(&l.file, a.modules, a.module_rank, &tmp)
+                let dir = a.module_dir.clone().unwrap_or_else(|| tmp.clone());
+                std::fs::create_dir_all(&dir)?;
+                modules = random_modules(&l.file, a.modules, a.module_rank, &dir)
                     .context("writing random modules")?;
                 pick = ModulePick::Names(modules.iter().map(|m| m.0.clone()).collect());
             }
