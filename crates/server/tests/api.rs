@@ -115,13 +115,19 @@ fn completion_non_streaming_matches_generate() {
 }
 
 #[test]
-fn four_concurrent_requests_give_the_same_greedy_text_as_alone() {
-    let base = shared();
+fn eight_concurrent_requests_give_the_same_greedy_text_as_alone() {
+    // A server of its own with 8 slots, so all eight share every batch step.
+    let h = common::start(8, 16);
+    let base = format!("http://{}", h.addr);
     let prompts = [
         "Once upon a time",
         "The quick brown fox",
         "def fibonacci(n):",
         "서울은 한국의",
+        "안녕하세요, 저는",
+        "In 1969 the first",
+        "fn main() {",
+        "The capital of France is",
     ];
     let alone: Vec<String> = prompts.iter().map(|p| reference(p, 20)).collect();
     let handles: Vec<_> = prompts
