@@ -1,6 +1,7 @@
 //! `modu`: run quantized GGUF language models on the CPU.
 
 mod bench;
+mod module;
 mod pull;
 mod run;
 mod serve;
@@ -39,6 +40,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// LoRA modules (adapters): inspect, merge, fold into a base model.
+    #[command(subcommand)]
+    Module(module::ModuleCommand),
 }
 
 fn main() {
@@ -53,6 +57,7 @@ fn main() {
         Command::Info(a) => run::info(a),
         Command::Bench(a) => bench::bench(a),
         Command::Serve(a) => serve::serve(a),
+        Command::Module(c) => module::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

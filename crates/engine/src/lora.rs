@@ -34,6 +34,8 @@ use modu_gguf::{GgmlType, GgufFile, GgufWriter, Value};
 
 use crate::layers::Segment;
 
+pub mod merge;
+
 /// Largest supported rank of one adapted projection (the batched path keeps a rank vector on
 /// the stack).
 pub const MAX_RANK: usize = 1024;
