@@ -12,6 +12,9 @@
 //!   encoder for it (F32, F16, BF16, Q8_0); other types (the K-quants, Q4_0/Q4_1/Q5_0/Q5_1) are
 //!   stored as F16, since the kernels crate has no weight quantizer for them.
 
+// `is_multiple_of` needs Rust 1.87; the workspace supports 1.80.
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
 use half::{bf16, f16};
 use modu_gguf::{GgmlType, GgufFile, GgufWriter};
 
