@@ -3,6 +3,7 @@
 mod bench;
 mod bench_serve;
 mod key;
+mod module;
 mod pull;
 mod run;
 mod serve;
@@ -46,6 +47,9 @@ enum Command {
     Key(key::KeyArgs),
     /// Show recorded usage (tokens, CPU, energy, cost) by service, module and time.
     Usage(usage::UsageArgs),
+    /// LoRA modules (adapters): inspect, merge, fold into a base model.
+    #[command(subcommand)]
+    Module(module::ModuleCommand),
 }
 
 fn main() {
@@ -66,6 +70,7 @@ fn main() {
         Command::Serve(a) => serve::serve(a),
         Command::Key(a) => key::key(a),
         Command::Usage(a) => usage::usage(a),
+        Command::Module(c) => module::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use modu_engine::chat::{ChatMessage, ChatTemplate};
-use modu_engine::generate::{generate, GenerateParams};
+use modu_engine::generate::{generate_with, GenerateParams};
 use modu_engine::{load_model, Model, SamplingParams, Tokenizer};
 use modu_gguf::GgufFile;
 
@@ -114,6 +114,10 @@ pub struct RunArgs {
     /// Print timings to stderr.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Apply a LoRA module (a .gguf adapter or a PEFT directory), optionally at a scale
+    /// (default 1); repeat to sum several.
+    #[arg(long = "module", value_name = "PATH[=SCALE]")]
+    pub modules: Vec<String>,
 }
 
 #[derive(Args)]
@@ -126,6 +130,10 @@ pub struct ChatArgs {
     pub system: Option<String>,
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// Apply a LoRA module (a .gguf adapter or a PEFT directory), optionally at a scale
+    /// (default 1); repeat to sum several.
+    #[arg(long = "module", value_name = "PATH[=SCALE]")]
+    pub modules: Vec<String>,
 }
 
 #[derive(Args)]
@@ -232,6 +240,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let params = a.sampling.params(a.logprobs)?;
     let l = load(&a.model)?;
+    let modules = crate::module::load_modules(&a.modules, l.model.as_ref())?;
     let text = if a.chat {
         let tpl = template(&l.file, &a.chat_template)?;
         let mut msgs = vec![];
@@ -259,12 +268,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut first: Option<f64> = None;
     let stdout = std::io::stdout();
     let json = a.json;
-    let gen = generate(
+    let gen = generate_with(
         l.model.as_ref(),
         &l.tokenizer,
         &mut cache,
         &ids,
         &params,
+        &modules,
         |piece, _| {
             first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
             if !json {
@@ -330,6 +340,7 @@ fn json_output(prompt: &[u32], tokens: &[modu_engine::generate::GeneratedToken])
 pub fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params(None)?;
     let l = load(&a.model)?;
+    let modules = crate::module::load_modules(&a.modules, l.model.as_ref())?;
     let tpl = template(&l.file, &a.chat_template)?;
     let mut msgs = vec![];
     if let Some(s) = &a.system {
@@ -363,12 +374,13 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
         // The cache keeps the longest common prefix with the previous turn.
         cache.truncate(common_prefix(&cached_ids, &ids));
-        let gen = generate(
+        let gen = generate_with(
             l.model.as_ref(),
             &l.tokenizer,
             &mut cache,
             &ids,
             &params,
+            &modules,
             |piece, _| {
                 print!("{piece}");
                 let _ = std::io::stdout().flush();

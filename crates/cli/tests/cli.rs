@@ -1172,3 +1172,169 @@ fn bench_modules_registers_modules_while_streaming() {
         "{row}"
     );
 }
+// ---------------------------------------------------------------------------------------------
+// LoRA modules: `modu run --module`, `modu module info|merge`
+
+/// The shared LoRA goldens (../shared/golden/lora beside the repository; see tests/golden/README.md).
+fn shared_lora(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/golden/lora")
+        .join(name);
+    assert!(p.exists(), "LoRA golden data missing: {}", p.display());
+    p.to_str().unwrap().to_string()
+}
+
+fn run_ids(extra: &[&str], prompt: &str, n: &str) -> (Vec<u32>, Vec<u32>) {
+    let mut args = vec![
+        "run", "-m", QWEN, "-p", prompt, "--temp", "0", "-n", n, "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (p, toks) = parse_run_json(&ok(&args), 0);
+    (p, toks.iter().map(|t| t.id).collect())
+}
+
+#[test]
+fn run_with_modules_matches_llama_cpp() {
+    let g = golden("lora/qwen-lora-public.json");
+    let cases = g["cases"].as_array().unwrap();
+    // "def fibonacci(n):\n" with lora-a at 1.0 (GGUF) and lora-b at 1.0 (PEFT directory).
+    for (setting, module) in [
+        ("a0", format!("{}=1", shared_lora("lora-a.gguf"))),
+        ("a1", shared_lora("peft-lora-b")),
+        ("a0_half", format!("{}=0.5", shared_lora("lora-a.gguf"))),
+    ] {
+        let c = cases
+            .iter()
+            .find(|c| c["setting"] == setting && c["prompt_text"] == "def fibonacci(n):\n")
+            .unwrap();
+        let want = ids(&c["generated_ids"]);
+        let (prompt, got) = run_ids(&["--module", &module], "def fibonacci(n):\n", "16");
+        assert_eq!(prompt, ids(&c["prompt_ids"]));
+        assert_eq!(got, want[..16], "{setting}");
+    }
+    // Scale 0 is the base model; the adapter changes the output.
+    let p = "The history of the printing press begins";
+    let (_, base) = run_ids(&[], p, "8");
+    let zero = format!("{}=0", shared_lora("lora-a.gguf"));
+    assert_eq!(run_ids(&["--module", &zero], p, "8").1, base);
+    let one = shared_lora("lora-a.gguf");
+    assert_ne!(run_ids(&["--module", &one], p, "8").1, base);
+}
+
+#[test]
+fn module_info_describes_adapters() {
+    let out = ok(&["module", "info", &shared_lora("lora-a.gguf")]);
+    for want in [
+        "gguf-lora",
+        "qwen2",
+        "rank:        8",
+        "alpha:       16",
+        "168 A/B pairs",
+        "attn_q",
+        "ffn_down",
+        "8798208",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let out = ok(&["module", "info", "--json", &shared_lora("peft-lora-a")]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["format"], "peft");
+    assert_eq!(v["rank"], 8);
+    assert_eq!(v["alpha"], 16.0);
+    assert_eq!(v["tensors"], 168);
+    assert_eq!(v["targets"].as_array().unwrap().len(), 7);
+    assert_eq!(v["base_model"], "Qwen/Qwen2.5-Coder-0.5B-Instruct");
+    let out = ok(&["module", "info", "--tensors", &shared_lora("lora-b.gguf")]);
+    assert!(out.contains("blk.23.ffn_down"), "{out}");
+}
+
+#[test]
+fn module_errors_are_clean() {
+    let model = model_path(QWEN);
+    fails(
+        &["module", "info", model.to_str().unwrap()],
+        1,
+        &["not an adapter"],
+    );
+    fails(
+        &["module", "info", "/no/such/adapter.gguf"],
+        1,
+        &["no such file"],
+    );
+    let junk = TempFile::new("junk-adapter.gguf", b"GGUF\x03\x00\x00\x00");
+    fails(&["module", "info", junk.path()], 1, &["truncated"]);
+    // A Qwen adapter on the Gemma model.
+    fails(
+        &[
+            "run",
+            "-m",
+            GEMMA,
+            "-p",
+            "hi",
+            "-n",
+            "1",
+            "--module",
+            &shared_lora("lora-a.gguf"),
+        ],
+        1,
+        &["loading module", "wrong base model"],
+    );
+    fails(
+        &[
+            "run",
+            "-m",
+            QWEN,
+            "-p",
+            "hi",
+            "-n",
+            "1",
+            "--module",
+            "/no/such/dir",
+        ],
+        1,
+        &["loading module"],
+    );
+    fails(
+        &[
+            "module",
+            "merge",
+            "--weights",
+            "1",
+            &shared_lora("lora-a.gguf"),
+            &shared_lora("lora-b.gguf"),
+            "-o",
+            "/tmp/x.gguf",
+        ],
+        1,
+        &["--weights has 1 values for 2 adapters"],
+    );
+}
+
+/// A linear merge is exact: running the merged adapter gives what running both gives.
+#[test]
+fn module_merge_linear_equals_both_modules() {
+    let out =
+        std::env::temp_dir().join(format!("modu-cli-test-{}-merged.gguf", std::process::id()));
+    let out_s = out.to_str().unwrap();
+    let (a, b) = (shared_lora("lora-a.gguf"), shared_lora("lora-b.gguf"));
+    ok(&[
+        "module",
+        "merge",
+        "--method",
+        "linear",
+        "--weights",
+        "1,0.5",
+        &a,
+        &b,
+        "-o",
+        out_s,
+    ]);
+    let info = ok(&["module", "info", out_s]);
+    assert!(info.contains("rank:        16"), "{info}");
+    let p = "def fibonacci(n):\n";
+    let merged = run_ids(&["--module", out_s], p, "12").1;
+    let bhalf = format!("{b}=0.5");
+    let both = run_ids(&["--module", &a, "--module", &bhalf], p, "12").1;
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(merged, both);
+}

@@ -24,6 +24,9 @@
 //! to f16 for `A·x` (f32 accumulation), the rank vector `t` is rounded to f16 for `B·t`
 //! (f32 accumulation), then scaled and added to the base projection's output before its bias.
 
+// `is_multiple_of` needs Rust 1.87; the workspace supports 1.80.
+#![allow(unknown_lints, clippy::manual_is_multiple_of)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -33,6 +36,8 @@ use half::f16;
 use modu_gguf::{GgmlType, GgufFile, GgufWriter, Value};
 
 use crate::layers::Segment;
+
+pub mod merge;
 
 /// Largest supported rank of one adapted projection (the batched path keeps a rank vector on
 /// the stack).
@@ -392,6 +397,9 @@ impl fmt::Debug for LoraAdapter {
     }
 }
 
+/// A safetensors tensor with its name.
+type NamedView<'a> = (String, safetensors::tensor::TensorView<'a>);
+
 /// A validated, not yet converted tensor pair: where its data is, its dtype and shape.
 struct PendingPair<'a> {
     layer: usize,
@@ -750,10 +758,7 @@ impl LoraAdapter {
             reason,
         };
         let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| st_err(e.to_string()))?;
-        let mut halves: HashMap<
-            (usize, Proj),
-            [Option<(String, safetensors::tensor::TensorView)>; 2],
-        > = HashMap::new();
+        let mut halves: HashMap<(usize, Proj), [Option<NamedView>; 2]> = HashMap::new();
         for (name, view) in st.tensors() {
             let (layer, proj, which) = parse_hf_name(&name)
                 .ok_or_else(|| LoraError::UnknownTensor { name: name.clone() })?;
@@ -1212,12 +1217,11 @@ fn parse_hf_name(name: &str) -> Option<(usize, Proj, usize)> {
     let layer: usize = parts.get(li + 1)?.parse().ok()?;
     let rest = &parts[li + 2..];
     // [self_attn|mlp, x_proj, lora_A|lora_B, (default,) weight]
-    let (module, ab, tail) = match rest {
-        [_, m, ab, "weight"] => (*m, *ab, ()),
-        [_, m, ab, _, "weight"] => (*m, *ab, ()),
+    let (module, ab) = match rest {
+        [_, m, ab, "weight"] => (*m, *ab),
+        [_, m, ab, _, "weight"] => (*m, *ab),
         _ => return None,
     };
-    let _ = tail;
     let which = match ab {
         "lora_A" => 0,
         "lora_B" => 1,
@@ -1353,10 +1357,9 @@ impl<'a> BatchLora<'a> {
                         pass.groups.len() - 1
                     }
                 };
-                for r in seg.start..seg.start + seg.len {
-                    pass.rows[r] = Some((gi as u32, scale, seg.len > 1));
-                    touched[r] = true;
-                }
+                let rows = seg.start..seg.start + seg.len;
+                pass.rows[rows.clone()].fill(Some((gi as u32, scale, seg.len > 1)));
+                touched[rows].fill(true);
                 pass.n_rows += seg.len;
             }
             passes.push(pass);

@@ -190,11 +190,14 @@ impl Tiny {
 
 /// A random adapter's A `(rank, n_in)` and B `(n_out, rank)` per (layer, projection), values
 /// already rounded to f16.
+/// Per (layer, projection): A, B, n_in, n_out.
+type Pairs = BTreeMap<(usize, Proj), (Vec<f32>, Vec<f32>, usize, usize)>;
+
 struct RandAdapter {
     rank: usize,
     alpha: f32,
     layers: usize,
-    pairs: BTreeMap<(usize, Proj), (Vec<f32>, Vec<f32>, usize, usize)>,
+    pairs: Pairs,
 }
 
 fn round16(v: Vec<f32>) -> Vec<f32> {
@@ -811,7 +814,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)
         off += b.len();
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while h.len() & 7 != 0 {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -969,4 +972,90 @@ fn peft_malformed() {
         |_| {},
     ));
     assert!(matches!(e, LoraError::BadConfig { .. }), "{e}");
+}
+
+// Merging and export ---------------------------------------------------------------------------
+
+/// `linear` merges exactly (up to f16 rounding of the folded scales), survives a GGUF round trip,
+/// and TIES/DARE at density 1 of a single adapter re-factor it to the same update.
+#[test]
+fn merges_and_export() {
+    use modu_engine::lora::merge;
+    let tiny = Tiny::new("qwen2", 5);
+    let model = tiny.model();
+    let base = model.module_shapes();
+    let (la, lb) = (
+        tiny_adapter(4, 1).load("qwen2", base),
+        tiny_adapter(8, 2).load("qwen2", base),
+    );
+    let both = run(
+        model.as_ref(),
+        &TOKENS,
+        &[(la.clone(), 1.0), (lb.clone(), 0.5)],
+    );
+    let lin = merge::linear(&[&la, &lb], &[1.0, 0.5], "lin").unwrap();
+    assert_eq!(lin.rank(), 12);
+    let path = tmpdir("merge").join("lin.gguf");
+    lin.to_gguf("qwen2").unwrap().write_file(&path).unwrap();
+    let reread = Arc::new(LoraAdapter::open(&path, Some(base)).unwrap());
+    let lin = Arc::new(lin);
+    let got = run(model.as_ref(), &TOKENS, &[(lin.clone(), 1.0)]);
+    let err = max_diff(&got, &both) / max_abs(&both);
+    assert!(err < 5e-3, "linear merge rel err {err}");
+    assert_eq!(
+        run(model.as_ref(), &TOKENS, &[(reread, 1.0)]),
+        got,
+        "GGUF round trip"
+    );
+
+    let one = run(model.as_ref(), &TOKENS, &[(la.clone(), 1.0)]);
+    for how in [
+        merge::Dense::Ties { density: 1.0 },
+        merge::Dense::Dare {
+            density: 1.0,
+            seed: 3,
+        },
+    ] {
+        let m = Arc::new(merge::dense(&[&la], &[1.0], how, 4, "d").unwrap());
+        let got = run(model.as_ref(), &TOKENS, &[(m, 1.0)]);
+        let err = max_diff(&got, &one) / max_abs(&one);
+        assert!(err < 1e-2, "{how:?}: rel err {err}");
+    }
+    // TIES/DARE at lower density still give a valid adapter of the asked rank.
+    let t = merge::dense(
+        &[&la, &lb],
+        &[0.5, 0.5],
+        merge::Dense::Ties { density: 0.3 },
+        6,
+        "t",
+    )
+    .unwrap();
+    assert_eq!(t.rank(), 6);
+    assert!(merge::dense(
+        &[&la],
+        &[1.0],
+        merge::Dense::Dare {
+            density: 0.0,
+            seed: 1
+        },
+        4,
+        "x"
+    )
+    .is_err());
+    assert!(merge::linear(&[&la, &lb], &[1.0], "x").is_err());
+
+    // Folding into the base: F32 weights stay F32 and the model equals base + module.
+    let file = tiny.file();
+    let ex = merge::merge_into_base(&file, &la, 0.8).unwrap();
+    assert!(ex
+        .conversions
+        .iter()
+        .all(|c| c.0 == GgmlType::F32 && c.1 == GgmlType::F32));
+    let mut bytes = Vec::new();
+    ex.writer.write_to(&mut bytes).unwrap();
+    let merged = load_model(Arc::new(GgufFile::from_bytes(bytes).unwrap())).unwrap();
+    let want = run(model.as_ref(), &TOKENS, &[(la, 0.8)]);
+    let got = run(merged.as_ref(), &TOKENS, &[]);
+    let err = max_diff(&got, &want) / max_abs(&want);
+    assert!(err < 1e-2, "export rel err {err}");
 }

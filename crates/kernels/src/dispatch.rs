@@ -272,11 +272,7 @@ pub fn scale_f16(acc: &mut [f16], s: f32) {
 /// `k` is a multiple of 8 (LoRA adapters). Rows beyond `w.len() / k` are left untouched.
 pub fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
     let k = x.len();
-    let rows = if k == 0 {
-        0
-    } else {
-        out.len().min(w.len() / k)
-    };
+    let rows = w.len().checked_div(k).map_or(0, |r| out.len().min(r));
     let out = &mut out[..rows];
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
@@ -294,11 +290,7 @@ pub fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
 /// untouched.
 pub fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
     let k = x.len();
-    let rows = if k == 0 {
-        0
-    } else {
-        out.len().min(w.len() / k)
-    };
+    let rows = w.len().checked_div(k).map_or(0, |r| out.len().min(r));
     let out = &mut out[..rows];
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {

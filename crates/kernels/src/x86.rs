@@ -1380,26 +1380,50 @@ pub unsafe fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
 pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
     let k = x.len();
     let np = k / 32 * 32;
+    let tail = k - np;
     let xp = x.as_ptr() as *const u16;
     let ld = |p: *const u16, i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(i) as *const __m128i));
+    // The < 32 tail elements as f32 (conversion is exact), x's once, each row's per row: the
+    // tail products are then summed in f64 in order, as ggml does, without a software f16
+    // conversion per element (short rows such as LoRA's rank-8 B are all tail).
+    let to_f32 = |p: *const u16, src: &[f16], dst: &mut [f32; 32]| {
+        let mut j = 0;
+        while j + 8 <= tail {
+            // SAFETY: np + j + 8 <= k, the length of the source row; unaligned load.
+            _mm256_storeu_ps(dst.as_mut_ptr().add(j), ld(p, np + j));
+            j += 8;
+        }
+        while j < tail {
+            dst[j] = src[np + j].to_f32();
+            j += 1;
+        }
+    };
+    let mut xt = [0f32; 32];
+    to_f32(xp, x, &mut xt);
+    let mut wt = [0f32; 32];
     for (r, o) in out.iter_mut().enumerate() {
         let row = &w[r * k..(r + 1) * k];
         let wp = row.as_ptr() as *const u16;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        // SAFETY: i + 32 <= np <= k, the length of both `row` and `x`; unaligned loads.
-        while i < np {
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(ld(wp, i + 8 * j), ld(xp, i + 8 * j), *a);
+        // With no 32-element step the reduction is +0.0 (skipped: the same value).
+        let mut sum = 0f64;
+        if np > 0 {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            // SAFETY: i + 32 <= np <= k, the length of both `row` and `x`; unaligned loads.
+            while i < np {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(ld(wp, i + 8 * j), ld(xp, i + 8 * j), *a);
+                }
+                i += 32;
             }
-            i += 32;
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+            let t0 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let t1 = _mm_hadd_ps(t0, t0);
+            sum = _mm_cvtss_f32(_mm_hadd_ps(t1, t1)) as f64;
         }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
-        let t0 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let t1 = _mm_hadd_ps(t0, t0);
-        let mut sum = _mm_cvtss_f32(_mm_hadd_ps(t1, t1)) as f64;
-        for j in np..k {
-            sum += (row[j].to_f32() * x[j].to_f32()) as f64;
+        to_f32(wp, row, &mut wt);
+        for j in 0..tail {
+            sum += (wt[j] * xt[j]) as f64;
         }
         *o = sum as f32;
     }
