@@ -33,6 +33,7 @@ mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 mod matmul;
+pub mod quantize;
 pub mod scalar;
 #[doc(hidden)]
 pub mod testutil;
@@ -46,6 +47,7 @@ pub use matmul::{
     ActivationData, QuantizedActivations,
 };
 pub use modu_gguf::GgmlType;
+pub use quantize::{quantize_row, QUANTIZE_TYPES};
 
 /// Errors from the kernel entry points: all are caller mistakes in sizes or types.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +77,8 @@ pub enum KernelError {
     Columns { expected: usize, got: usize },
     #[error("size overflow")]
     Overflow,
+    #[error("value {index} is not finite (NaN or infinite); refusing to quantize")]
+    NonFinite { index: usize },
 }
 
 /// A row-major weight matrix in a ggml format: `rows` rows of `cols` elements, each row
