@@ -2,6 +2,7 @@
 
 mod bench;
 mod pull;
+mod quant;
 mod run;
 mod serve;
 
@@ -39,6 +40,13 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Rewrite a GGUF model with its weights in another (quantized) format.
+    Quantize(quant::QuantizeArgs),
+    /// Measure model quality: perplexity, or KL divergence from a base model.
+    #[command(subcommand)]
+    Eval(quant::EvalCmd),
+    /// Compute an importance matrix (per-column mean x² of each matmul input) from a text.
+    Imatrix(quant::ImatrixArgs),
 }
 
 fn main() {
@@ -53,6 +61,9 @@ fn main() {
         Command::Info(a) => run::info(a),
         Command::Bench(a) => bench::bench(a),
         Command::Serve(a) => serve::serve(a),
+        Command::Quantize(a) => quant::quantize(a),
+        Command::Eval(c) => quant::eval(c),
+        Command::Imatrix(a) => quant::imatrix(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
