@@ -173,9 +173,11 @@ fn blocks256(
     }
 }
 
+/// Round half away from zero and clamp. (`f32::round` is a libm call without SSE4.1; this is
+/// a truncating conversion, which the scale searches do millions of times per tensor.)
 #[inline(always)]
 fn nearest(v: f32, lo: i32, hi: i32) -> i32 {
-    (v.round() as i32).clamp(lo, hi)
+    ((v + 0.5f32.copysign(v)) as i32).clamp(lo, hi)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,13 +281,8 @@ fn fit_affine(x: &[f32], w: &[f32], qmax: i32, nonpos_min: bool, nstep: i32) -> 
         if d < 0.0 {
             continue;
         }
-        // Error with these q, d, m.
-        let mut err = 0f32;
-        for (&v, &wi) in x.iter().zip(w) {
-            let q = nearest((v - min) * iscale, 0, qmax) as f32;
-            let e = v - d * q - m;
-            err += wi * e * e;
-        }
+        // Σw(x − dq − m)² expanded in the sums above (Σwx² is the same for every candidate).
+        let err = d * d * swqq + m * m * sw + 2.0 * d * m * swq - 2.0 * d * swxq - 2.0 * m * swx;
         if err < best_err {
             best_err = err;
             best = (d, m);
@@ -343,7 +340,7 @@ fn q8_0_block(x: &[f32], _w: &[f32], o: &mut [u8]) {
 /// Shared by Q4_0/Q5_0: symmetric fit over `[-half, half-1]`, stored as `q + half`.
 fn sym32(x: &[f32], w: &[f32], bits: u32) -> (f32, [u8; QK]) {
     let half = 1i32 << (bits - 1);
-    let d = f16_round(fit_symmetric(x, w, -half, half - 1, 10));
+    let d = f16_round(fit_symmetric(x, w, -half, half - 1, 6));
     let mut q = [0i32; QK];
     requant_sym(x, w, d, -half, half - 1, &mut q);
     let mut u = [0u8; QK];
@@ -672,7 +669,7 @@ fn signed_scales(
 fn q3_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
     let mut sc = [0f32; 16];
     for g in 0..16 {
-        sc[g] = fit_symmetric(&x[g * 16..g * 16 + 16], &w[g * 16..g * 16 + 16], -4, 3, 15);
+        sc[g] = fit_symmetric(&x[g * 16..g * 16 + 16], &w[g * 16..g * 16 + 16], -4, 3, 8);
     }
     let (d, si) = signed_scales(x, w, &sc, 32, -4, 3);
     let mut q = [0i32; QK_K];
@@ -715,7 +712,7 @@ fn q3_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
 fn q6_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
     let mut sc = [0f32; 16];
     for g in 0..16 {
-        sc[g] = fit_symmetric(&x[g * 16..g * 16 + 16], &w[g * 16..g * 16 + 16], -32, 31, 9);
+        sc[g] = fit_symmetric(&x[g * 16..g * 16 + 16], &w[g * 16..g * 16 + 16], -32, 31, 4);
     }
     let (d, si) = signed_scales(x, w, &sc, 128, -32, 31);
     let mut q = [0i32; QK_K];
@@ -1023,6 +1020,27 @@ mod tests {
                 .zip(&y)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= tol, "{ty}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::testutil::Rng;
+
+    /// `cargo test --release -p modu-kernels --lib quantize::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn throughput() {
+        let mut rng = Rng::new(1);
+        let x = rng.f32s(1 << 20, 1.0);
+        for &ty in QUANTIZE_TYPES {
+            let mut buf = vec![0u8; row_bytes(ty, x.len()).unwrap()];
+            let t = std::time::Instant::now();
+            quantize_row(ty, &x, &mut buf, None).unwrap();
+            let s = t.elapsed().as_secs_f64();
+            eprintln!("{ty}: {:.1} M elements/s", x.len() as f64 / s / 1e6);
         }
     }
 }
