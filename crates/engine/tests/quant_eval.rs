@@ -211,3 +211,46 @@ fn ppl_kld_imatrix_on_qwen() {
     assert_eq!(m["blk.23.ffn_down.weight"].len(), 4864);
     assert_eq!(m.len(), 24 * 7 + 1); // q k v o gate up down per layer + output
 }
+
+/// Per-tensor relative RMS error of two quantizations of the same source (diagnostics):
+/// `MODU_CMP_SRC=src.gguf MODU_CMP_A=a.gguf MODU_CMP_B=b.gguf cargo test --release -p
+/// modu-engine --test quant_eval compare_files -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn compare_files() {
+    let get = |k: &str| GgufFile::open(std::env::var(k).expect(k)).unwrap();
+    let (src, a, b) = (get("MODU_CMP_SRC"), get("MODU_CMP_A"), get("MODU_CMP_B"));
+    let mut tot = HashMap::<String, (f64, f64, f64)>::new();
+    for t in src.tensors() {
+        if t.dims.len() < 2 {
+            continue;
+        }
+        let x = read_f32(&src, &t.name);
+        let ya = read_f32(&a, &t.name);
+        let yb = read_f32(&b, &t.name);
+        let e = |y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| ((p - q) as f64).powi(2))
+                .sum::<f64>()
+        };
+        let s: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum();
+        let (ea, eb) = (e(&ya), e(&yb));
+        let ta = a.tensor_info(&t.name).unwrap().ty;
+        let tb = b.tensor_info(&t.name).unwrap().ty;
+        let kind = format!("{} {ta}/{tb}", t.name.split('.').rev().nth(1).unwrap_or(""));
+        let en = tot.entry(kind).or_default();
+        en.0 += ea;
+        en.1 += eb;
+        en.2 += s;
+    }
+    let mut k: Vec<_> = tot.into_iter().collect();
+    k.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, (ea, eb, s)) in k {
+        eprintln!(
+            "{name:<28} A {:.5}  B {:.5}",
+            (ea / s).sqrt(),
+            (eb / s).sqrt()
+        );
+    }
+}
