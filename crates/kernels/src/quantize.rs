@@ -446,6 +446,135 @@ fn quantize_scales<const N: usize>(
     best
 }
 
+/// Given the integer sub-block scales/mins and values, re-solve the two f16 super-scales by
+/// weighted least squares (`x ≈ d·(sc·q) − dmin·m`), re-round the values, and keep the result
+/// when the weighted error drops. Two rounds. `gs` is the sub-block size.
+#[allow(clippy::too_many_arguments)]
+fn refine_affine(
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    si: &[i32],
+    mi: &[i32],
+    qmax: i32,
+    (mut d, mut dmin): (f32, f32),
+    q: &mut [i32; QK_K],
+) -> (f32, f32) {
+    let err_of = |d: f32, dmin: f32, q: &mut [i32; QK_K]| -> f32 {
+        let mut e = 0f32;
+        for g in 0..si.len() {
+            let r = g * gs..(g + 1) * gs;
+            e += requant_affine(
+                &x[r.clone()],
+                &w[r.clone()],
+                d * si[g] as f32,
+                dmin * mi[g] as f32,
+                qmax,
+                &mut q[r],
+            );
+        }
+        e
+    };
+    let mut best = err_of(d, dmin, q);
+    for _ in 0..2 {
+        let (mut a2, mut b2, mut ab, mut xa, mut xb) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        for g in 0..si.len() {
+            for i in g * gs..(g + 1) * gs {
+                let (wi, xi) = (w[i] as f64, x[i] as f64);
+                let a = (si[g] * q[i]) as f64;
+                let b = mi[g] as f64;
+                a2 += wi * a * a;
+                b2 += wi * b * b;
+                ab += wi * a * b;
+                xa += wi * xi * a;
+                xb += wi * xi * b;
+            }
+        }
+        let det = a2 * b2 - ab * ab;
+        let (mut nd, mut nu) = if det > 1e-12 * a2 * b2.max(1e-30) && det > 0.0 {
+            ((xa * b2 - ab * xb) / det, (ab * xa - a2 * xb) / det)
+        } else if a2 > 0.0 {
+            (xa / a2, 0.0)
+        } else {
+            break;
+        };
+        if nu < 0.0 {
+            nu = 0.0;
+            nd = if a2 > 0.0 { xa / a2 } else { 0.0 };
+        }
+        if nd <= 0.0 {
+            break;
+        }
+        let (nd, nu) = (f16_round(nd as f32), f16_round(nu as f32));
+        let mut nq = [0i32; QK_K];
+        let e = err_of(nd, nu, &mut nq);
+        if e < best {
+            best = e;
+            d = nd;
+            dmin = nu;
+            *q = nq;
+        } else {
+            break;
+        }
+    }
+    // Leave `q` rounded against the returned scales.
+    err_of(d, dmin, q);
+    (d, dmin)
+}
+
+/// As [`refine_affine`] for the symmetric K-quants (`x ≈ d·sc·q`, 16 groups of 16).
+fn refine_symmetric(
+    x: &[f32],
+    w: &[f32],
+    si: &[i32; 16],
+    qmin: i32,
+    qmax: i32,
+    mut d: f32,
+    q: &mut [i32; QK_K],
+) -> f32 {
+    let err_of = |d: f32, q: &mut [i32; QK_K]| -> f32 {
+        let mut e = 0f32;
+        for g in 0..16 {
+            let r = g * 16..g * 16 + 16;
+            e += requant_sym(
+                &x[r.clone()],
+                &w[r.clone()],
+                d * si[g] as f32,
+                qmin,
+                qmax,
+                &mut q[r],
+            );
+        }
+        e
+    };
+    let mut best = err_of(d, q);
+    for _ in 0..2 {
+        let (mut a2, mut xa) = (0f64, 0f64);
+        for g in 0..16 {
+            for i in g * 16..g * 16 + 16 {
+                let a = (si[g] * q[i]) as f64;
+                a2 += w[i] as f64 * a * a;
+                xa += w[i] as f64 * x[i] as f64 * a;
+            }
+        }
+        if a2 <= 0.0 {
+            break;
+        }
+        let nd = f16_round((xa / a2) as f32);
+        let mut nq = [0i32; QK_K];
+        let e = err_of(nd, &mut nq);
+        if e < best {
+            best = e;
+            d = nd;
+            *q = nq;
+        } else {
+            break;
+        }
+    }
+    err_of(d, q);
+    d
+}
+
 /// Q4_K / Q5_K: 8 sub-blocks of 32, `x = d·sc·q − dmin·m`, 6-bit `sc`/`m`.
 fn kq45_block(x: &[f32], w: &[f32], o: &mut [u8], five: bool) {
     let qmax = if five { 31 } else { 15 };
@@ -494,16 +623,7 @@ fn kq45_block(x: &[f32], w: &[f32], o: &mut [u8], five: bool) {
         }
         err
     });
-    for j in 0..8 {
-        requant_affine(
-            &x[j * 32..j * 32 + 32],
-            &w[j * 32..j * 32 + 32],
-            d * si[j] as f32,
-            dmin * mi[j] as f32,
-            qmax,
-            &mut q[j * 32..j * 32 + 32],
-        );
-    }
+    let (d, dmin) = refine_affine(x, w, 32, &si, &mi, qmax, (d, dmin), &mut q);
     let mut scales = [0u8; 12];
     for j in 0..8 {
         let (s, m) = (si[j] as u8, mi[j] as u8);
@@ -581,16 +701,7 @@ fn q2_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
         }
         err
     });
-    for g in 0..16 {
-        requant_affine(
-            &x[g * 16..g * 16 + 16],
-            &w[g * 16..g * 16 + 16],
-            d * si[g] as f32,
-            dmin * mi[g] as f32,
-            3,
-            &mut q[g * 16..g * 16 + 16],
-        );
-    }
+    let (d, dmin) = refine_affine(x, w, 16, &si, &mi, 3, (d, dmin), &mut q);
     for g in 0..16 {
         o[g] = (si[g] as u8 & 0x0F) | ((mi[g] as u8 & 0x0F) << 4);
     }
@@ -673,16 +784,7 @@ fn q3_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
     }
     let (d, si) = signed_scales(x, w, &sc, 32, -4, 3);
     let mut q = [0i32; QK_K];
-    for g in 0..16 {
-        requant_sym(
-            &x[g * 16..g * 16 + 16],
-            &w[g * 16..g * 16 + 16],
-            d * si[g] as f32,
-            -4,
-            3,
-            &mut q[g * 16..g * 16 + 16],
-        );
-    }
+    let d = refine_symmetric(x, w, &si, -4, 3, d, &mut q);
     let mut scales = [0u8; 12];
     for i in 0..16 {
         let s6 = (si[i] + 32) as u8;
@@ -716,16 +818,7 @@ fn q6_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
     }
     let (d, si) = signed_scales(x, w, &sc, 128, -32, 31);
     let mut q = [0i32; QK_K];
-    for g in 0..16 {
-        requant_sym(
-            &x[g * 16..g * 16 + 16],
-            &w[g * 16..g * 16 + 16],
-            d * si[g] as f32,
-            -32,
-            31,
-            &mut q[g * 16..g * 16 + 16],
-        );
-    }
+    let d = refine_symmetric(x, w, &si, -32, 31, d, &mut q);
     let (ql, rest) = o.split_at_mut(128);
     let (qh, rest) = rest.split_at_mut(64);
     for half in 0..2 {
