@@ -1,3 +1,4 @@
+#![allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.80
 //! Model quantization: rewrite a GGUF with its weight matrices in another format.
 //!
 //! Which tensor gets which type ([`Recipe::tensor_type`]) follows the published facts of
