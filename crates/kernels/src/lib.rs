@@ -79,6 +79,8 @@ pub enum KernelError {
     Overflow,
     #[error("value {index} is not finite (NaN or infinite); refusing to quantize")]
     NonFinite { index: usize },
+    #[error("value {index} is beyond ±65504, the f16 range of {ty}'s values/scales")]
+    TooLarge { index: usize, ty: GgmlType },
 }
 
 /// A row-major weight matrix in a ggml format: `rows` rows of `cols` elements, each row

@@ -73,6 +73,13 @@ pub fn quantize_row(
     if let Some(i) = src.iter().position(|v| !v.is_finite()) {
         return Err(KernelError::NonFinite { index: i });
     }
+    // f16 values (F16) and f16 block scales/offsets cannot represent weights beyond the f16
+    // range; real weights are many orders of magnitude smaller, so this is a corrupt input.
+    if ty != T::F32 && ty != T::BF16 {
+        if let Some(i) = src.iter().position(|v| v.abs() > 65504.0) {
+            return Err(KernelError::TooLarge { index: i, ty });
+        }
+    }
     if let Some(im) = imatrix {
         if im.len() != src.len() {
             return Err(KernelError::Length {
@@ -1009,10 +1016,28 @@ mod tests {
                     assert!(y.iter().all(|&v| v == 0.0), "{ty}");
                 }
             }
-            // Huge values: f16 scales saturate, but nothing becomes NaN.
-            let big: Vec<f32> = (0..n).map(|i| (i as f32 - 256.0) * 1e3).collect();
+            // Large values up to the f16 limit quantize like any others.
+            let big: Vec<f32> = (0..n).map(|i| (i as f32 - 256.0) * 255.0).collect();
             let y = roundtrip(ty, &big, None);
-            assert!(y.iter().all(|v| !v.is_nan()), "{ty}");
+            assert!(y.iter().all(|v| v.is_finite()), "{ty}");
+            assert!(
+                rel_rms(&big, &y) < bound(ty) * 1.6,
+                "{ty}: {}",
+                rel_rms(&big, &y)
+            );
+            // Beyond it: an error for every format with f16 values or scales.
+            let mut huge = vec![0.5f32; n];
+            huge[3] = -1e30;
+            let mut buf = vec![0u8; row_bytes(ty, n).unwrap()];
+            let r = quantize_row(ty, &huge, &mut buf, None);
+            if ty == GgmlType::F32 || ty == GgmlType::BF16 {
+                assert!(r.is_ok(), "{ty}");
+            } else {
+                assert!(
+                    matches!(r, Err(KernelError::TooLarge { index: 3, .. })),
+                    "{ty}: {r:?}"
+                );
+            }
             // NaN and infinity are rejected.
             let mut bad = vec![0.5f32; n];
             bad[17] = f32::NAN;
