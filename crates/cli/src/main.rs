@@ -5,6 +5,7 @@ mod bench_serve;
 mod key;
 mod module;
 mod pull;
+mod quant;
 mod run;
 mod serve;
 mod usage;
@@ -50,6 +51,13 @@ enum Command {
     /// LoRA modules (adapters): inspect, merge, fold into a base model.
     #[command(subcommand)]
     Module(module::ModuleCommand),
+    /// Rewrite a GGUF model with its weights in another (quantized) format.
+    Quantize(quant::QuantizeArgs),
+    /// Measure model quality: perplexity, or KL divergence from a base model.
+    #[command(subcommand)]
+    Eval(quant::EvalCmd),
+    /// Compute an importance matrix (per-column mean x² of each matmul input) from a text.
+    Imatrix(quant::ImatrixArgs),
 }
 
 fn main() {
@@ -71,6 +79,9 @@ fn main() {
         Command::Key(a) => key::key(a),
         Command::Usage(a) => usage::usage(a),
         Command::Module(c) => module::run(c),
+        Command::Quantize(a) => quant::quantize(a),
+        Command::Eval(c) => quant::eval(c),
+        Command::Imatrix(a) => quant::imatrix(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

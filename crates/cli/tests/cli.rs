@@ -1338,3 +1338,100 @@ fn module_merge_linear_equals_both_modules() {
     let _ = std::fs::remove_file(&out);
     assert_eq!(merged, both);
 }
+
+#[test]
+fn quantize_eval_imatrix_errors_are_clear() {
+    let garbage = TempFile::new("q-garbage.gguf", b"definitely not a gguf file at all");
+    let out = std::env::temp_dir().join(format!("modu-cli-test-{}-q-out.gguf", std::process::id()));
+    let o = out.to_str().unwrap();
+    fails(
+        &["quantize", garbage.path(), o, "--type", "Q4_K_M"],
+        1,
+        &["not a GGUF file"],
+    );
+    assert!(!out.exists(), "no output may be left behind");
+    let q = model_path(GEMMA);
+    let q = q.to_str().unwrap();
+    fails(
+        &["quantize", q, o, "--type", "Q9_K"],
+        1,
+        &["unknown quantization type", "Q4_K_M"],
+    );
+    fails(
+        &[
+            "quantize",
+            q,
+            o,
+            "--type",
+            "Q4_0",
+            "--keep",
+            "output.weight",
+        ],
+        1,
+        &["TENSOR=TYPE"],
+    );
+    fails(
+        &[
+            "quantize",
+            q,
+            o,
+            "--type",
+            "Q4_0",
+            "--imatrix",
+            garbage.path(),
+        ],
+        1,
+        &[garbage.path()],
+    );
+    assert!(!out.exists());
+    let short = TempFile::new("q-short.txt", b"hello");
+    fails(
+        &["eval", "ppl", "-m", QWEN, "-f", short.path(), "--ctx", "64"],
+        1,
+        &["tokens", "--ctx 64"],
+    );
+    fails(
+        &[
+            "eval",
+            "kld",
+            "--base",
+            QWEN,
+            "-m",
+            GEMMA,
+            "-f",
+            short.path(),
+        ],
+        1,
+        &["vocabularies differ"],
+    );
+    fails(
+        &["eval", "ppl", "-m", QWEN, "-f", "/nonexistent/text.txt"],
+        1,
+        &["/nonexistent/text.txt"],
+    );
+}
+
+#[test]
+fn eval_ppl_json_on_a_short_text() {
+    let text: String = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let t = TempFile::new("ppl.txt", text.as_bytes());
+    let out = ok(&[
+        "eval",
+        "ppl",
+        "-m",
+        QWEN,
+        "-f",
+        t.path(),
+        "--ctx",
+        "32",
+        "--chunks",
+        "2",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["windows"], 2);
+    assert_eq!(v["tokens_scored"], 2 * 15);
+    let ppl = v["ppl"].as_f64().unwrap();
+    // A repeated sentence becomes very predictable.
+    assert!(ppl > 1.0 && ppl < 5.0, "ppl {ppl}");
+}

@@ -166,6 +166,7 @@ impl Linear {
         y: &mut Vec<f32>,
         lora: Option<(&mut BatchLora<'_>, usize, Proj)>,
     ) -> Result<(), ModelError> {
+        observe::notify(&self.weight, x, n_tokens);
         y.resize(n_tokens * self.weight.rows, 0.0);
         modu_kernels::matmul(&self.weight.mat(file), x, n_tokens, y)
             .map_err(|e| ModelError::Kernel(e.to_string()))?;
@@ -180,6 +181,46 @@ impl Linear {
             }
         }
         Ok(())
+    }
+}
+
+/// An optional process-wide observer of every matmul input (eval-mode hook, used by
+/// `modu imatrix`). When none is installed the forward pass pays one relaxed atomic load per
+/// projection.
+pub mod observe {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, RwLock};
+
+    use super::Weight;
+
+    /// Sees the input `x` (`[n_tokens, weight.cols]`) of each projection before it runs.
+    pub trait MatmulObserver: Send + Sync {
+        fn observe(&self, weight: &str, x: &[f32], n_tokens: usize, cols: usize);
+    }
+
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+    static OBSERVER: RwLock<Option<Arc<dyn MatmulObserver>>> = RwLock::new(None);
+
+    /// Install (or with `None` remove) the observer; returns the previous one.
+    pub fn set_observer(obs: Option<Arc<dyn MatmulObserver>>) -> Option<Arc<dyn MatmulObserver>> {
+        let mut g = OBSERVER.write().unwrap_or_else(|e| e.into_inner());
+        ACTIVE.store(obs.is_some(), Ordering::Release);
+        std::mem::replace(&mut *g, obs)
+    }
+
+    #[inline(always)]
+    pub(crate) fn notify(w: &Weight, x: &[f32], n_tokens: usize) {
+        if ACTIVE.load(Ordering::Relaxed) {
+            notify_slow(w, x, n_tokens);
+        }
+    }
+
+    #[cold]
+    fn notify_slow(w: &Weight, x: &[f32], n_tokens: usize) {
+        let g = OBSERVER.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = g.as_ref() {
+            o.observe(&w.info.name, x, n_tokens, w.cols);
+        }
     }
 }
 
@@ -213,6 +254,9 @@ pub fn forward_many_lora(
     lora: Option<(&mut BatchLora<'_>, usize, &[Proj])>,
 ) -> Result<(), ModelError> {
     let kerr = |e: modu_kernels::KernelError| ModelError::Kernel(e.to_string());
+    for l in layers {
+        observe::notify(&l.weight, x, n_tokens);
+    }
     let dot_types: Vec<GgmlType> = layers
         .iter()
         .map(|l| modu_kernels::vec_dot_type(l.weight.ty()))

@@ -5,11 +5,14 @@
 
 pub mod chat;
 pub mod error;
+pub mod eval;
 pub mod generate;
+pub mod imatrix;
 pub mod kv_cache;
 pub mod layers;
 pub mod lora;
 pub mod models;
+pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
 

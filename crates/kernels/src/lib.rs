@@ -35,6 +35,7 @@ mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemv;
 mod matmul;
+pub mod quantize;
 pub mod scalar;
 #[doc(hidden)]
 pub mod testutil;
@@ -48,6 +49,7 @@ pub use matmul::{
     ActivationData, QuantizedActivations,
 };
 pub use modu_gguf::GgmlType;
+pub use quantize::{quantize_row, QUANTIZE_TYPES};
 
 /// Errors from the kernel entry points: all are caller mistakes in sizes or types.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +79,10 @@ pub enum KernelError {
     Columns { expected: usize, got: usize },
     #[error("size overflow")]
     Overflow,
+    #[error("value {index} is not finite (NaN or infinite); refusing to quantize")]
+    NonFinite { index: usize },
+    #[error("value {index} is beyond ±65504, the f16 range of {ty}'s values/scales")]
+    TooLarge { index: usize, ty: GgmlType },
 }
 
 /// A row-major weight matrix in a ggml format: `rows` rows of `cols` elements, each row

@@ -1,0 +1,1164 @@
+//! Weight quantizers: f32 rows → ggml blocks (the inverse of [`crate::dequantize_row`]).
+//!
+//! Every format stores integers `q` and a few scales per block; the quantizer chooses the
+//! scales so that the *weighted* squared error `Σ w·(x − x̂)²` is small, where the weights are
+//! an importance matrix (mean of the squared activations that meet each column, see
+//! `modu imatrix`) when one is given, and otherwise a magnitude-based weighting (`w = rms + |x|`
+//! per sub-block) that favours the large weights, which matter most for the output.
+//!
+//! How scales are chosen:
+//! * **Symmetric formats** (`Q4_0`, `Q5_0`, `Q8_0`, and the sub-blocks of `Q3_K`, `Q6_K`):
+//!   `x ≈ d·q` with `q ∈ [qmin, qmax]`. A grid of candidate inverse scales around
+//!   `qmax/amax` (both signs, because the integer range is not symmetric) is tried; for each
+//!   candidate the rounded `q` are fixed and the best `d` in closed form
+//!   (`d = Σwxq / Σwq²`) gives the error. The best candidate wins.
+//! * **Affine formats** (`Q4_1`, `Q5_1`, and the sub-blocks of `Q2_K`, `Q4_K`, `Q5_K`):
+//!   `x ≈ d·q + m`. Candidate scales around `(max − min)/qmax` fix `q`; then `(d, m)` solve the
+//!   2×2 weighted least-squares problem. The K-quants store `m = −dmin·mq` with unsigned `mq`,
+//!   so there `m ≤ 0` is enforced.
+//! * **K-quant super-blocks**: the per-sub-block scales (and mins) found above are themselves
+//!   quantized to 4/6/8-bit integers against one f16 super-scale; a few candidate super-scales
+//!   are tried and, for each, the values are re-rounded against the *final* (quantized) scales
+//!   and the total weighted error is measured, so the stored block is the best of those tried.
+//!
+//! NaN and infinite inputs are rejected with [`KernelError::NonFinite`].
+
+// Index loops mirror the block layouts.
+#![allow(clippy::needless_range_loop)]
+
+use crate::blocks::*;
+use crate::{row_bytes, KernelError};
+use half::{bf16, f16};
+use modu_gguf::{GgmlType, QK_K};
+
+/// Types [`quantize_row`] can produce.
+pub const QUANTIZE_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Quantize one row (or any whole number of blocks) `src` into `dst`, which must be exactly
+/// `row_bytes(ty, src.len())` bytes. `imatrix`, if given, holds one non-negative importance per
+/// element of `src` (the importance of the element's input column).
+pub fn quantize_row(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+    imatrix: Option<&[f32]>,
+) -> Result<(), KernelError> {
+    use GgmlType as T;
+    if !QUANTIZE_TYPES.contains(&ty) {
+        return Err(KernelError::UnsupportedType(ty));
+    }
+    let need = row_bytes(ty, src.len())?;
+    if dst.len() != need {
+        return Err(KernelError::Length {
+            what: "quantize destination",
+            expected: need,
+            got: dst.len(),
+            unit: "bytes",
+        });
+    }
+    if let Some(i) = src.iter().position(|v| !v.is_finite()) {
+        return Err(KernelError::NonFinite { index: i });
+    }
+    // f16 values (F16) and f16 block scales/offsets cannot represent weights beyond the f16
+    // range; real weights are many orders of magnitude smaller, so this is a corrupt input.
+    if ty != T::F32 && ty != T::BF16 {
+        if let Some(i) = src.iter().position(|v| v.abs() > 65504.0) {
+            return Err(KernelError::TooLarge { index: i, ty });
+        }
+    }
+    if let Some(im) = imatrix {
+        if im.len() != src.len() {
+            return Err(KernelError::Length {
+                what: "importance matrix row",
+                expected: src.len(),
+                got: im.len(),
+                unit: "values",
+            });
+        }
+        if let Some(i) = im.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            return Err(KernelError::NonFinite { index: i });
+        }
+    }
+    match ty {
+        T::F32 => {
+            for (o, v) in dst.chunks_exact_mut(4).zip(src) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        T::F16 => {
+            for (o, v) in dst.chunks_exact_mut(2).zip(src) {
+                o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        T::BF16 => {
+            for (o, v) in dst.chunks_exact_mut(2).zip(src) {
+                o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        T::Q8_0 => blocks32(src, dst, imatrix, 34, q8_0_block),
+        T::Q4_0 => blocks32(src, dst, imatrix, 18, q4_0_block),
+        T::Q4_1 => blocks32(src, dst, imatrix, 20, q4_1_block),
+        T::Q5_0 => blocks32(src, dst, imatrix, 22, q5_0_block),
+        T::Q5_1 => blocks32(src, dst, imatrix, 24, q5_1_block),
+        T::Q2_K => blocks256(src, dst, imatrix, 84, q2_k_block),
+        T::Q3_K => blocks256(src, dst, imatrix, 110, q3_k_block),
+        T::Q4_K => blocks256(src, dst, imatrix, 144, |x, w, o| kq45_block(x, w, o, false)),
+        T::Q5_K => blocks256(src, dst, imatrix, 176, |x, w, o| kq45_block(x, w, o, true)),
+        T::Q6_K => blocks256(src, dst, imatrix, 210, q6_k_block),
+        other => return Err(KernelError::UnsupportedType(other)),
+    }
+    Ok(())
+}
+
+/// Per-element weights of one block: `imatrix · sqrt(σ² + x²)` with an importance matrix
+/// (σ² the block's mean square, so small weights in an important column still count), else
+/// `rms + |x|` over the block.
+fn weights(x: &[f32], im: Option<&[f32]>, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    match im {
+        Some(im) => {
+            for ((o, &v), &q) in out.iter_mut().zip(x).zip(im) {
+                *o = q * (ms + v * v).sqrt();
+            }
+        }
+        None => {
+            let rms = ms.sqrt();
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = rms + v.abs();
+            }
+        }
+    }
+}
+
+fn blocks32(
+    src: &[f32],
+    dst: &mut [u8],
+    im: Option<&[f32]>,
+    bytes: usize,
+    f: impl Fn(&[f32], &[f32], &mut [u8]),
+) {
+    let mut w = [0f32; QK];
+    for (i, (x, o)) in src
+        .chunks_exact(QK)
+        .zip(dst.chunks_exact_mut(bytes))
+        .enumerate()
+    {
+        weights(x, im.map(|m| &m[i * QK..(i + 1) * QK]), &mut w);
+        f(x, &w, o);
+    }
+}
+
+fn blocks256(
+    src: &[f32],
+    dst: &mut [u8],
+    im: Option<&[f32]>,
+    bytes: usize,
+    f: impl Fn(&[f32], &[f32], &mut [u8]),
+) {
+    let mut w = [0f32; QK_K];
+    for (i, (x, o)) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(bytes))
+        .enumerate()
+    {
+        weights(x, im.map(|m| &m[i * QK_K..(i + 1) * QK_K]), &mut w);
+        f(x, &w, o);
+    }
+}
+
+/// Round half away from zero and clamp. (`f32::round` is a libm call without SSE4.1; this is
+/// a truncating conversion, which the scale searches do millions of times per tensor.)
+#[inline(always)]
+fn nearest(v: f32, lo: i32, hi: i32) -> i32 {
+    ((v + 0.5f32.copysign(v)) as i32).clamp(lo, hi)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scale searches
+// ---------------------------------------------------------------------------------------------
+
+/// Best `d` for `x ≈ d·q`, `q ∈ [qmin, qmax]`, minimizing `Σ w(x − dq)²`. Returns `d` (0 for
+/// an all-zero block); the caller re-rounds against the stored `d`.
+fn fit_symmetric(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 {
+    let (mut amax, mut maxv) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            maxv = v;
+        }
+    }
+    if amax == 0.0 {
+        return 0.0;
+    }
+    // Start from the classic choice: the largest-magnitude value maps to the end of the range
+    // with the larger magnitude (e.g. -8 for 4 bits), then try smaller and larger scales.
+    let lmax = (-qmin).max(qmax) as f32;
+    let mut best_d = -maxv / qmin as f32;
+    let mut best_err = f32::INFINITY;
+    for sign in [-1f32, 1.0] {
+        for k in -nstep..=nstep {
+            let t = lmax + 0.1 * k as f32 * (lmax / 8.0).max(0.5);
+            if t <= 0.5 {
+                continue;
+            }
+            let iscale = sign * t / maxv;
+            let (mut sxq, mut sqq) = (0f32, 0f32);
+            for (&v, &wi) in x.iter().zip(w) {
+                let q = nearest(v * iscale, qmin, qmax) as f32;
+                sxq += wi * v * q;
+                sqq += wi * q * q;
+            }
+            if sqq <= 0.0 {
+                continue;
+            }
+            let d = sxq / sqq;
+            // Σw(x−dq)² = Σwx² − (Σwxq)²/Σwq² for the optimal d: maximize the second term.
+            let err = -sxq * d;
+            if err < best_err {
+                best_err = err;
+                best_d = d;
+            }
+        }
+    }
+    best_d
+}
+
+/// Best `(d, m)` for `x ≈ d·q + m`, `q ∈ [0, qmax]`, minimizing `Σ w(x − dq − m)²`; with
+/// `nonpos_min` the offset is kept `≤ 0` (K-quants store `−m` unsigned). Returns `(d, m)` with
+/// `d ≥ 0`.
+fn fit_affine(x: &[f32], w: &[f32], qmax: i32, nonpos_min: bool, nstep: i32) -> (f32, f32) {
+    let mut min = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if nonpos_min {
+        min = min.min(0.0);
+    }
+    if max <= min {
+        return (0.0, min);
+    }
+    let (sw, swx) = x
+        .iter()
+        .zip(w)
+        .fold((0f32, 0f32), |(a, b), (&v, &wi)| (a + wi, b + wi * v));
+    let mut best = ((max - min) / qmax as f32, min);
+    let mut best_err = f32::INFINITY;
+    let qf = qmax as f32;
+    for k in -nstep..=nstep {
+        let t = qf + 0.1 * k as f32 * (qf / 15.0).max(0.5);
+        if t <= 0.5 {
+            continue;
+        }
+        let iscale = t / (max - min);
+        let (mut swq, mut swqq, mut swxq) = (0f32, 0f32, 0f32);
+        for (&v, &wi) in x.iter().zip(w) {
+            let q = nearest((v - min) * iscale, 0, qmax) as f32;
+            swq += wi * q;
+            swqq += wi * q * q;
+            swxq += wi * v * q;
+        }
+        let det = sw * swqq - swq * swq;
+        let (mut d, mut m) = if det > 0.0 {
+            (
+                (sw * swxq - swq * swx) / det,
+                (swqq * swx - swq * swxq) / det,
+            )
+        } else {
+            continue;
+        };
+        if nonpos_min && m > 0.0 {
+            m = 0.0;
+            if swqq <= 0.0 {
+                continue;
+            }
+            d = swxq / swqq;
+        }
+        if d < 0.0 {
+            continue;
+        }
+        // Σw(x − dq − m)² expanded in the sums above (Σwx² is the same for every candidate).
+        let err = d * d * swqq + m * m * sw + 2.0 * d * m * swq - 2.0 * d * swxq - 2.0 * m * swx;
+        if err < best_err {
+            best_err = err;
+            best = (d, m);
+        }
+    }
+    best
+}
+
+/// Weighted error of `x ≈ d·clamp(round(x/d))` over `[qmin, qmax]`, and the chosen `q`s.
+#[inline(always)]
+fn requant_sym(x: &[f32], w: &[f32], d: f32, qmin: i32, qmax: i32, q: &mut [i32]) -> f32 {
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut err = 0f32;
+    for ((&v, &wi), o) in x.iter().zip(w).zip(q.iter_mut()) {
+        *o = nearest(v * id, qmin, qmax);
+        let e = v - d * *o as f32;
+        err += wi * e * e;
+    }
+    err
+}
+
+/// Weighted error of `x ≈ d·q − m` with `q = clamp(round((x + m)/d))` over `[0, qmax]`.
+#[inline(always)]
+fn requant_affine(x: &[f32], w: &[f32], d: f32, m: f32, qmax: i32, q: &mut [i32]) -> f32 {
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut err = 0f32;
+    for ((&v, &wi), o) in x.iter().zip(w).zip(q.iter_mut()) {
+        *o = nearest((v + m) * id, 0, qmax);
+        let e = v - (d * *o as f32 - m);
+        err += wi * e * e;
+    }
+    err
+}
+
+#[inline(always)]
+fn f16_round(v: f32) -> f32 {
+    f16::from_f32(v).to_f32()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 32-element formats
+// ---------------------------------------------------------------------------------------------
+
+fn q8_0_block(x: &[f32], _w: &[f32], o: &mut [u8]) {
+    // 8 bits leave almost no rounding error to optimize: amax maps to ±127.
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = f16_round(amax / 127.0);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    o[0..2].copy_from_slice(&f16_bytes(d));
+    for (j, &v) in x.iter().enumerate() {
+        o[2 + j] = nearest(v * id, -127, 127) as i8 as u8;
+    }
+}
+
+/// Shared by Q4_0/Q5_0: symmetric fit over `[-half, half-1]`, stored as `q + half`.
+fn sym32(x: &[f32], w: &[f32], bits: u32) -> (f32, [u8; QK]) {
+    let half = 1i32 << (bits - 1);
+    let d = f16_round(fit_symmetric(x, w, -half, half - 1, 6));
+    let mut q = [0i32; QK];
+    requant_sym(x, w, d, -half, half - 1, &mut q);
+    let mut u = [0u8; QK];
+    for j in 0..QK {
+        u[j] = (q[j] + half) as u8;
+    }
+    (d, u)
+}
+
+/// Shared by Q4_1/Q5_1: affine fit over `[0, 2^bits − 1]`.
+fn affine32(x: &[f32], w: &[f32], bits: u32) -> (f32, f32, [u8; QK]) {
+    let qmax = (1i32 << bits) - 1;
+    let (d, m) = fit_affine(x, w, qmax, false, 10);
+    let (d, m) = (f16_round(d), f16_round(m));
+    let mut q = [0i32; QK];
+    // requant_affine uses x ≈ d·q − m'; here m' = −m.
+    requant_affine(x, w, d, -m, qmax, &mut q);
+    let mut u = [0u8; QK];
+    for j in 0..QK {
+        u[j] = q[j] as u8;
+    }
+    (d, m, u)
+}
+
+fn pack_nibbles(u: &[u8; QK], qs: &mut [u8]) {
+    for j in 0..QK / 2 {
+        qs[j] = (u[j] & 0x0F) | ((u[j + QK / 2] & 0x0F) << 4);
+    }
+}
+
+fn pack_high_bits(u: &[u8; QK]) -> [u8; 4] {
+    let mut qh = 0u32;
+    for (j, &v) in u.iter().enumerate() {
+        qh |= (((v >> 4) & 1) as u32) << j;
+    }
+    qh.to_le_bytes()
+}
+
+fn q4_0_block(x: &[f32], w: &[f32], o: &mut [u8]) {
+    let (d, u) = sym32(x, w, 4);
+    o[0..2].copy_from_slice(&f16_bytes(d));
+    pack_nibbles(&u, &mut o[2..18]);
+}
+
+fn q5_0_block(x: &[f32], w: &[f32], o: &mut [u8]) {
+    let (d, u) = sym32(x, w, 5);
+    o[0..2].copy_from_slice(&f16_bytes(d));
+    o[2..6].copy_from_slice(&pack_high_bits(&u));
+    pack_nibbles(&u, &mut o[6..22]);
+}
+
+fn q4_1_block(x: &[f32], w: &[f32], o: &mut [u8]) {
+    let (d, m, u) = affine32(x, w, 4);
+    o[0..2].copy_from_slice(&f16_bytes(d));
+    o[2..4].copy_from_slice(&f16_bytes(m));
+    pack_nibbles(&u, &mut o[4..20]);
+}
+
+fn q5_1_block(x: &[f32], w: &[f32], o: &mut [u8]) {
+    let (d, m, u) = affine32(x, w, 5);
+    o[0..2].copy_from_slice(&f16_bytes(d));
+    o[2..4].copy_from_slice(&f16_bytes(m));
+    o[4..8].copy_from_slice(&pack_high_bits(&u));
+    pack_nibbles(&u, &mut o[8..24]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants (256-element super-blocks)
+// ---------------------------------------------------------------------------------------------
+
+/// Quantize non-negative sub-block values `v` to integers in `[0, nmax]` against a shared
+/// scale; tries a few scales around `max/nmax` and keeps the one minimizing `score(scale)`.
+/// Returns `(scale, ints)`.
+fn quantize_scales<const N: usize>(
+    v: &[f32; N],
+    nmax: i32,
+    mut score: impl FnMut(f32, &[i32; N]) -> f32,
+) -> (f32, [i32; N]) {
+    let vmax = v.iter().copied().fold(0f32, f32::max);
+    let mut best = (0f32, [0i32; N]);
+    if vmax <= 0.0 {
+        return best;
+    }
+    let mut best_err = f32::INFINITY;
+    for k in 0..6 {
+        // Slightly larger scales clip nothing; slightly smaller ones give the small
+        // sub-blocks more resolution at the cost of clamping the largest.
+        let t = nmax as f32 - 0.25 * k as f32;
+        let s = f16_round(vmax / t);
+        if s <= 0.0 {
+            continue;
+        }
+        let mut ints = [0i32; N];
+        for (o, &x) in ints.iter_mut().zip(v) {
+            *o = nearest(x / s, 0, nmax);
+        }
+        let err = score(s, &ints);
+        if err < best_err {
+            best_err = err;
+            best = (s, ints);
+        }
+    }
+    best
+}
+
+/// Given the integer sub-block scales/mins and values, re-solve the two f16 super-scales by
+/// weighted least squares (`x ≈ d·(sc·q) − dmin·m`), re-round the values, and keep the result
+/// when the weighted error drops. Two rounds. `gs` is the sub-block size.
+#[allow(clippy::too_many_arguments)]
+fn refine_affine(
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    si: &[i32],
+    mi: &[i32],
+    qmax: i32,
+    (mut d, mut dmin): (f32, f32),
+    q: &mut [i32; QK_K],
+) -> (f32, f32) {
+    let err_of = |d: f32, dmin: f32, q: &mut [i32; QK_K]| -> f32 {
+        let mut e = 0f32;
+        for g in 0..si.len() {
+            let r = g * gs..(g + 1) * gs;
+            e += requant_affine(
+                &x[r.clone()],
+                &w[r.clone()],
+                d * si[g] as f32,
+                dmin * mi[g] as f32,
+                qmax,
+                &mut q[r],
+            );
+        }
+        e
+    };
+    let mut best = err_of(d, dmin, q);
+    for _ in 0..2 {
+        let (mut a2, mut b2, mut ab, mut xa, mut xb) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        for g in 0..si.len() {
+            for i in g * gs..(g + 1) * gs {
+                let (wi, xi) = (w[i] as f64, x[i] as f64);
+                let a = (si[g] * q[i]) as f64;
+                let b = mi[g] as f64;
+                a2 += wi * a * a;
+                b2 += wi * b * b;
+                ab += wi * a * b;
+                xa += wi * xi * a;
+                xb += wi * xi * b;
+            }
+        }
+        let det = a2 * b2 - ab * ab;
+        let (mut nd, mut nu) = if det > 1e-12 * a2 * b2.max(1e-30) && det > 0.0 {
+            ((xa * b2 - ab * xb) / det, (ab * xa - a2 * xb) / det)
+        } else if a2 > 0.0 {
+            (xa / a2, 0.0)
+        } else {
+            break;
+        };
+        if nu < 0.0 {
+            nu = 0.0;
+            nd = if a2 > 0.0 { xa / a2 } else { 0.0 };
+        }
+        if nd <= 0.0 {
+            break;
+        }
+        let (nd, nu) = (f16_round(nd as f32), f16_round(nu as f32));
+        let mut nq = [0i32; QK_K];
+        let e = err_of(nd, nu, &mut nq);
+        if e < best {
+            best = e;
+            d = nd;
+            dmin = nu;
+            *q = nq;
+        } else {
+            break;
+        }
+    }
+    // Leave `q` rounded against the returned scales.
+    err_of(d, dmin, q);
+    (d, dmin)
+}
+
+/// As [`refine_affine`] for the symmetric K-quants (`x ≈ d·sc·q`, 16 groups of 16).
+fn refine_symmetric(
+    x: &[f32],
+    w: &[f32],
+    si: &[i32; 16],
+    qmin: i32,
+    qmax: i32,
+    mut d: f32,
+    q: &mut [i32; QK_K],
+) -> f32 {
+    let err_of = |d: f32, q: &mut [i32; QK_K]| -> f32 {
+        let mut e = 0f32;
+        for g in 0..16 {
+            let r = g * 16..g * 16 + 16;
+            e += requant_sym(
+                &x[r.clone()],
+                &w[r.clone()],
+                d * si[g] as f32,
+                qmin,
+                qmax,
+                &mut q[r],
+            );
+        }
+        e
+    };
+    let mut best = err_of(d, q);
+    for _ in 0..2 {
+        let (mut a2, mut xa) = (0f64, 0f64);
+        for g in 0..16 {
+            for i in g * 16..g * 16 + 16 {
+                let a = (si[g] * q[i]) as f64;
+                a2 += w[i] as f64 * a * a;
+                xa += w[i] as f64 * x[i] as f64 * a;
+            }
+        }
+        if a2 <= 0.0 {
+            break;
+        }
+        let nd = f16_round((xa / a2) as f32);
+        let mut nq = [0i32; QK_K];
+        let e = err_of(nd, &mut nq);
+        if e < best {
+            best = e;
+            d = nd;
+            *q = nq;
+        } else {
+            break;
+        }
+    }
+    err_of(d, q);
+    d
+}
+
+/// Q4_K / Q5_K: 8 sub-blocks of 32, `x = d·sc·q − dmin·m`, 6-bit `sc`/`m`.
+fn kq45_block(x: &[f32], w: &[f32], o: &mut [u8], five: bool) {
+    let qmax = if five { 31 } else { 15 };
+    let mut sc = [0f32; 8];
+    let mut mn = [0f32; 8];
+    for j in 0..8 {
+        let (d, m) = fit_affine(
+            &x[j * 32..j * 32 + 32],
+            &w[j * 32..j * 32 + 32],
+            qmax,
+            true,
+            10,
+        );
+        sc[j] = d;
+        mn[j] = -m;
+    }
+    let mut q = [0i32; QK_K];
+    // Mins first (with the exact scales), then scales given the quantized mins.
+    let (dmin, mi) = quantize_scales(&mn, 63, |s, ints| {
+        let mut err = 0f32;
+        for j in 0..8 {
+            let r = &x[j * 32..j * 32 + 32];
+            err += requant_affine(
+                r,
+                &w[j * 32..j * 32 + 32],
+                sc[j],
+                s * ints[j] as f32,
+                qmax,
+                &mut q[..32],
+            );
+        }
+        err
+    });
+    let (d, si) = quantize_scales(&sc, 63, |s, ints| {
+        let mut err = 0f32;
+        for j in 0..8 {
+            let r = &x[j * 32..j * 32 + 32];
+            err += requant_affine(
+                r,
+                &w[j * 32..j * 32 + 32],
+                s * ints[j] as f32,
+                dmin * mi[j] as f32,
+                qmax,
+                &mut q[..32],
+            );
+        }
+        err
+    });
+    let (d, dmin) = refine_affine(x, w, 32, &si, &mi, qmax, (d, dmin), &mut q);
+    let mut scales = [0u8; 12];
+    for j in 0..8 {
+        let (s, m) = (si[j] as u8, mi[j] as u8);
+        if j < 4 {
+            scales[j] |= s & 63;
+            scales[j + 4] |= m & 63;
+        } else {
+            scales[j + 4] = (s & 0x0F) | ((m & 0x0F) << 4);
+            scales[j - 4] |= (s >> 4) << 6;
+            scales[j] |= (m >> 4) << 6;
+        }
+    }
+    o[0..2].copy_from_slice(&f16_bytes(d));
+    o[2..4].copy_from_slice(&f16_bytes(dmin));
+    o[4..16].copy_from_slice(&scales);
+    let qs_off = if five { 16 + 32 } else { 16 };
+    if five {
+        let qh = &mut o[16..48];
+        qh.fill(0);
+        for (l, &v) in q.iter().enumerate() {
+            qh[l % 32] |= (((v >> 4) & 1) as u8) << (l / 32);
+        }
+    }
+    let qs = &mut o[qs_off..qs_off + 128];
+    for c in 0..4 {
+        for l in 0..32 {
+            qs[c * 32 + l] = ((q[c * 64 + l] & 15) | ((q[c * 64 + 32 + l] & 15) << 4)) as u8;
+        }
+    }
+}
+
+/// Q2_K: 16 groups of 16, `x = d·(sc&15)·q − dmin·(sc>>4)`, `q` 2 bits.
+fn q2_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
+    let mut sc = [0f32; 16];
+    let mut mn = [0f32; 16];
+    for g in 0..16 {
+        let (d, m) = fit_affine(
+            &x[g * 16..g * 16 + 16],
+            &w[g * 16..g * 16 + 16],
+            3,
+            true,
+            15,
+        );
+        sc[g] = d;
+        mn[g] = -m;
+    }
+    let mut q = [0i32; QK_K];
+    let (dmin, mi) = quantize_scales(&mn, 15, |s, ints| {
+        let mut err = 0f32;
+        for g in 0..16 {
+            let r = &x[g * 16..g * 16 + 16];
+            err += requant_affine(
+                r,
+                &w[g * 16..g * 16 + 16],
+                sc[g],
+                s * ints[g] as f32,
+                3,
+                &mut q[..16],
+            );
+        }
+        err
+    });
+    let (d, si) = quantize_scales(&sc, 15, |s, ints| {
+        let mut err = 0f32;
+        for g in 0..16 {
+            let r = &x[g * 16..g * 16 + 16];
+            err += requant_affine(
+                r,
+                &w[g * 16..g * 16 + 16],
+                s * ints[g] as f32,
+                dmin * mi[g] as f32,
+                3,
+                &mut q[..16],
+            );
+        }
+        err
+    });
+    let (d, dmin) = refine_affine(x, w, 16, &si, &mi, 3, (d, dmin), &mut q);
+    for g in 0..16 {
+        o[g] = (si[g] as u8 & 0x0F) | ((mi[g] as u8 & 0x0F) << 4);
+    }
+    let qs = &mut o[16..80];
+    qs.fill(0);
+    for half in 0..2 {
+        for j in 0..4 {
+            for l in 0..32 {
+                qs[half * 32 + l] |= ((q[half * 128 + j * 32 + l] & 3) as u8) << (2 * j);
+            }
+        }
+    }
+    o[80..82].copy_from_slice(&f16_bytes(d));
+    o[82..84].copy_from_slice(&f16_bytes(dmin));
+}
+
+/// Signed sub-block scales quantized to integers in `[-lim, lim-1]` (Q3_K: 6-bit, Q6_K: 8-bit)
+/// against one f16 super-scale; candidates chosen by the total weighted error after
+/// re-rounding the values with `qmin..=qmax`.
+fn signed_scales(
+    x: &[f32],
+    w: &[f32],
+    sc: &[f32; 16],
+    lim: i32,
+    qmin: i32,
+    qmax: i32,
+) -> (f32, [i32; 16]) {
+    let mut amax = 0f32;
+    let mut maxv = 0f32;
+    for &s in sc {
+        if s.abs() > amax {
+            amax = s.abs();
+            maxv = s;
+        }
+    }
+    let mut best = (0f32, [0i32; 16]);
+    if amax == 0.0 {
+        return best;
+    }
+    let mut q = [0i32; 16];
+    let mut best_err = f32::INFINITY;
+    // The largest-magnitude scale maps to −lim (the end with more room), or to about +lim.
+    for t in [
+        -(lim as f32),
+        -(lim as f32) + 0.5,
+        -(lim as f32) + 1.0,
+        (lim - 1) as f32,
+        lim as f32 - 1.5,
+    ] {
+        let s = f16_round(maxv / t);
+        if s == 0.0 || !s.is_finite() {
+            continue;
+        }
+        let mut ints = [0i32; 16];
+        let mut err = 0f32;
+        for g in 0..16 {
+            ints[g] = nearest(sc[g] / s, -lim, lim - 1);
+            err += requant_sym(
+                &x[g * 16..g * 16 + 16],
+                &w[g * 16..g * 16 + 16],
+                s * ints[g] as f32,
+                qmin,
+                qmax,
+                &mut q,
+            );
+        }
+        if err < best_err {
+            best_err = err;
+            best = (s, ints);
+        }
+    }
+    best
+}
+
+/// Q3_K: 16 groups of 16, `x = d·sc·q`, `sc ∈ [-32, 31]`, `q ∈ [-4, 3]`.
+fn q3_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
+    let mut sc = [0f32; 16];
+    for g in 0..16 {
+        sc[g] = fit_symmetric(&x[g * 16..g * 16 + 16], &w[g * 16..g * 16 + 16], -4, 3, 8);
+    }
+    let (d, si) = signed_scales(x, w, &sc, 32, -4, 3);
+    let mut q = [0i32; QK_K];
+    let d = refine_symmetric(x, w, &si, -4, 3, d, &mut q);
+    let mut scales = [0u8; 12];
+    for i in 0..16 {
+        let s6 = (si[i] + 32) as u8;
+        scales[i % 8] |= (s6 & 0x0F) << (4 * (i / 8));
+        scales[8 + i % 4] |= (s6 >> 4) << (2 * (i / 4));
+    }
+    let (hmask, rest) = o.split_at_mut(32);
+    let (qs, rest) = rest.split_at_mut(64);
+    hmask.fill(0);
+    qs.fill(0);
+    for half in 0..2 {
+        for j in 0..4 {
+            for l in 0..32 {
+                let u = (q[half * 128 + j * 32 + l] + 4) as u8;
+                qs[half * 32 + l] |= (u & 3) << (2 * j);
+                if u >= 4 {
+                    hmask[l] |= 1 << (half * 4 + j);
+                }
+            }
+        }
+    }
+    rest[0..12].copy_from_slice(&scales);
+    rest[12..14].copy_from_slice(&f16_bytes(d));
+}
+
+/// Q6_K: 16 groups of 16, `x = d·sc·q`, `sc` a signed byte, `q ∈ [-32, 31]`.
+fn q6_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
+    let mut sc = [0f32; 16];
+    for g in 0..16 {
+        sc[g] = fit_symmetric(&x[g * 16..g * 16 + 16], &w[g * 16..g * 16 + 16], -32, 31, 4);
+    }
+    let (d, si) = signed_scales(x, w, &sc, 128, -32, 31);
+    let mut q = [0i32; QK_K];
+    let d = refine_symmetric(x, w, &si, -32, 31, d, &mut q);
+    let (ql, rest) = o.split_at_mut(128);
+    let (qh, rest) = rest.split_at_mut(64);
+    for half in 0..2 {
+        let ql = &mut ql[half * 64..half * 64 + 64];
+        let qh = &mut qh[half * 32..half * 32 + 32];
+        let u = |i: usize| (q[half * 128 + i] + 32) as u8;
+        for l in 0..32 {
+            let (a, b, c, e) = (u(l), u(l + 32), u(l + 64), u(l + 96));
+            ql[l] = (a & 0x0F) | ((c & 0x0F) << 4);
+            ql[l + 32] = (b & 0x0F) | ((e & 0x0F) << 4);
+            qh[l] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
+        }
+    }
+    for g in 0..16 {
+        rest[g] = si[g] as i8 as u8;
+    }
+    rest[16..18].copy_from_slice(&f16_bytes(d));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dequantize_row;
+    use crate::testutil::Rng;
+
+    fn roundtrip(ty: GgmlType, x: &[f32], im: Option<&[f32]>) -> Vec<f32> {
+        let mut buf = vec![0u8; row_bytes(ty, x.len()).unwrap()];
+        quantize_row(ty, x, &mut buf, im).unwrap();
+        let mut y = vec![0f32; x.len()];
+        dequantize_row(ty, &buf, &mut y).unwrap();
+        y
+    }
+
+    fn rel_rms(x: &[f32], y: &[f32]) -> f32 {
+        let e: f32 = x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum();
+        let s: f32 = x.iter().map(|a| a * a).sum();
+        (e / s).sqrt()
+    }
+
+    fn gaussian(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u1 = rng.unit().max(1e-7);
+                let u2 = rng.unit();
+                (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+            })
+            .collect()
+    }
+
+    /// Relative RMS error bounds on Gaussian data (about the ratio of the quantization step
+    /// to the spread for each bit width, with headroom).
+    fn bound(ty: GgmlType) -> f32 {
+        use GgmlType as T;
+        match ty {
+            T::F32 => 1e-7,
+            T::F16 => 1e-3,
+            T::BF16 => 5e-3,
+            T::Q8_0 => 0.01,
+            T::Q6_K => 0.03,
+            T::Q5_0 | T::Q5_1 | T::Q5_K => 0.06,
+            T::Q4_0 | T::Q4_1 | T::Q4_K => 0.12,
+            T::Q3_K => 0.25,
+            T::Q2_K => 0.45,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn gaussian_error_within_bounds() {
+        let mut rng = Rng::new(7);
+        let x = gaussian(&mut rng, 4096);
+        for &ty in QUANTIZE_TYPES {
+            let y = roundtrip(ty, &x, None);
+            let e = rel_rms(&x, &y);
+            eprintln!("{ty}: rel rms {e:.4}");
+            assert!(e < bound(ty), "{ty}: {e}");
+        }
+    }
+
+    #[test]
+    fn uniform_and_heavy_tailed() {
+        let mut rng = Rng::new(11);
+        let uni = rng.f32s(2048, 0.05);
+        // Student-t-like: Gaussian / sqrt(uniform) gives occasional large outliers.
+        let g = gaussian(&mut rng, 2048);
+        let heavy: Vec<f32> = g
+            .iter()
+            .map(|v| v * 0.02 / rng.unit().max(0.05).sqrt())
+            .collect();
+        for &ty in QUANTIZE_TYPES {
+            for (name, x) in [("uniform", &uni), ("heavy", &heavy)] {
+                let e = rel_rms(x, &roundtrip(ty, x, None));
+                eprintln!("{ty} {name}: {e:.4}");
+                assert!(e < bound(ty) * 1.6, "{ty} {name}: {e}");
+            }
+        }
+    }
+
+    /// Our quantizers should beat the naive min/max (round-to-nearest) choice of scales.
+    #[test]
+    fn better_than_naive_q4_0() {
+        let mut rng = Rng::new(3);
+        let x = gaussian(&mut rng, 4096);
+        let y = roundtrip(GgmlType::Q4_0, &x, None);
+        let mut naive = vec![0f32; x.len()];
+        for (b, o) in x.chunks(32).zip(naive.chunks_mut(32)) {
+            let mut maxv = 0f32;
+            for &v in b {
+                if v.abs() > maxv.abs() {
+                    maxv = v;
+                }
+            }
+            let d = f16_round(maxv / -8.0);
+            for (i, &v) in b.iter().enumerate() {
+                o[i] = d * nearest(v / d, -8, 7) as f32;
+            }
+        }
+        let (e, en) = (rel_rms(&x, &y), rel_rms(&x, &naive));
+        assert!(e < en * 0.97, "ours {e} naive {en}");
+    }
+
+    #[test]
+    fn requantizing_dequantized_data_is_stable() {
+        let mut rng = Rng::new(5);
+        let x = gaussian(&mut rng, 1024);
+        for &ty in QUANTIZE_TYPES {
+            let y1 = roundtrip(ty, &x, None);
+            let y2 = roundtrip(ty, &y1, None);
+            // Values already on a grid should move much less than the original error.
+            let e1 = rel_rms(&x, &y1);
+            let e12 = rel_rms(&y1, &y2);
+            assert!(e12 <= e1 * 0.6 + 1e-6, "{ty}: first {e1}, second {e12}");
+        }
+    }
+
+    #[test]
+    fn imatrix_reduces_error_where_important() {
+        let mut rng = Rng::new(9);
+        let x = gaussian(&mut rng, 4096);
+        // Every 8th column is 100× as important.
+        let im: Vec<f32> = (0..x.len())
+            .map(|i| if i % 8 == 0 { 100.0 } else { 1.0 })
+            .collect();
+        for ty in [
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q4_0,
+            GgmlType::Q6_K,
+        ] {
+            let y0 = roundtrip(ty, &x, None);
+            let y1 = roundtrip(ty, &x, Some(&im));
+            let werr = |y: &[f32]| -> f32 {
+                x.iter()
+                    .zip(y)
+                    .zip(&im)
+                    .map(|((a, b), w)| w * (a - b) * (a - b))
+                    .sum()
+            };
+            let (e0, e1) = (werr(&y0), werr(&y1));
+            eprintln!("{ty}: weighted err {e0:.3} -> {e1:.3}");
+            assert!(e1 < e0 * 0.95, "{ty}: {e0} -> {e1}");
+        }
+    }
+
+    #[test]
+    fn odd_values() {
+        for &ty in QUANTIZE_TYPES {
+            let n = 512;
+            for x in [
+                vec![0f32; n],
+                vec![0.75f32; n],
+                vec![-3.0f32; n],
+                (0..n)
+                    .map(|i| if i % 2 == 0 { 1e-30 } else { -1e-30 })
+                    .collect(),
+            ] {
+                let y = roundtrip(ty, &x, None);
+                assert!(y.iter().all(|v| v.is_finite()), "{ty}");
+                let e = rel_rms(&x, &y);
+                let s: f32 = x.iter().map(|a| a.abs()).sum();
+                assert!(
+                    s == 0.0 || e < 0.05 || x[0].abs() < 1e-20,
+                    "{ty}: {e} on {}",
+                    x[0]
+                );
+                if s == 0.0 {
+                    assert!(y.iter().all(|&v| v == 0.0), "{ty}");
+                }
+            }
+            // Large values up to the f16 limit quantize like any others.
+            let big: Vec<f32> = (0..n).map(|i| (i as f32 - 256.0) * 255.0).collect();
+            let y = roundtrip(ty, &big, None);
+            assert!(y.iter().all(|v| v.is_finite()), "{ty}");
+            assert!(
+                rel_rms(&big, &y) < bound(ty) * 1.6,
+                "{ty}: {}",
+                rel_rms(&big, &y)
+            );
+            // Beyond it: an error for every format with f16 values or scales.
+            let mut huge = vec![0.5f32; n];
+            huge[3] = -1e30;
+            let mut buf = vec![0u8; row_bytes(ty, n).unwrap()];
+            let r = quantize_row(ty, &huge, &mut buf, None);
+            if ty == GgmlType::F32 || ty == GgmlType::BF16 {
+                assert!(r.is_ok(), "{ty}");
+            } else {
+                assert!(
+                    matches!(r, Err(KernelError::TooLarge { index: 3, .. })),
+                    "{ty}: {r:?}"
+                );
+            }
+            // NaN and infinity are rejected.
+            let mut bad = vec![0.5f32; n];
+            bad[17] = f32::NAN;
+            let mut buf = vec![0u8; row_bytes(ty, n).unwrap()];
+            assert_eq!(
+                quantize_row(ty, &bad, &mut buf, None),
+                Err(KernelError::NonFinite { index: 17 })
+            );
+            bad[17] = f32::INFINITY;
+            assert!(quantize_row(ty, &bad, &mut buf, None).is_err());
+        }
+    }
+
+    #[test]
+    fn size_and_type_errors() {
+        let x = vec![0f32; 100];
+        let mut buf = vec![0u8; 1000];
+        assert!(matches!(
+            quantize_row(GgmlType::Q4_K, &x, &mut buf, None),
+            Err(KernelError::NotBlockMultiple { .. })
+        ));
+        let x = vec![0f32; 256];
+        assert!(matches!(
+            quantize_row(GgmlType::Q4_K, &x, &mut buf, None),
+            Err(KernelError::Length { .. })
+        ));
+        assert!(matches!(
+            quantize_row(GgmlType::Q8_K, &x, &mut buf, None),
+            Err(KernelError::UnsupportedType(_))
+        ));
+        let mut buf = vec![0u8; 144];
+        assert!(quantize_row(GgmlType::Q4_K, &x, &mut buf, Some(&[1.0; 10])).is_err());
+    }
+
+    /// Values exactly on a format's grid come back exactly (checks the bit packing).
+    #[test]
+    fn exact_grid_roundtrips() {
+        let mut rng = Rng::new(1);
+        // Q8_0: integers with amax 127 in each block.
+        let mut x: Vec<f32> = (0..256)
+            .map(|_| (rng.next_u64() % 255) as f32 - 127.0)
+            .collect();
+        for b in x.chunks_mut(32) {
+            b[0] = 127.0;
+        }
+        assert_eq!(roundtrip(GgmlType::Q8_0, &x, None), x);
+        // Q4_0: integers in -8..=7 with a -8 in each block.
+        let mut x: Vec<f32> = (0..256)
+            .map(|_| (rng.next_u64() % 16) as f32 - 8.0)
+            .collect();
+        for b in x.chunks_mut(32) {
+            b[3] = -8.0;
+        }
+        assert_eq!(roundtrip(GgmlType::Q4_0, &x, None), x);
+        let mut x: Vec<f32> = (0..256)
+            .map(|_| (rng.next_u64() % 32) as f32 - 16.0)
+            .collect();
+        for b in x.chunks_mut(32) {
+            b[5] = -16.0;
+        }
+        assert_eq!(roundtrip(GgmlType::Q5_0, &x, None), x);
+        // Q6_K: integers in -32..=31 with a -32 in each group of 16 (all scales equal).
+        let mut x: Vec<f32> = (0..256)
+            .map(|_| (rng.next_u64() % 64) as f32 - 32.0)
+            .collect();
+        for b in x.chunks_mut(16) {
+            b[1] = -32.0;
+        }
+        assert_eq!(roundtrip(GgmlType::Q6_K, &x, None), x);
+        // Q3_K: integers in -4..=3 with a -4 in each group.
+        let mut x: Vec<f32> = (0..256)
+            .map(|_| (rng.next_u64() % 8) as f32 - 4.0)
+            .collect();
+        for b in x.chunks_mut(16) {
+            b[2] = -4.0;
+        }
+        assert_eq!(roundtrip(GgmlType::Q3_K, &x, None), x);
+        // Q4_K / Q5_K / Q2_K: non-negative integers with a 0 and the max in each group.
+        for (ty, top, g) in [
+            (GgmlType::Q4_K, 15u64, 32),
+            (GgmlType::Q5_K, 31, 32),
+            (GgmlType::Q2_K, 3, 16),
+            (GgmlType::Q4_1, 15, 32),
+            (GgmlType::Q5_1, 31, 32),
+        ] {
+            let mut x: Vec<f32> = (0..256)
+                .map(|_| (rng.next_u64() % (top + 1)) as f32)
+                .collect();
+            for b in x.chunks_mut(g) {
+                b[0] = 0.0;
+                b[1] = top as f32;
+            }
+            let y = roundtrip(ty, &x, None);
+            // The K-quants' scales are products of two rounded numbers: near-exact only.
+            let tol = if ty.block_size() == 256 { 0.02 } else { 0.0 };
+            let err = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= tol, "{ty}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::testutil::Rng;
+
+    /// `cargo test --release -p modu-kernels --lib quantize::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn throughput() {
+        let mut rng = Rng::new(1);
+        let x = rng.f32s(1 << 20, 1.0);
+        for &ty in QUANTIZE_TYPES {
+            let mut buf = vec![0u8; row_bytes(ty, x.len()).unwrap()];
+            let t = std::time::Instant::now();
+            quantize_row(ty, &x, &mut buf, None).unwrap();
+            let s = t.elapsed().as_secs_f64();
+            eprintln!("{ty}: {:.1} M elements/s", x.len() as f64 / s / 1e6);
+        }
+    }
+}
