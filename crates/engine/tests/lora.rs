@@ -1059,3 +1059,74 @@ fn merges_and_export() {
     let err = max_diff(&got, &want) / max_abs(&want);
     assert!(err < 1e-2, "export rel err {err}");
 }
+
+/// PEFT Q/K updates for a `llama` base are in Hugging Face row order; GGUF permutes Q/K rows for
+/// its interleaved RoPE, and the loader must apply the same permutation to `B`. A PEFT adapter
+/// written in HF order equals the GGUF adapter written in GGUF order, bit for bit.
+#[test]
+fn peft_llama_qk_rows_are_permuted() {
+    let tiny = Tiny::new("llama", 13);
+    let model = tiny.model();
+    let base = model.module_shapes().clone();
+    let ad = tiny_adapter(4, 31);
+    let g = ad.load("llama", &base);
+    let mut t: Vec<(String, &'static str, Vec<usize>, Vec<u8>)> = vec![];
+    for ((il, p), (a, b, ni, no)) in &ad.pairs {
+        // Undo GGUF's permutation: GGUF row h·hd + 2i + s holds HF row h·hd + s·hd/2 + i.
+        let heads = match p {
+            Proj::Q => Some(N_HEAD),
+            Proj::K => Some(N_HEAD_KV),
+            _ => None,
+        };
+        let mut hf = b.clone();
+        if let Some(nh) = heads {
+            let hd = no / nh;
+            for h in 0..nh {
+                for i in 0..hd / 2 {
+                    for s in 0..2 {
+                        let (g_row, hf_row) = (h * hd + 2 * i + s, h * hd + s * hd / 2 + i);
+                        hf[hf_row * 4..(hf_row + 1) * 4]
+                            .copy_from_slice(&b[g_row * 4..(g_row + 1) * 4]);
+                    }
+                }
+            }
+        }
+        let m = if matches!(p, Proj::Gate | Proj::Up | Proj::Down) {
+            "mlp"
+        } else {
+            "self_attn"
+        };
+        let stem = format!("base_model.model.model.layers.{il}.{m}.{}", p.hf_name());
+        t.push((
+            format!("{stem}.lora_A.weight"),
+            "F32",
+            vec![4, *ni],
+            f32_bytes(a),
+        ));
+        t.push((
+            format!("{stem}.lora_B.weight"),
+            "F32",
+            vec![*no, 4],
+            f32_bytes(&hf),
+        ));
+    }
+    let d = tmpdir("peft-llama");
+    std::fs::write(d.join("adapter_config.json"), CONFIG).unwrap();
+    write_safetensors(&d.join("adapter_model.safetensors"), &t);
+    let p = Arc::new(LoraAdapter::open(&d, Some(&base)).unwrap());
+    assert_eq!(
+        run(model.as_ref(), &TOKENS, &[(p, 1.0)]),
+        run(model.as_ref(), &TOKENS, &[(g, 1.0)])
+    );
+    // Opened without its base, the adapter cannot know it needs the permutation: refused.
+    let unbased = Arc::new(LoraAdapter::open(&d, None).unwrap());
+    let mut cache = model.new_cache(16);
+    let mods: Vec<ModuleRef> = vec![(unbased, 1.0)];
+    let e = model
+        .forward_seqs_with(&[&[1, 2]], &mut [&mut cache], Logits::Last, &[&mods])
+        .unwrap_err();
+    assert!(
+        matches!(e, ModelError::Module(LoraError::Unsupported(_))),
+        "{e}"
+    );
+}
