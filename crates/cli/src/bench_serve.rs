@@ -196,6 +196,34 @@ fn prompt_for(client: usize, round: usize) -> String {
     )
 }
 
+/// modu's server on a free loopback port in this process.
+fn start_in_process(
+    spec: &str,
+    l: crate::run::Loaded,
+    parallel: usize,
+    max_queue: usize,
+    modules: Vec<(String, std::path::PathBuf)>,
+) -> Result<modu_server::ServerHandle> {
+    let (id, aliases) = modu_server::model_names(spec, l.model.info().name.as_deref());
+    let config = modu_server::ServeConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        parallel,
+        max_queue,
+        ctx: l.ctx,
+        modules,
+        ..Default::default()
+    };
+    let served = modu_server::ServedModel {
+        model: l.model,
+        tokenizer: l.tokenizer,
+        file: l.file,
+        id,
+        aliases,
+    };
+    modu_server::start(served, config, false).context("starting the server")
+}
+
 /// Send one streaming completion and time its chunks.
 fn one_request(
     agent: &ureq::Agent,
@@ -357,8 +385,6 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {
             let l = load(&a.model)?;
-            let (id, aliases) =
-                modu_server::model_names(&a.model.model, l.model.info().name.as_deref());
             let mut modules = Vec::new();
             if a.modules > 0 {
                 let dir = a.module_dir.clone().unwrap_or_else(|| tmp.clone());
@@ -367,23 +393,8 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
                     .context("writing random modules")?;
                 pick = ModulePick::Names(modules.iter().map(|m| m.0.clone()).collect());
             }
-            let config = modu_server::ServeConfig {
-                host: "127.0.0.1".into(),
-                port: 0,
-                parallel: a.parallel.unwrap_or(max_clients).max(1),
-                max_queue: max_clients * 2,
-                ctx: l.ctx,
-                modules,
-                ..Default::default()
-            };
-            let served = modu_server::ServedModel {
-                model: l.model,
-                tokenizer: l.tokenizer,
-                file: l.file,
-                id,
-                aliases,
-            };
-            let h = modu_server::start(served, config, false).context("starting the server")?;
+            let parallel = a.parallel.unwrap_or(max_clients).max(1);
+            let h = start_in_process(&a.model.model, l, parallel, max_clients * 2, modules)?;
             let base = format!("http://{}", h.addr);
             own = Some(h);
             base
@@ -536,22 +547,7 @@ pub fn bench_modules(a: ModulesBenchArgs) -> Result<()> {
         .iter()
         .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
-    let (id, aliases) = modu_server::model_names(&a.model.model, l.model.info().name.as_deref());
-    let config = modu_server::ServeConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        parallel: 2,
-        ctx: l.ctx,
-        ..Default::default()
-    };
-    let served = modu_server::ServedModel {
-        model: l.model,
-        tokenizer: l.tokenizer,
-        file: l.file,
-        id,
-        aliases,
-    };
-    let h = modu_server::start(served, config, false).context("starting the server")?;
+    let h = start_in_process(&a.model.model, l, 2, 64, Vec::new())?;
     let base = format!("http://{}", h.addr);
     let agent = ureq::AgentBuilder::new().build();
     let none = ModulePick::None;
