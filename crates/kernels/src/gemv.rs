@@ -52,15 +52,22 @@ pub(crate) unsafe fn prepare(act: &[BlockQ8_0], offset_shift: Option<i32>) -> Pr
     Prepared { da, lane_sums }
 }
 
-/// How a weight type turns a block into lane sums `Σ q·y` (eight i32 lanes of four values).
+/// How a weight type turns a block into lane sums `Σ q·y` (eight i32 lanes of four values):
+/// decoded once per block, then combined with each token's activations.
 pub(crate) trait GemvBlock: Copy + Sync {
     /// `log2` of the offset subtracted from the unsigned quants, if the type uses the
     /// unsigned trick (then [`GemvBlock::lanes`] gets `offset · Σ y` per lane).
     const OFFSET_SHIFT: Option<i32>;
     fn d(&self) -> [u8; 2];
+    /// The block's quants, ready for [`GemvBlock::lanes`]: `(|q|, q)` for signed types (the
+    /// `vpsignb` trick), `(u, u)` for the unsigned ones.
+    ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
-    unsafe fn lanes(&self, y: __m256i, ysum: __m256i) -> __m256i;
+    unsafe fn decode(&self) -> (__m256i, __m256i);
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    unsafe fn lanes(dec: (__m256i, __m256i), y: __m256i, ysum: __m256i) -> __m256i;
 }
 
 impl GemvBlock for BlockQ8_0 {
@@ -71,9 +78,14 @@ impl GemvBlock for BlockQ8_0 {
     }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lanes(&self, y: __m256i, _: __m256i) -> __m256i {
+    unsafe fn decode(&self) -> (__m256i, __m256i) {
         let q = decode_q8_0(self);
-        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
+        (_mm256_sign_epi8(q, q), q)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lanes(dec: (__m256i, __m256i), y: __m256i, _: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(dec.0, _mm256_sign_epi8(y, dec.1));
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
 }
@@ -86,10 +98,15 @@ impl GemvBlock for BlockQ4_0 {
     }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lanes(&self, y: __m256i, ysum: __m256i) -> __m256i {
+    unsafe fn decode(&self) -> (__m256i, __m256i) {
         // u in 0..=15; u·y pairs stay far inside i16.
         let u = unpack_nibbles_pub(&self.qs);
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1));
+        (u, u)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lanes(dec: (__m256i, __m256i), y: __m256i, ysum: __m256i) -> __m256i {
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(dec.0, y), _mm256_set1_epi16(1));
         _mm256_sub_epi32(p, ysum)
     }
 }
@@ -102,71 +119,102 @@ impl GemvBlock for BlockQ5_0 {
     }
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lanes(&self, y: __m256i, ysum: __m256i) -> __m256i {
+    unsafe fn decode(&self) -> (__m256i, __m256i) {
         // u in 0..=31; 2·31·127 fits an i16.
         let u = _mm256_or_si256(unpack_nibbles_pub(&self.qs), q5_0_high_bits(self.qh));
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1));
+        (u, u)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lanes(dec: (__m256i, __m256i), y: __m256i, ysum: __m256i) -> __m256i {
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(dec.0, y), _mm256_set1_epi16(1));
         _mm256_sub_epi32(p, ysum)
     }
 }
 
-/// Rows `r0..r1` of `w` (`nb` blocks per row) times the prepared activation row `act`;
-/// `y[r]` receives row `r`'s result.
+/// Tokens per pass over a weight row (two accumulators per token stay in registers).
+const T: usize = 4;
+
+/// Rows `r0..r1` of `w` (`nb` blocks per row) times `acts.len()` prepared activation rows;
+/// `y[t * rows + r]` receives token `t`'s result for row `r`. Each row is walked once per group
+/// of up to four tokens, right after the previous group, so it is read from memory once.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C. `w.len() >= r1 * nb`, `act.len() == nb`, `p` was
-/// prepared from `act` (with `W::OFFSET_SHIFT`), and `y` points to at least `r1`
-/// writable f32 of which no other thread touches `r0..r1`.
+/// The CPU must support AVX2, FMA and F16C. `w.len() >= r1 * nb`; every `acts[t]` has `nb`
+/// blocks and `preps[t]` was prepared from it with `W::OFFSET_SHIFT`; `y` points to at least
+/// `acts.len() * rows` writable f32 of which no other thread touches rows `r0..r1`.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemv_rows<W: GemvBlock>(
     w: &[W],
     nb: usize,
     r0: usize,
     r1: usize,
-    act: &[BlockQ8_0],
-    p: &Prepared,
+    acts: &[&[BlockQ8_0]],
+    preps: &[Prepared],
     y: *mut f32,
+    rows: usize,
 ) {
-    debug_assert!(w.len() >= r1 * nb && act.len() == nb && p.da.len() == nb);
-    let zero = _mm256_setzero_si256();
-    // One row at a time: interleaving 2 or 4 rows (to share the activation loads) measured
-    // 30-60% slower here (register pressure, and more concurrent memory streams per core).
+    debug_assert!(w.len() >= r1 * nb && acts.len() == preps.len());
     for r in r0..r1 {
-        let out = rows_kernel::<W, 1>([&w[r * nb..(r + 1) * nb]], nb, act, p, zero);
-        // SAFETY: r < r1; the caller owns rows r0..r1 of y.
-        *y.add(r) = out[0];
+        let row = &w[r * nb..(r + 1) * nb];
+        let mut t0 = 0;
+        while t0 < acts.len() {
+            let n = (acts.len() - t0).min(T);
+            macro_rules! go {
+                ($n:literal) => {{
+                    let a: [&[BlockQ8_0]; $n] = std::array::from_fn(|k| acts[t0 + k]);
+                    let p: [&Prepared; $n] = std::array::from_fn(|k| &preps[t0 + k]);
+                    let out = row_tokens::<W, $n>(row, nb, a, p);
+                    for (k, v) in out.into_iter().enumerate() {
+                        // SAFETY: t0 + k < acts.len() and r < r1 <= rows; the caller owns
+                        // rows r0..r1 of every token.
+                        *y.add((t0 + k) * rows + r) = v;
+                    }
+                }};
+            }
+            match n {
+                4 => go!(4),
+                3 => go!(3),
+                2 => go!(2),
+                _ => go!(1),
+            }
+            t0 += n;
+        }
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_kernel<W: GemvBlock, const N: usize>(
-    rows: [&[W]; N],
+unsafe fn row_tokens<W: GemvBlock, const N: usize>(
+    row: &[W],
     nb: usize,
-    act: &[BlockQ8_0],
-    p: &Prepared,
-    zero: __m256i,
+    acts: [&[BlockQ8_0]; N],
+    preps: [&Prepared; N],
 ) -> [f32; N] {
+    let zero = _mm256_setzero_si256();
     let mut acc0 = [_mm256_setzero_ps(); N];
     let mut acc1 = [_mm256_setzero_ps(); N];
     macro_rules! step {
         ($b:expr, $acc:ident) => {{
             let b = $b;
-            // SAFETY: b < nb == act.len() == p.da.len(); qs is 32 bytes.
-            let yv = _mm256_loadu_si256(act.get_unchecked(b).qs.as_ptr() as *const __m256i);
-            let da = _mm256_broadcast_ss(p.da.get_unchecked(b));
-            let ys = if W::OFFSET_SHIFT.is_some() {
-                *p.lane_sums.get_unchecked(b)
-            } else {
-                zero
-            };
+            // SAFETY: b < nb == row.len() == acts[k].len() == preps[k].da.len().
+            let blk = row.get_unchecked(b);
+            let dec = blk.decode();
+            // The weight scale converted in every lane at once (vpbroadcastw + vcvtph2ps).
+            let dw = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes(blk.d())));
             for k in 0..N {
-                let blk = rows[k].get_unchecked(b);
-                // The weight scale converted in every lane at once (vpbroadcastw +
-                // vcvtph2ps), times the activation scale: lane values equal dw·da.
-                let dw = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes(blk.d())));
-                let d = _mm256_mul_ps(dw, da);
-                let l = blk.lanes(yv, ys);
+                let a = acts[k].get_unchecked(b);
+                // SAFETY: qs is 32 bytes; loadu has no alignment requirement.
+                let yv = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                let ys = if W::OFFSET_SHIFT.is_some() {
+                    *preps[k].lane_sums.get_unchecked(b)
+                } else {
+                    zero
+                };
+                // Lane values equal the dot kernel's scalar product dw·da.
+                let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(preps[k].da.get_unchecked(b)));
+                let l = W::lanes(dec, yv, ys);
                 $acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(l), $acc[k]);
             }
         }};

@@ -228,14 +228,14 @@ pub fn matmul_quantized(
         }};
     }
     #[cfg(target_arch = "x86_64")]
-    if n_tokens >= GEMM_MIN_TOKENS && dispatch::use_avx2() {
-        if let Some(r) = gemm_x86(w, a, y) {
+    if n_tokens < gemv_max_tokens() && dispatch::use_avx2() {
+        if let Some(r) = gemv_x86(w, a, y) {
             return r;
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if n_tokens < GEMM_MIN_TOKENS && dispatch::use_avx2() {
-        if let Some(r) = gemv_x86(w, a, y) {
+    if n_tokens >= GEMM_MIN_TOKENS && dispatch::use_avx2() {
+        if let Some(r) = gemm_x86(w, a, y) {
             return r;
         }
     }
@@ -459,8 +459,22 @@ fn gemm_x86(
     }
 }
 
-/// The decode GEMV of [`crate::gemv`] for Q4_0/Q5_0/Q8_0 weights, token by token (AVX2
-/// only); `None` for other types.
+/// Below this many tokens the 32-element block types use the GEMV of [`crate::gemv`] (weights
+/// decoded per block and used for up to four tokens while in registers), from it on the tiled
+/// GEMM (decoded tiles reused across many tokens). Both are bit-identical to the dot kernels.
+#[cfg(target_arch = "x86_64")]
+fn gemv_max_tokens() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("MODU_GEMV_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16)
+    })
+}
+
+/// The decode GEMV of [`crate::gemv`] for Q4_0/Q5_0/Q8_0 weights (AVX2 only); `None` for other
+/// types.
 #[cfg(target_arch = "x86_64")]
 fn gemv_x86(
     w: &QMatrix,
@@ -490,30 +504,32 @@ fn gemv_x86(
         let (rows, nb) = (w.rows, w.cols / 32);
         let row_bytes = row_bytes(w.ty, w.cols)?;
         let threads = rayon::current_num_threads().max(1);
-        // Multiples of 4 rows (the kernel's pass), up to 1024, about 8 chunks per thread.
-        let chunk = (rows.div_ceil(threads * 8).div_ceil(4) * 4).clamp(4, 1024);
+        // About 8 chunks per thread, up to 1024 rows.
+        let chunk = rows.div_ceil(threads * 8).clamp(4, 1024);
         let n_chunks = rows.div_ceil(chunk);
         let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows >= 64 * 1024;
-        for t in 0..n_tokens {
-            let act = &v[t * nb..(t + 1) * nb];
-            // SAFETY: the caller checked AVX2/FMA/F16C.
-            let prep = unsafe { gemv::prepare(act, W::OFFSET_SHIFT) };
-            let out = OutPtr(y[t * rows..(t + 1) * rows].as_mut_ptr());
-            let (out, prep) = (&out, &prep);
-            let job = |ci: usize| {
-                let r0 = ci * chunk;
-                let r1 = (r0 + chunk).min(rows);
-                // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), act nb blocks
-                // and prep was made from it with the sums W needs; out points to this token's
-                // `rows` outputs and chunks are disjoint.
-                unsafe { gemv::gemv_rows(wv, nb, r0, r1, act, prep, out.0) }
-            };
-            if parallel {
-                (0..n_chunks).into_par_iter().for_each(job);
-            } else {
-                (0..n_chunks).for_each(job);
-            }
+        let acts: Vec<&[BlockQ8_0]> = v.chunks_exact(nb).collect();
+        // SAFETY: the caller checked AVX2/FMA/F16C.
+        let preps: Vec<gemv::Prepared> = acts
+            .iter()
+            .map(|act| unsafe { gemv::prepare(act, W::OFFSET_SHIFT) })
+            .collect();
+        let out = OutPtr(y.as_mut_ptr());
+        let (out, acts, preps) = (&out, &acts[..], &preps[..]);
+        let job = |ci: usize| {
+            let r0 = ci * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), acts n_tokens rows of
+            // nb blocks with their preparations; out points to n_tokens * rows outputs and
+            // chunks are disjoint.
+            unsafe { gemv::gemv_rows(wv, nb, r0, r1, acts, preps, out.0, rows) }
+        };
+        if parallel {
+            (0..n_chunks).into_par_iter().for_each(job);
+        } else {
+            (0..n_chunks).for_each(job);
         }
+        let _ = n_tokens;
         Ok(())
     }
     Some(match w.ty {
