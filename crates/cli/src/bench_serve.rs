@@ -42,6 +42,14 @@ pub struct ServeBenchArgs {
     /// `model` field of the requests (default: the first id the server lists at /v1/models).
     #[arg(long)]
     pub request_model: Option<String>,
+    /// API keys to send (`Authorization: Bearer KEY`); client `c` uses key `c mod N`, so one
+    /// run can load several services of a server started with --config.
+    #[arg(long = "api-key", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    /// Keep sending until this many seconds have passed (each client repeats its rounds);
+    /// for sustained load, e.g. to fill the usage accounting.
+    #[arg(long)]
+    pub duration: Option<u64>,
     /// Running-batch size of the in-process server (default: the largest client count).
     #[arg(long)]
     pub parallel: Option<usize>,
@@ -232,6 +240,7 @@ fn one_request(
     prompt: &str,
     n: usize,
     pick: (&ModulePick, usize),
+    key: Option<&str>,
 ) -> Result<Sample> {
     let mut body = json!({
         "model": model,
@@ -244,15 +253,16 @@ fn one_request(
     });
     pick.0.apply(pick.1, &mut body);
     let start = Instant::now();
-    let resp = agent
-        .post(&format!("{base}/v1/completions"))
-        .send_json(body)
-        .map_err(|e| match e {
-            ureq::Error::Status(code, r) => {
-                anyhow::anyhow!("HTTP {code}: {}", r.into_string().unwrap_or_default())
-            }
-            other => anyhow::anyhow!("{other}"),
-        })?;
+    let mut req = agent.post(&format!("{base}/v1/completions"));
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = req.send_json(body).map_err(|e| match e {
+        ureq::Error::Status(code, r) => {
+            anyhow::anyhow!("HTTP {code}: {}", r.into_string().unwrap_or_default())
+        }
+        other => anyhow::anyhow!("{other}"),
+    })?;
     let reader = BufReader::new(resp.into_reader());
     let mut first: Option<Duration> = None;
     let mut last = start;
@@ -309,11 +319,29 @@ fn run_level(
             .map(|c| {
                 let agent = agent.clone();
                 s.spawn(move || {
-                    (0..a.rounds)
-                        .map(|r| {
-                            one_request(&agent, base, model, &prompt_for(c, r), a.n_gen, (pick, c))
-                        })
-                        .collect()
+                    let key =
+                        (!a.api_keys.is_empty()).then(|| a.api_keys[c % a.api_keys.len()].as_str());
+                    let until = a.duration.map(|d| start + Duration::from_secs(d));
+                    let mut out = Vec::new();
+                    let mut r = 0;
+                    // `rounds` requests, or as many as fit in `duration`.
+                    while match until {
+                        Some(t) => Instant::now() < t,
+                        None => r < a.rounds,
+                    } {
+                        let p = prompt_for(c, r);
+                        out.push(one_request(
+                            &agent,
+                            base,
+                            model,
+                            &p,
+                            a.n_gen,
+                            (pick, c),
+                            key,
+                        ));
+                        r += 1;
+                    }
+                    out
                 })
             })
             .collect();
@@ -417,8 +445,16 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         }
     };
     // Warm up (page in weights) with one short request.
-    one_request(&agent, &base, &model, "Hello", 4, (&pick, 0))
-        .with_context(|| format!("warm-up request to {base}"))?;
+    one_request(
+        &agent,
+        &base,
+        &model,
+        "Hello",
+        4,
+        (&pick, 0),
+        a.api_keys.first().map(|k| k.as_str()),
+    )
+    .with_context(|| format!("warm-up request to {base}"))?;
     if !a.json {
         println!(
             "target: {target}; {} tokens per request, {} round(s) per client; modules: {}",
@@ -552,13 +588,30 @@ pub fn bench_modules(a: ModulesBenchArgs) -> Result<()> {
     let agent = ureq::AgentBuilder::new().build();
     let none = ModulePick::None;
     // Warm up, then a baseline stream with nothing else going on.
-    one_request(&agent, &base, "", "Hello", 4, (&none, 0))?;
-    let quiet = one_request(&agent, &base, "", &prompt_for(0, 0), a.n_gen, (&none, 0))?;
+    one_request(&agent, &base, "", "Hello", 4, (&none, 0), None)?;
+    let quiet = one_request(
+        &agent,
+        &base,
+        "",
+        &prompt_for(0, 0),
+        a.n_gen,
+        (&none, 0),
+        None,
+    )?;
     let rss0 = rss_bytes();
     // The same stream while every module is loaded through the HTTP API.
     let (busy, loads) = std::thread::scope(|s| -> Result<(Sample, Vec<f64>)> {
-        let stream =
-            s.spawn(|| one_request(&agent, &base, "", &prompt_for(1, 0), a.n_gen, (&none, 0)));
+        let stream = s.spawn(|| {
+            one_request(
+                &agent,
+                &base,
+                "",
+                &prompt_for(1, 0),
+                a.n_gen,
+                (&none, 0),
+                None,
+            )
+        });
         // Let the stream start first.
         std::thread::sleep(Duration::from_millis(300));
         let mut loads = Vec::with_capacity(mods.len());
