@@ -90,6 +90,17 @@ impl GemvBlock for BlockQ8_0 {
     }
 }
 
+/// `Σ u·y - offset·Σ y` per lane, for the unsigned-quant types (Q4_0, Q5_0).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unsigned_lanes(u: __m256i, y: __m256i, ysum: __m256i) -> __m256i {
+    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1));
+    _mm256_sub_epi32(p, ysum)
+}
+
 impl GemvBlock for BlockQ4_0 {
     const OFFSET_SHIFT: Option<i32> = Some(3);
     #[inline(always)]
@@ -106,8 +117,7 @@ impl GemvBlock for BlockQ4_0 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lanes(dec: (__m256i, __m256i), y: __m256i, ysum: __m256i) -> __m256i {
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(dec.0, y), _mm256_set1_epi16(1));
-        _mm256_sub_epi32(p, ysum)
+        unsigned_lanes(dec.0, y, ysum)
     }
 }
 
@@ -127,8 +137,7 @@ impl GemvBlock for BlockQ5_0 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lanes(dec: (__m256i, __m256i), y: __m256i, ysum: __m256i) -> __m256i {
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(dec.0, y), _mm256_set1_epi16(1));
-        _mm256_sub_epi32(p, ysum)
+        unsigned_lanes(dec.0, y, ysum)
     }
 }
 

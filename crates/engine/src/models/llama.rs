@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use modu_gguf::GgufFile;
 
-use super::{embed_tokens, select_rows, Hparams, Logits, Model, ModelInfo};
+use super::{embed_tokens, projection_shapes, select_rows, Hparams, Logits, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
@@ -149,18 +149,14 @@ impl Llama {
             n_embd: d,
             n_ctx_train: cfg.n_ctx_train,
         };
-        let shapes = BaseShapes {
-            arch: arch.clone(),
-            n_head: cfg.n_head,
-            n_head_kv: cfg.n_head_kv,
-            layers: blocks
+        let shapes = projection_shapes(
+            arch.clone(),
+            cfg.n_head,
+            cfg.n_head_kv,
+            blocks
                 .iter()
-                .map(|b| {
-                    [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]
-                        .map(|l| Some((l.weight.cols, l.weight.rows)))
-                })
-                .collect(),
-        };
+                .map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]),
+        );
         Ok(Self {
             file,
             cfg,

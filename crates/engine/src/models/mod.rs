@@ -10,7 +10,7 @@ use modu_gguf::GgufFile;
 
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
-use crate::layers::{Segment, Weight};
+use crate::layers::{Linear, Segment, Weight};
 use crate::lora::{BaseShapes, ModuleRef};
 
 /// What callers need to know about a loaded model.
@@ -174,6 +174,24 @@ impl Hparams<'_> {
 
     pub fn str_opt(&self, k: &str) -> Option<&str> {
         self.file.get_str(&self.key(k))
+    }
+}
+
+/// The shapes LoRA modules are checked against: per layer, the seven adaptable projections in
+/// [`crate::lora::Proj`] order (q, k, v, o, gate, up, down) as `(n_in, n_out)`.
+pub(crate) fn projection_shapes<'a>(
+    arch: String,
+    n_head: usize,
+    n_head_kv: usize,
+    layers: impl Iterator<Item = [&'a Linear; 7]>,
+) -> BaseShapes {
+    BaseShapes {
+        arch,
+        n_head,
+        n_head_kv,
+        layers: layers
+            .map(|l| l.map(|l| Some((l.weight.cols, l.weight.rows))))
+            .collect(),
     }
 }
 
