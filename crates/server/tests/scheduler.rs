@@ -279,8 +279,9 @@ fn enough_kv_memory_means_no_preemption_and_exact_outputs() {
 #[test]
 fn exhausted_kv_memory_preempts_and_recomputes_without_changing_outputs() {
     // Each request grows to 20 + 60 = 80 positions = 5 blocks; four at once would need 20
-    // blocks but the pool has 9, so younger sequences are preempted and recomputed.
-    let h = start(config(4, 9), Duration::ZERO);
+    // blocks but the pool has 9, so younger sequences are preempted and recomputed. A step takes
+    // 1 ms so that all four are submitted before the first can finish on its own.
+    let h = start(config(4, 9), Duration::from_millis(1));
     let rxs: Vec<_> = (0..4)
         .map(|i| submit(&h.handle, prompt(i, 20), 60))
         .collect();
