@@ -22,7 +22,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use modu_engine::{load_model, Logits, Model};
+use modu_engine::{load_model, BatchSeq, KvCache, Logits, Model};
 use modu_gguf::GgufFile;
 use serde_json::{json, Value};
 
@@ -61,6 +61,11 @@ pub struct BenchArgs {
         default_value = "128"
     )]
     pub n_gen: Vec<usize>,
+    /// Decode tests run this many sequences in lockstep (one weight pass per step for all of
+    /// them, as continuous batching does; llama-batched-bench's `-npl`); tok/s counts every
+    /// sequence's tokens.
+    #[arg(short = 'b', long = "batch", default_value_t = 1)]
+    pub batch: usize,
     /// Worker threads (default: all cores).
     #[arg(short, long)]
     pub threads: Option<usize>,
@@ -109,6 +114,8 @@ enum Kind {
 struct TestResult {
     kind: Kind,
     n: usize,
+    /// Sequences decoded together (1 outside batched decode tests).
+    batch: usize,
     samples_ns: Vec<u64>,
 }
 
@@ -116,6 +123,7 @@ impl TestResult {
     fn name(&self) -> String {
         match self.kind {
             Kind::Prefill => format!("pp{}", self.n),
+            Kind::Decode if self.batch > 1 => format!("tg{}x{}", self.n, self.batch),
             Kind::Decode => format!("tg{}", self.n),
             Kind::Ttft => format!("ttft{}", self.n),
         }
@@ -124,7 +132,7 @@ impl TestResult {
     fn samples_ts(&self) -> Vec<f64> {
         self.samples_ns
             .iter()
-            .map(|&ns| self.n as f64 * 1e9 / ns.max(1) as f64)
+            .map(|&ns| (self.n * self.batch) as f64 * 1e9 / ns.max(1) as f64)
             .collect()
     }
 }
@@ -132,6 +140,9 @@ impl TestResult {
 pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
     }
     let threads = match a.threads {
         Some(0) => bail!("--threads must be at least 1"),
@@ -220,6 +231,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     model.as_ref(),
                     kind,
                     n,
+                    a.batch,
                     a.repetitions,
                     !a.no_warmup,
                     &mut rng,
@@ -228,6 +240,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let r = TestResult {
                 kind,
                 n,
+                batch: if kind == Kind::Decode { a.batch } else { 1 },
                 samples_ns,
             };
             if a.json {
@@ -258,6 +271,7 @@ fn run_test(
     model: &dyn Model,
     kind: Kind,
     n: usize,
+    batch: usize,
     reps: usize,
     warmup: bool,
     rng: &mut SplitMix,
@@ -272,6 +286,29 @@ fn run_test(
                 let logits = model.forward(&tokens, &mut cache, Logits::Last)?;
                 if kind == Kind::Ttft {
                     std::hint::black_box(argmax(&logits, n_vocab));
+                }
+                Ok(t.elapsed().as_nanos() as u64)
+            }
+            Kind::Decode if batch > 1 => {
+                let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache(n + 1)).collect();
+                let mut toks: Vec<u32> = (0..batch).map(|_| rng.below(n_vocab)).collect();
+                let step = |toks: &mut Vec<u32>, caches: &mut Vec<KvCache>| -> Result<()> {
+                    let inputs: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
+                    let mut seqs: Vec<BatchSeq<'_>> = inputs
+                        .iter()
+                        .zip(caches.iter_mut())
+                        .map(|(t, cache)| BatchSeq { tokens: t, cache })
+                        .collect();
+                    let logits = model.forward_batch(&mut seqs)?;
+                    for (t, l) in toks.iter_mut().zip(&logits) {
+                        *t = argmax(l, n_vocab);
+                    }
+                    Ok(())
+                };
+                step(&mut toks, &mut caches)?;
+                let t = Instant::now();
+                for _ in 0..n {
+                    step(&mut toks, &mut caches)?;
                 }
                 Ok(t.elapsed().as_nanos() as u64)
             }
@@ -493,7 +530,8 @@ fn print_row(r: &TestResult, d: &ModelDesc, threads: usize, membw: Option<f64>, 
     println!("{line}");
 }
 
-/// Decode rows: achieved weight-read GB/s and its share of the machine's bandwidth.
+/// Decode rows: achieved weight-read GB/s and its share of the machine's bandwidth (a batched
+/// step reads the weights once for all its sequences).
 fn decode_bandwidth(
     r: &TestResult,
     d: &ModelDesc,
@@ -503,7 +541,7 @@ fn decode_bandwidth(
         return (None, None);
     }
     let (ts, _) = mean_sd(&r.samples_ts());
-    let gbs = d.bytes_per_token as f64 * ts / 1e9;
+    let gbs = d.bytes_per_token as f64 * ts / r.batch as f64 / 1e9;
     (Some(gbs), membw.filter(|&m| m > 0.0).map(|m| gbs / m))
 }
 
@@ -535,6 +573,7 @@ fn test_json(
         "n_threads": threads,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
+        "n_parallel": r.batch,
         "test": r.name(),
         "test_time": iso8601_now(),
         "avg_ns": avg_ns.round() as u64,

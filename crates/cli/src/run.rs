@@ -268,23 +268,26 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut first: Option<f64> = None;
     let stdout = std::io::stdout();
     let json = a.json;
-    let gen = generate_with(
-        l.model.as_ref(),
-        &l.tokenizer,
-        &mut cache,
-        &ids,
-        &params,
-        &modules,
-        |piece, _| {
-            first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-            if !json {
-                let mut o = stdout.lock();
-                let _ = o.write_all(piece.as_bytes());
-                let _ = o.flush();
-            }
-            ControlFlow::Continue(())
-        },
-    )?;
+    // On a worker of the global pool (see `on_pool`).
+    let gen = on_pool(|| {
+        generate_with(
+            l.model.as_ref(),
+            &l.tokenizer,
+            &mut cache,
+            &ids,
+            &params,
+            &modules,
+            |piece, _| {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                if !json {
+                    let mut o = stdout.lock();
+                    let _ = o.write_all(piece.as_bytes());
+                    let _ = o.flush();
+                }
+                ControlFlow::Continue(())
+            },
+        )
+    })?;
     let total = t0.elapsed().as_secs_f64();
     if json {
         println!("{}", json_output(&ids, &gen.tokens)?);
@@ -374,19 +377,21 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
         // The cache keeps the longest common prefix with the previous turn.
         cache.truncate(common_prefix(&cached_ids, &ids));
-        let gen = generate_with(
-            l.model.as_ref(),
-            &l.tokenizer,
-            &mut cache,
-            &ids,
-            &params,
-            &modules,
-            |piece, _| {
-                print!("{piece}");
-                let _ = std::io::stdout().flush();
-                ControlFlow::Continue(())
-            },
-        )?;
+        let gen = on_pool(|| {
+            generate_with(
+                l.model.as_ref(),
+                &l.tokenizer,
+                &mut cache,
+                &ids,
+                &params,
+                &modules,
+                |piece, _| {
+                    print!("{piece}");
+                    let _ = std::io::stdout().flush();
+                    ControlFlow::Continue(())
+                },
+            )
+        })?;
         println!();
         // Everything but the last sampled token has been through the model.
         cached_ids = ids;
@@ -395,6 +400,14 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         msgs.push(ChatMessage::new("assistant", gen.text.trim()));
     }
     Ok(())
+}
+
+/// Run `f` on a worker thread of the global rayon pool (after [`load`] has sized it). The
+/// forward pass makes ~200 parallel calls per token; from a thread outside the pool each one is
+/// injected and the caller sleeps on a latch until the workers finish, which costs a context
+/// switch or two per call. From inside, the calling worker takes part and the join is cheap.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {

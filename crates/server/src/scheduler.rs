@@ -219,7 +219,22 @@ pub fn spawn(
                 pool,
                 config,
             };
-            s.run(rx);
+            // The loop runs on a worker of its own compute pool (as many workers as the global
+            // pool, i.e. `--threads`), so every parallel matmul of a step is joined by this
+            // thread instead of being injected from outside: an outside caller sleeps on a
+            // latch and wakes the workers for each of the ~200 parallel operations of a decode
+            // step, and those context switches cost ~20% of single-stream speed on two cores.
+            match rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .thread_name(|i| format!("modu-compute-{i}"))
+                .build()
+            {
+                Ok(compute) => compute.install(|| s.run(rx)),
+                Err(e) => {
+                    eprintln!("modu: no dedicated compute pool ({e}); using the global one");
+                    s.run(rx)
+                }
+            }
         })?;
     Ok((handle, join))
 }
