@@ -2,7 +2,9 @@
 //! rank-8 adapters at per-request scales (tests/golden/lora/qwen-lora-public.json, made by
 //! llama-server; see tests/golden/README.md). Each case runs through both import paths (the
 //! llama.cpp GGUF-LoRA files and the PEFT directories holding the same numbers), which must agree
-//! with each other bit for bit and with llama.cpp token for token.
+//! with each other bit for bit, and with llama.cpp as the golden README suggests: the same
+//! argmax wherever the top two are not near a tie (teacher-forced), free-running continuations
+//! parting only at a near tie, and top-10 probabilities close.
 //!
 //! The adapters themselves (8.8 MB each, twice per format) are not copied into the repository:
 //! they are read from `../shared/golden/lora` beside the repository (where CI has them), and the
@@ -85,6 +87,20 @@ fn forced_logits(
     out
 }
 
+/// Top-1 minus top-2 log-probability (= logit) margin.
+fn logprob_margin(logits: &[f32]) -> f64 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &l in logits {
+        if l > a {
+            b = a;
+            a = l;
+        } else if l > b {
+            b = l;
+        }
+    }
+    (a - b) as f64
+}
+
 /// Top-2 probability margin.
 fn margin(probs: &[f64]) -> f64 {
     let (mut a, mut b) = (0f64, 0f64);
@@ -102,6 +118,9 @@ fn margin(probs: &[f64]) -> f64 {
 /// llama.cpp's argmax may flip where its top two are this close (the random adapters make the
 /// network sensitive: summation-order noise moves probabilities by up to ~0.03 here).
 const NEAR_TIE: f64 = 0.1;
+
+/// The golden README's "clear margin" for exact matching: top-1 minus top-2 log-probability.
+const LOGPROB_TIE: f64 = 0.1;
 
 #[test]
 fn qwen_lora_matches_llama_cpp_gguf_and_peft() {
@@ -165,16 +184,34 @@ fn qwen_lora_matches_llama_cpp_gguf_and_peft() {
         let ids_g = greedy(model.as_ref(), &prompt, want.len(), &mk(&gguf), &eog);
         let ids_p = greedy(model.as_ref(), &prompt, want.len(), &mk(&peft), &eog);
         assert_eq!(ids_g, ids_p, "{label}: GGUF and PEFT paths differ");
+        // Teacher-forced on llama.cpp's tokens: our logits at every step of its continuation.
+        let logits = forced_logits(model.as_ref(), &prompt, &want, &mk(&gguf));
         exact += (ids_g == want) as usize;
-        if ids_g != want {
+        if let Some(pos) = ids_g.iter().zip(&want).position(|(a, b)| a != b) {
+            // The golden README's criterion: the ids match up to the first near tie, a top-1 /
+            // top-2 log-probability margin within 0.1 (kernels differ in rounding, and past a
+            // near tie the continuations are free to part). Up to `pos` the prefixes agree, so
+            // our distribution there is the teacher-forced one; a near tie in either model's
+            // distribution at `pos` explains the parting.
+            let steps = case["steps"].as_array();
+            let theirs = steps
+                .and_then(|s| s[pos]["top"].as_array())
+                .filter(|t| t.len() >= 2)
+                .map(|t| t[0]["logprob"].as_f64().unwrap() - t[1]["logprob"].as_f64().unwrap());
+            let ours = logprob_margin(&logits[pos]);
             eprintln!(
-                "{label}: free-running greedy leaves llama.cpp's at step {:?}",
-                ids_g.iter().zip(&want).position(|(a, b)| a != b)
+                "{label}: free-running greedy leaves llama.cpp's at step {pos} (log-prob margins there: llama.cpp {theirs:?}, ours {ours:.3})"
             );
+            // Where llama.cpp reported no probabilities (a token ending inside a UTF-8
+            // character) its margin is unknown: such a parting is reported above, not failed.
+            if theirs.is_some_and(|m| m > LOGPROB_TIE) && ours > LOGPROB_TIE {
+                failures.push(format!(
+                    "{label}: free-running greedy differs at step {pos} without a near tie (llama.cpp margin {theirs:?}, ours {ours:.3})"
+                ));
+            }
         }
         // Teacher-forced on llama.cpp's tokens: the argmax agrees at every step unless llama.cpp's
         // (or, where it reported nothing, our) top two are within NEAR_TIE.
-        let logits = forced_logits(model.as_ref(), &prompt, &want, &mk(&gguf));
         let steps = case["steps"].as_array();
         for (step, l) in logits.iter().enumerate() {
             let probs = softmax(l);
@@ -213,7 +250,6 @@ fn qwen_lora_matches_llama_cpp_gguf_and_peft() {
     assert!(n_cmp > 3000, "too few probabilities compared: {n_cmp}");
     assert!(mean < 0.006, "mean |Δp| {mean}");
     assert!(worst < 0.15, "max |Δp| {worst}");
-    assert!(exact >= 10, "only {exact} of 16 cases token-exact");
 }
 
 #[test]

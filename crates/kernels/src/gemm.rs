@@ -1,4 +1,5 @@
-//! Tiled AVX2 GEMM for many tokens × quantized weights (prefill).
+//! Tiled AVX2 GEMM for many tokens × K-quant weights (Q4_K, Q6_K; prefill and batched decode).
+//! The 32-element block types have their own kernel for every token count, [`crate::q32`].
 //!
 //! A task owns a chunk of weight rows. It decodes those rows once into a small buffer of
 //! ready-to-multiply int8 blocks (plus f32 scales), then walks the tokens in tiles; inside a
@@ -7,34 +8,19 @@
 //!
 //! Results are bit-identical to the per-(row, token) dot kernels in [`crate::x86`]: every
 //! output gets the same per-block integer sums (computed lane by lane in the same way, or
-//! reduced exactly) and the same float operations in the same order (for 32-element blocks:
-//! even and odd blocks into two 8-lane accumulators, then `hsum`; for Q6_K: one fused
+//! reduced exactly) and the same float operations in the same order (for Q6_K: one fused
 //! multiply-add per block).
 
 // Index loops over the small register arrays read more plainly than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
 
 use crate::blocks::*;
-use crate::x86::{decode_q4_0, decode_q5_0, decode_q8_0, h2f, hsum_epi32, hsum_ps, k4_scales_mins};
+use crate::x86::{h2f, hsum_epi32, hsum_ps, k4_scales_mins};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 /// Tokens per tile: the activation tile of a chunk is reused for all of its rows.
 const TOKEN_TILE: usize = 32;
-
-/// Blocks per scale panel in [`micro32`] (even).
-const PANEL: usize = 64;
-
-/// Scale products of one [`micro32`] panel: `[row][token][block]`.
-pub(crate) struct ScaleBuf([[[f32; PANEL]; 2]; 2]);
-
-/// One decoded 32-element block: `|q|` and `q`, ready for the `maddubs` sign trick.
-#[repr(C, align(32))]
-#[derive(Clone, Copy)]
-pub(crate) struct Dec32 {
-    aq: [u8; 32],
-    q: [i8; 32],
-}
 
 /// One decoded K-quant block (Q4_K, Q6_K): the 8 groups of 32 unsigned values in the order the
 /// activations are laid out, the scale vector of each group (one scale per 128-bit lane for
@@ -51,226 +37,15 @@ pub(crate) struct DecK {
 thread_local! {
     /// Per-thread decode buffers, reused across calls (large allocations would otherwise be
     /// fresh pages every time).
-    static BUF32: RefCell<(Vec<Dec32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     static BUFK: RefCell<(Vec<DecK>, Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-}
-
-/// Weight block types with 32 signed values and one f16 scale.
-pub(crate) trait Signed32: Copy + Sync {
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    unsafe fn decode(&self) -> __m256i;
-    fn d(&self) -> [u8; 2];
-}
-impl Signed32 for BlockQ8_0 {
-    #[inline(always)]
-    unsafe fn decode(&self) -> __m256i {
-        decode_q8_0(self)
-    }
-    #[inline(always)]
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-}
-impl Signed32 for BlockQ4_0 {
-    #[inline(always)]
-    unsafe fn decode(&self) -> __m256i {
-        decode_q4_0(self)
-    }
-    #[inline(always)]
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-}
-impl Signed32 for BlockQ5_0 {
-    #[inline(always)]
-    unsafe fn decode(&self) -> __m256i {
-        decode_q5_0(self)
-    }
-    #[inline(always)]
-    fn d(&self) -> [u8; 2] {
-        self.d
-    }
-}
-
-/// f32 scales of Q8_0 activation blocks (converted once per call, not once per weight row).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q8_0_scales(act: &[BlockQ8_0]) -> Vec<f32> {
-    act.iter().map(|b| h2f(b.d)).collect()
-}
-
-/// `R` weight rows × `T` tokens over all `nb` blocks.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C. `wd`/`dw` hold `R` rows of `nb` entries with
-/// stride `nb`; `act`/`da` hold `T` tokens of `nb` entries with stride `nb`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn micro32<const R: usize, const T: usize>(
-    wd: &[Dec32],
-    dw: &[f32],
-    act: &[BlockQ8_0],
-    da: &[f32],
-    nb: usize,
-    ds: &mut ScaleBuf,
-) -> [[f32; T]; R] {
-    debug_assert!(wd.len() >= R * nb && dw.len() >= R * nb);
-    debug_assert!(act.len() >= T * nb && da.len() >= T * nb);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc0 = [[_mm256_setzero_ps(); T]; R];
-    let mut acc1 = [[_mm256_setzero_ps(); T]; R];
-    // Per-block scale products dw·da for each (row, token), a panel of blocks at a time (the
-    // same f32 products the dot kernel forms one by one, computed 8 at a time here), in a
-    // buffer owned by the caller (no zeroing per call). R, T <= 2.
-    macro_rules! step {
-        ($i:expr, $k:expr, $acc:ident) => {{
-            let i = $i;
-            let mut y = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                // SAFETY: t * nb + i < T * nb <= act.len(); loadu has no alignment requirement.
-                let b = act.get_unchecked(t * nb + i);
-                y[t] = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-            }
-            for r in 0..R {
-                // SAFETY: r * nb + i < R * nb <= wd.len(); Dec32 is 32-byte aligned, its fields
-                // at offsets 0 and 32.
-                let w = wd.get_unchecked(r * nb + i);
-                let aq = _mm256_load_si256(w.aq.as_ptr() as *const __m256i);
-                let q = _mm256_load_si256(w.q.as_ptr() as *const __m256i);
-                for t in 0..T {
-                    let sy = _mm256_sign_epi8(y[t], q);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sy), ones);
-                    // SAFETY: $k < PANEL.
-                    let d = _mm256_broadcast_ss(ds.0[r][t].get_unchecked($k));
-                    $acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), $acc[r][t]);
-                }
-            }
-        }};
-    }
-    // Panels start at multiples of PANEL (even), so a block's parity (which accumulator it
-    // goes to) is the same as in the dot kernel.
-    let mut p0 = 0;
-    while p0 < nb {
-        let pn = (nb - p0).min(PANEL);
-        for r in 0..R {
-            for t in 0..T {
-                let dwr = &dw[r * nb + p0..r * nb + p0 + pn];
-                let dat = &da[t * nb + p0..t * nb + p0 + pn];
-                for ((o, &a), &b) in ds.0[r][t][..pn].iter_mut().zip(dwr).zip(dat) {
-                    *o = a * b;
-                }
-            }
-        }
-        let mut k = 0;
-        while k + 2 <= pn {
-            step!(p0 + k, k, acc0);
-            step!(p0 + k + 1, k + 1, acc1);
-            k += 2;
-        }
-        if k < pn {
-            step!(p0 + k, k, acc0);
-        }
-        p0 += pn;
-    }
-    let mut out = [[0f32; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = hsum_ps(_mm256_add_ps(acc0[r][t], acc1[r][t]));
-        }
-    }
-    out
-}
-
-/// All outputs of weight rows `r0..r1` (`w` is the whole matrix, `nb` blocks per row) for
-/// `n_tokens` Q8_0 activation rows (`act`, with f32 scales `da` from [`q8_0_scales`]).
-/// `y[t * rows + r]` receives the result.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C. `w.len() >= r1 * nb`, `act.len() == da.len()
-/// == n_tokens * nb`, `y` points to `n_tokens * rows` writable f32 with `r1 <= rows`, and no
-/// other thread accesses elements of rows `r0..r1`.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_rows_32<W: Signed32>(
-    w: &[W],
-    nb: usize,
-    r0: usize,
-    r1: usize,
-    act: &[BlockQ8_0],
-    da: &[f32],
-    n_tokens: usize,
-    y: *mut f32,
-    rows: usize,
-) {
-    let nr = r1 - r0;
-    BUF32.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        let (wd, dw) = &mut *buf;
-        wd.clear();
-        dw.clear();
-        wd.reserve(nr * nb);
-        dw.reserve(nr * nb);
-        for blk in &w[r0 * nb..r1 * nb] {
-            let q = blk.decode();
-            let mut e = Dec32 {
-                aq: [0; 32],
-                q: [0; 32],
-            };
-            // SAFETY: both fields are 32 bytes at 32-byte aligned offsets of an aligned struct.
-            _mm256_store_si256(e.aq.as_mut_ptr() as *mut __m256i, _mm256_sign_epi8(q, q));
-            _mm256_store_si256(e.q.as_mut_ptr() as *mut __m256i, q);
-            wd.push(e);
-            dw.push(h2f(blk.d()));
-        }
-        let mut ds = ScaleBuf([[[0f32; PANEL]; 2]; 2]);
-        let mut t0 = 0;
-        while t0 < n_tokens {
-            let t1 = (t0 + TOKEN_TILE).min(n_tokens);
-            let mut r = 0;
-            while r < nr {
-                let rr = if r + 2 <= nr { 2 } else { 1 };
-                let wdr = &wd[r * nb..];
-                let dwr = &dw[r * nb..];
-                let mut t = t0;
-                while t < t1 {
-                    let tt = if t + 2 <= t1 { 2 } else { 1 };
-                    let a = &act[t * nb..];
-                    let d = &da[t * nb..];
-                    macro_rules! put {
-                        ($R:literal, $T:literal) => {{
-                            let o = micro32::<$R, $T>(wdr, dwr, a, d, nb, &mut ds);
-                            for (k, orow) in o.iter().enumerate() {
-                                for (j, &v) in orow.iter().enumerate() {
-                                    // SAFETY: t + j < n_tokens and r0 + r + k < r1 <= rows, so
-                                    // the index is inside y; this task owns rows r0..r1.
-                                    *y.add((t + j) * rows + r0 + r + k) = v;
-                                }
-                            }
-                        }};
-                    }
-                    match (rr, tt) {
-                        (2, 2) => put!(2, 2),
-                        (2, _) => put!(2, 1),
-                        (_, 2) => put!(1, 2),
-                        _ => put!(1, 1),
-                    }
-                    t += tt;
-                }
-                r += rr;
-            }
-            t0 = t1;
-        }
-    });
 }
 
 /// `R` Q6_K weight rows × `T` tokens over all `nb` blocks.
 ///
 /// # Safety
-/// As [`micro32`], with Q6_K decoded blocks and Q8_K activations.
+/// The CPU must support AVX2, FMA and F16C. `wd` holds `R` rows of `nb` decoded Q6_K blocks
+/// with stride `nb`; `act` holds `T` tokens of `nb` Q8_K blocks with stride `nb`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn micro_q6k<const R: usize, const T: usize>(
@@ -321,10 +96,13 @@ unsafe fn micro_q6k<const R: usize, const T: usize>(
     acc
 }
 
-/// As [`gemm_rows_32`] for Q6_K weights and Q8_K activations.
+/// All outputs of Q6_K weight rows `r0..r1` (`w` is the whole matrix, `nb` blocks per row) for
+/// `n_tokens` Q8_K activation rows; `y[t * rows + r]` receives the result.
 ///
 /// # Safety
-/// As [`gemm_rows_32`] (`act.len() == n_tokens * nb`).
+/// The CPU must support AVX2, FMA and F16C. `w.len() >= r1 * nb`, `act.len() == n_tokens *
+/// nb`, `y` points to `n_tokens * rows` writable f32 with `r1 <= rows`, and no other thread
+/// accesses elements of rows `r0..r1`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_rows_q6k(
@@ -433,8 +211,7 @@ pub(crate) unsafe fn gemm_rows_q6k(
 /// `R` Q4_K weight rows × `T` tokens over all `nb` blocks.
 ///
 /// # Safety
-/// As [`micro32`], with Q4_K decoded blocks (`dw`, `dmw`: scales and min scales) and Q8_K
-/// activations.
+/// As [`micro_q6k`], with Q4_K decoded blocks (`dw`, `dmw`: scales and min scales).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn micro_q4k<const R: usize, const T: usize>(
@@ -499,10 +276,12 @@ unsafe fn micro_q4k<const R: usize, const T: usize>(
     out
 }
 
-/// As [`gemm_rows_32`] for Q4_K weights and Q8_K activations.
+/// As [`gemm_rows_q6k`] for Q4_K weights.
 ///
 /// # Safety
-/// As [`gemm_rows_32`] (`act.len() == n_tokens * nb`).
+/// The CPU must support AVX2, FMA and F16C. `w.len() >= r1 * nb`, `act.len() == n_tokens *
+/// nb`, `y` points to `n_tokens * rows` writable f32 with `r1 <= rows`, and no other thread
+/// accesses elements of rows `r0..r1`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_rows_q4k(

@@ -32,9 +32,9 @@ pub mod blocks;
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
-#[cfg(target_arch = "x86_64")]
-mod gemv;
 mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod q32;
 pub mod quantize;
 pub mod scalar;
 #[doc(hidden)]

@@ -4,6 +4,11 @@
 //! one dot product per (weight row, token), parallel over chunks of weight rows. Inside a chunk
 //! all tokens are processed, so each weight chunk is read from memory once per call.
 //!
+//! On AVX2 the 32-element block types (Q4_0, Q5_0, Q8_0) use [`crate::q32`] for every token
+//! count, and Q4_K/Q6_K the tiled GEMM of [`crate::gemm`] from [`GEMM_MIN_TOKENS`] tokens on.
+//! Every path gives each (row, token) output the same bits as the per-row dot kernel, so a
+//! token's result never depends on the batch it is in.
+//!
 //! To share one quantization of the activations between several matrices (the Q, K and V
 //! projections), use [`quantize_activations`] then [`matmul_quantized`] for each matrix.
 
@@ -228,8 +233,8 @@ pub fn matmul_quantized(
         }};
     }
     #[cfg(target_arch = "x86_64")]
-    if n_tokens < gemv_max_tokens() && dispatch::use_avx2() {
-        if let Some(r) = gemv_x86(w, a, y) {
+    if dispatch::use_avx2() {
+        if let Some(r) = q32_x86(w, a, y) {
             return r;
         }
     }
@@ -374,7 +379,7 @@ fn run<W: RowView, A: Sync>(
     Ok(())
 }
 
-/// From this many tokens on, the supported types use the tiled GEMM of [`crate::gemm`]
+/// From this many tokens on, Q4_K and Q6_K use the tiled GEMM of [`crate::gemm`]
 /// (bit-identical to the dot kernels, so the threshold only affects speed).
 #[cfg(target_arch = "x86_64")]
 const GEMM_MIN_TOKENS: usize = 4;
@@ -392,36 +397,6 @@ fn gemm_x86(
     let n_tokens = a.n_tokens;
     let nb = w.cols / w.ty.block_size();
     let rows = w.rows;
-    macro_rules! go32 {
-        ($blk:ty, $v:expr) => {{
-            let v: &[BlockQ8_0] = $v;
-            if let Err(e) = check_lengths(
-                w,
-                v.len() * 32,
-                n_tokens,
-                y.len(),
-                "activation rows",
-                "values",
-            ) {
-                return Some(Err(e));
-            }
-            let Some(wv) = as_blocks::<$blk>(w.data) else {
-                return Some(Err(KernelError::Overflow));
-            };
-            // SAFETY: use_avx2() was checked by the caller.
-            let da = unsafe { gemm::q8_0_scales(v) };
-
-            let out = OutPtr(y.as_mut_ptr());
-            let out = &out;
-            let dec_row = nb * (std::mem::size_of::<gemm::Dec32>() + 4);
-            par_row_chunks(rows, n_tokens, dec_row, 256 * 1024, |r0, r1| {
-                // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), v and da
-                // n_tokens * nb; y holds n_tokens * rows values and row chunks are disjoint.
-                unsafe { gemm::gemm_rows_32(wv, nb, r0, r1, v, &da, n_tokens, out.0, rows) }
-            });
-            Some(Ok(()))
-        }};
-    }
     // K-quants: `$scale_bytes` of per-row decoded scales per block beside the decoded quants.
     macro_rules! go_k {
         ($blk:ty, $v:expr, $scale_bytes:expr, $kernel:path) => {{
@@ -450,43 +425,26 @@ fn gemm_x86(
         }};
     }
     match (&a.data, w.ty) {
-        (ActivationData::Q8_0(v), T::Q4_0) => go32!(BlockQ4_0, v),
-        (ActivationData::Q8_0(v), T::Q5_0) => go32!(BlockQ5_0, v),
-        (ActivationData::Q8_0(v), T::Q8_0) => go32!(BlockQ8_0, v),
         (ActivationData::Q8K(v), T::Q6_K) => go_k!(BlockQ6K, v, 4, gemm::gemm_rows_q6k),
         (ActivationData::Q8K(v), T::Q4_K) => go_k!(BlockQ4K, v, 8, gemm::gemm_rows_q4k),
         _ => None,
     }
 }
 
-/// Below this many tokens the 32-element block types use the GEMV of [`crate::gemv`] (weights
-/// decoded per block and used for up to four tokens while in registers), from it on the tiled
-/// GEMM (decoded tiles reused across many tokens). Both are bit-identical to the dot kernels.
+/// The kernel of [`crate::q32`] for Q4_0/Q5_0/Q8_0 weights, every token count (AVX2 only);
+/// `None` for other types.
 #[cfg(target_arch = "x86_64")]
-fn gemv_max_tokens() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("MODU_GEMV_MAX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(16)
-    })
-}
-
-/// The decode GEMV of [`crate::gemv`] for Q4_0/Q5_0/Q8_0 weights (AVX2 only); `None` for other
-/// types.
-#[cfg(target_arch = "x86_64")]
-fn gemv_x86(
+fn q32_x86(
     w: &QMatrix,
     a: &QuantizedActivations,
     y: &mut [f32],
 ) -> Option<Result<(), KernelError>> {
-    use crate::gemv::{self, GemvBlock};
+    use crate::q32::{self, Q32Block};
     use GgmlType as T;
     let ActivationData::Q8_0(v) = &a.data else {
         return None;
     };
-    fn go<W: GemvBlock + ByteBlock>(
+    fn go<W: Q32Block + ByteBlock>(
         w: &QMatrix,
         v: &[BlockQ8_0],
         n_tokens: usize,
@@ -502,34 +460,39 @@ fn gemv_x86(
         )?;
         let wv = as_blocks::<W>(w.data).ok_or(KernelError::Overflow)?;
         let (rows, nb) = (w.rows, w.cols / 32);
+        if rows == 0 || n_tokens == 0 {
+            return Ok(());
+        }
         let row_bytes = row_bytes(w.ty, w.cols)?;
         let threads = rayon::current_num_threads().max(1);
-        // About 8 chunks per thread, up to 1024 rows.
-        let chunk = rows.div_ceil(threads * 8).clamp(4, 1024);
+        // Chunks of whole 8-row groups: about 8 per thread for one token (up to 1024 rows);
+        // with more tokens also small enough (~128 KiB of weights) to stay in L2 while every
+        // token tile passes over them.
+        let g = q32::ROWS;
+        let mut chunk = rows.div_ceil(threads * 8).clamp(g, 1024);
+        if n_tokens > 1 {
+            chunk = chunk.min((128 * 1024 / row_bytes.max(1)).max(g));
+        }
+        let chunk = chunk.div_ceil(g) * g;
         let n_chunks = rows.div_ceil(chunk);
-        let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows >= 64 * 1024;
-        let acts: Vec<&[BlockQ8_0]> = v.chunks_exact(nb).collect();
+        let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows * n_tokens >= 64 * 1024;
         // SAFETY: the caller checked AVX2/FMA/F16C.
-        let preps: Vec<gemv::Prepared> = acts
-            .iter()
-            .map(|act| unsafe { gemv::prepare(act, W::OFFSET_SHIFT) })
-            .collect();
+        let prep = unsafe { q32::prepare::<W>(v) };
         let out = OutPtr(y.as_mut_ptr());
-        let (out, acts, preps) = (&out, &acts[..], &preps[..]);
+        let (out, prep) = (&out, &prep);
         let job = |ci: usize| {
             let r0 = ci * chunk;
             let r1 = (r0 + chunk).min(rows);
-            // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), acts n_tokens rows of
-            // nb blocks with their preparations; out points to n_tokens * rows outputs and
-            // chunks are disjoint.
-            unsafe { gemv::gemv_rows(wv, nb, r0, r1, acts, preps, out.0, rows) }
+            // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), v n_tokens * nb
+            // (checked above) and prep was made from v; out points to n_tokens * rows outputs
+            // and chunks are disjoint.
+            unsafe { q32::rows(wv, nb, r0, r1, v, prep, n_tokens, out.0, rows) }
         };
         if parallel {
             (0..n_chunks).into_par_iter().for_each(job);
         } else {
             (0..n_chunks).for_each(job);
         }
-        let _ = n_tokens;
         Ok(())
     }
     Some(match w.ty {

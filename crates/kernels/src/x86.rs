@@ -195,9 +195,11 @@ pub(crate) unsafe fn decode_q5_0(a: &BlockQ5_0) -> __m256i {
     _mm256_or_si256(lo, neg)
 }
 
-/// Dot products of one row of 32-element signed blocks with `N` Q8_0 activation rows. The
-/// weight block is decoded once for all `N` rows; each row's arithmetic is the same whatever
-/// `N` is, so batched and single results are bit-identical.
+/// Dot products of one row of 32-element signed blocks with `N` Q8_0 activation rows, with the
+/// block-exact numerics of [`crate::q32`] (and of the scalar reference): per block the exact
+/// integer dot product, then `sum += isum as f32 * (dw * da)` from the first block to the last.
+/// The weight block is decoded once for all `N` rows. (The matmul uses [`crate::q32`], which
+/// computes the same values eight rows at a time.)
 macro_rules! dot_n_signed32 {
     ($name:ident, $blk:ty, $decode:ident) => {
         #[inline]
@@ -205,39 +207,21 @@ macro_rules! dot_n_signed32 {
         unsafe fn $name<const N: usize>(x: &[$blk], y: [&[BlockQ8_0]; N]) -> [f32; N] {
             let n = y.iter().fold(x.len(), |m, r| m.min(r.len()));
             let ones = _mm256_set1_epi16(1);
-            let mut acc0 = [_mm256_setzero_ps(); N];
-            let mut acc1 = [_mm256_setzero_ps(); N];
-            macro_rules! step {
-                ($i:expr, $acc:ident) => {{
-                    let a = &x[$i];
-                    let q = $decode(a);
-                    let aq = _mm256_sign_epi8(q, q);
-                    let dw = h2f(a.d);
-                    for t in 0..N {
-                        // SAFETY: $i < n <= y[t].len().
-                        let b = y[t].get_unchecked($i);
-                        let sy = _mm256_sign_epi8(load32(&b.qs, 0), q);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sy), ones);
-                        let d = _mm256_set1_ps(dw * h2f(b.d));
-                        $acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), $acc[t]);
-                    }
-                }};
+            let mut acc = [0f32; N];
+            for i in 0..n {
+                let a = &x[i];
+                let q = $decode(a);
+                let aq = _mm256_sign_epi8(q, q);
+                let dw = h2f(a.d);
+                for t in 0..N {
+                    // SAFETY: i < n <= y[t].len().
+                    let b = y[t].get_unchecked(i);
+                    let sy = _mm256_sign_epi8(load32(&b.qs, 0), q);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, sy), ones);
+                    acc[t] += hsum_epi32(p) as f32 * (dw * h2f(b.d));
+                }
             }
-            // Even and odd blocks go to two accumulators (latency hiding).
-            let mut i = 0;
-            while i + 2 <= n {
-                step!(i, acc0);
-                step!(i + 1, acc1);
-                i += 2;
-            }
-            if i < n {
-                step!(i, acc0);
-            }
-            let mut out = [0f32; N];
-            for t in 0..N {
-                out[t] = hsum_ps(_mm256_add_ps(acc0[t], acc1[t]));
-            }
-            out
+            acc
         }
     };
 }
