@@ -57,7 +57,8 @@ enum Command {
     /// Write a GGUF model as a Hugging Face checkpoint directory (safetensors, config.json,
     /// tokenizer.json).
     ExportHf(quant::ExportHfArgs),
-    /// Measure model quality: perplexity, or KL divergence from a base model.
+    /// Measure model quality: perplexity, or KL divergence from a base model (or of a LoRA
+    /// module from its base).
     #[command(subcommand)]
     Eval(quant::EvalCmd),
     /// Compute an importance matrix (per-column mean x² of each matmul input) from a text.

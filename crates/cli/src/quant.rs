@@ -115,6 +115,8 @@ pub enum EvalCmd {
     Ppl(PplArgs),
     /// KL divergence of a model from a base model (llama-perplexity --kl-divergence style).
     Kld(KldArgs),
+    /// KL divergence of a base model with LoRA modules applied from the base alone.
+    Module(ModuleEvalArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +155,22 @@ pub struct KldArgs {
     /// Model to compare (e.g. a quantization of the base).
     #[arg(short = 'm', long)]
     pub model: String,
+    #[command(flatten)]
+    pub common: EvalCommon,
+}
+
+#[derive(Args)]
+pub struct ModuleEvalArgs {
+    /// Base model: a GGUF path, a known name or hf: source.
+    #[arg(short = 'm', long)]
+    pub model: String,
+    /// LoRA module (a .gguf adapter or a PEFT directory), optionally PATH=SCALE; repeatable,
+    /// applied in order.
+    #[arg(long = "module", value_name = "PATH[=SCALE]", required = true)]
+    pub modules: Vec<String>,
+    /// Multiplies every module's scale.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f32,
     #[command(flatten)]
     pub common: EvalCommon,
 }
@@ -212,6 +230,33 @@ pub fn eval(cmd: EvalCmd) -> Result<()> {
             let s = eval::kl_divergence(
                 base.as_ref(),
                 quant.as_ref(),
+                &tok,
+                &text,
+                a.common.ctx,
+                a.common.chunks,
+                &|d, t| {
+                    pb.set_length(t as u64);
+                    pb.set_position(d as u64);
+                },
+            )?;
+            pb.finish_and_clear();
+            print_kld(&s, a.common.json)
+        }
+        EvalCmd::Module(a) => {
+            set_threads(a.common.threads)?;
+            if !a.scale.is_finite() {
+                bail!("--scale must be a finite number");
+            }
+            let (base, tok, _) = load(&a.model)?;
+            let mut modules = crate::module::load_modules(&a.modules, base.as_ref())?;
+            for m in &mut modules {
+                m.1 *= a.scale;
+            }
+            let text = read_text(&a.common.file)?;
+            let pb = window_bar();
+            let s = eval::module_kl_divergence(
+                base.as_ref(),
+                &modules,
                 &tok,
                 &text,
                 a.common.ctx,
