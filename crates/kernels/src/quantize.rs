@@ -240,10 +240,25 @@ fn cand_sums_scalar(
     r
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: run the scale searches' scalar reference on this thread even on an AVX2 CPU.
+    static FORCE_SCALAR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[inline(always)]
+fn simd_searches() -> bool {
+    #[cfg(test)]
+    if FORCE_SCALAR.with(|f| f.get()) {
+        return false;
+    }
+    crate::dispatch::use_avx2()
+}
+
 #[inline]
 fn cand_sums(xo: &[f32], w: &[f32], wx: &[f32], is: &[f32], qmin: i32, qmax: i32) -> CandSums {
     #[cfg(target_arch = "x86_64")]
-    if crate::dispatch::use_avx2() && is.len() <= MAX_CAND {
+    if simd_searches() && is.len() <= MAX_CAND {
         // SAFETY: `use_avx2` is true only after `x86::available()` confirmed AVX2/FMA/F16C;
         // the slice lengths are checked inside.
         return unsafe { avx2::cand_sums(xo, w, wx, is, qmin, qmax) };
@@ -253,7 +268,7 @@ fn cand_sums(xo: &[f32], w: &[f32], wx: &[f32], is: &[f32], qmin: i32, qmax: i32
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{CandSums, MAX_CAND};
+    use super::{CandSums, GroupScales, MAX_CAND, MAX_SUPER};
     use std::arch::x86_64::*;
 
     /// [`super::cand_sums_scalar`], eight candidates per vector.
@@ -311,6 +326,132 @@ mod avx2 {
         }
         r
     }
+
+    /// [`super::group_errs_scalar`] for all [`MAX_SUPER`] lanes at once (unused lanes hold
+    /// zero scales and are ignored by the caller).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `x` and `w` must hold at least `gs·ng` values and `ng ≤ 16`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn group_errs(
+        x: &[f32],
+        w: &[f32],
+        gs: usize,
+        ng: usize,
+        sc: &GroupScales,
+        qmin: i32,
+        qmax: i32,
+    ) -> [f32; MAX_SUPER] {
+        let sign = _mm256_set1_ps(-0.0);
+        let half = _mm256_set1_ps(0.5);
+        let zero = _mm256_setzero_ps();
+        let one = _mm256_set1_ps(1.0);
+        let lo = _mm256_set1_epi32(qmin);
+        let hi = _mm256_set1_epi32(qmax);
+        let mut total = _mm256_setzero_ps();
+        for g in 0..ng {
+            // SAFETY: g < ng <= 16 rows of MAX_SUPER (= 8) floats each.
+            let d = _mm256_loadu_ps(sc.d[g].as_ptr());
+            let m = _mm256_loadu_ps(sc.m[g].as_ptr());
+            // id = d != 0 ? 1/d : 0, lane by lane
+            let nz = _mm256_cmp_ps(d, zero, _CMP_NEQ_OQ);
+            let id = _mm256_and_ps(_mm256_div_ps(one, d), nz);
+            let mut err = _mm256_setzero_ps();
+            for i in g * gs..(g + 1) * gs {
+                // SAFETY: i < gs·ng <= x.len(), w.len() (checked by the caller).
+                let v = _mm256_set1_ps(*x.get_unchecked(i));
+                let wi = _mm256_set1_ps(*w.get_unchecked(i));
+                let t = _mm256_mul_ps(_mm256_add_ps(v, m), id);
+                let t = _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(t, sign), half));
+                let qi = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(t), lo), hi);
+                let q = _mm256_cvtepi32_ps(qi);
+                let e = _mm256_sub_ps(v, _mm256_sub_ps(_mm256_mul_ps(d, q), m));
+                err = _mm256_add_ps(err, _mm256_mul_ps(_mm256_mul_ps(wi, e), e));
+            }
+            total = _mm256_add_ps(total, err);
+        }
+        let mut out = [0f32; MAX_SUPER];
+        _mm256_storeu_ps(out.as_mut_ptr(), total);
+        out
+    }
+}
+
+/// Candidate super-scales a K-quant scale search evaluates at once (one 8-lane vector).
+const MAX_SUPER: usize = 8;
+
+/// Per-group scales of up to [`MAX_SUPER`] candidates: `d[g][c]`, `m[g][c]` for group `g`
+/// (at most 16 groups) and candidate `c`.
+#[derive(Clone, Copy)]
+struct GroupScales {
+    d: [[f32; MAX_SUPER]; 16],
+    m: [[f32; MAX_SUPER]; 16],
+}
+
+impl GroupScales {
+    fn new() -> Self {
+        Self {
+            d: [[0.0; MAX_SUPER]; 16],
+            m: [[0.0; MAX_SUPER]; 16],
+        }
+    }
+}
+
+/// For every candidate `c < nc`: the total weighted error of re-rounding `x` group by group
+/// (`gs` values per group, `ng` groups) against that candidate's scales, i.e.
+/// `Σ_g requant_affine(x_g, w_g, d[g][c], m[g][c], …)` with values clamped to `[qmin, qmax]`
+/// (`m = 0` is [`requant_sym`] exactly: `v + 0` and `d·q − 0` change nothing that rounds).
+///
+/// This is the inner loop of the super-scale searches; like [`cand_sums`] the AVX2 version
+/// runs one candidate per lane with the scalar's operations in the scalar's order (per-group
+/// partial sums added to the total group by group), so the errors are bit-identical.
+#[allow(clippy::too_many_arguments)]
+fn group_errs_scalar(
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    ng: usize,
+    sc: &GroupScales,
+    nc: usize,
+    qmin: i32,
+    qmax: i32,
+) -> [f32; MAX_SUPER] {
+    let mut out = [0f32; MAX_SUPER];
+    for c in 0..nc.min(MAX_SUPER) {
+        let mut total = 0f32;
+        for g in 0..ng.min(16) {
+            let (d, m) = (sc.d[g][c], sc.m[g][c]);
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut err = 0f32;
+            for (&v, &wi) in x[g * gs..(g + 1) * gs].iter().zip(&w[g * gs..(g + 1) * gs]) {
+                let q = nearest((v + m) * id, qmin, qmax);
+                let e = v - (d * q as f32 - m);
+                err += wi * e * e;
+            }
+            total += err;
+        }
+        out[c] = total;
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn group_errs(
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    ng: usize,
+    sc: &GroupScales,
+    nc: usize,
+    qmin: i32,
+    qmax: i32,
+) -> [f32; MAX_SUPER] {
+    #[cfg(target_arch = "x86_64")]
+    if simd_searches() && x.len() >= gs * ng && w.len() >= gs * ng && ng <= 16 {
+        // SAFETY: AVX2 confirmed by the dispatch layer; lengths checked just above.
+        return unsafe { avx2::group_errs(x, w, gs, ng, sc, qmin, qmax) };
+    }
+    group_errs_scalar(x, w, gs, ng, sc, nc, qmin, qmax)
 }
 
 /// Best `d` for `x ≈ d·q`, `q ∈ [qmin, qmax]`, minimizing `Σ w(x − dq)²`. Returns `d` (0 for
@@ -553,19 +694,28 @@ fn q5_1_block(x: &[f32], w: &[f32], o: &mut [u8]) {
 // ---------------------------------------------------------------------------------------------
 
 /// Quantize non-negative sub-block values `v` to integers in `[0, nmax]` against a shared
-/// scale; tries a few scales around `max/nmax` and keeps the one minimizing `score(scale)`.
+/// scale; tries a few scales around `max/nmax` and keeps the one whose re-rounded block has the
+/// least weighted error. `fill(s, ints, c, scales)` writes candidate `c`'s per-group `(d, m)`
+/// into `scales` (groups of `gs` values, `N` groups, values clamped to `[0, qmax]`).
 /// Returns `(scale, ints)`.
+#[allow(clippy::too_many_arguments)]
 fn quantize_scales<const N: usize>(
     v: &[f32; N],
     nmax: i32,
-    mut score: impl FnMut(f32, &[i32; N]) -> f32,
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    qmax: i32,
+    fill: impl Fn(f32, &[i32; N], usize, &mut GroupScales),
 ) -> (f32, [i32; N]) {
     let vmax = v.iter().copied().fold(0f32, f32::max);
     let mut best = (0f32, [0i32; N]);
     if vmax <= 0.0 {
         return best;
     }
-    let mut best_err = f32::INFINITY;
+    let mut cands = [(0f32, [0i32; N]); 6];
+    let mut nc = 0;
+    let mut scales = GroupScales::new();
     for k in 0..6 {
         // Slightly larger scales clip nothing; slightly smaller ones give the small
         // sub-blocks more resolution at the cost of clamping the largest.
@@ -578,10 +728,16 @@ fn quantize_scales<const N: usize>(
         for (o, &x) in ints.iter_mut().zip(v) {
             *o = nearest(x / s, 0, nmax);
         }
-        let err = score(s, &ints);
-        if err < best_err {
-            best_err = err;
-            best = (s, ints);
+        fill(s, &ints, nc, &mut scales);
+        cands[nc] = (s, ints);
+        nc += 1;
+    }
+    let errs = group_errs(x, w, gs, N, &scales, nc, 0, qmax);
+    let mut best_err = f32::INFINITY;
+    for c in 0..nc {
+        if errs[c] < best_err {
+            best_err = errs[c];
+            best = cands[c];
         }
     }
     best
@@ -734,35 +890,17 @@ fn kq45_block(x: &[f32], w: &[f32], o: &mut [u8], five: bool) {
     }
     let mut q = [0i32; QK_K];
     // Mins first (with the exact scales), then scales given the quantized mins.
-    let (dmin, mi) = quantize_scales(&mn, 63, |s, ints| {
-        let mut err = 0f32;
+    let (dmin, mi) = quantize_scales(&mn, 63, x, w, 32, qmax, |s, ints, c, gsc| {
         for j in 0..8 {
-            let r = &x[j * 32..j * 32 + 32];
-            err += requant_affine(
-                r,
-                &w[j * 32..j * 32 + 32],
-                sc[j],
-                s * ints[j] as f32,
-                qmax,
-                &mut q[..32],
-            );
+            gsc.d[j][c] = sc[j];
+            gsc.m[j][c] = s * ints[j] as f32;
         }
-        err
     });
-    let (d, si) = quantize_scales(&sc, 63, |s, ints| {
-        let mut err = 0f32;
+    let (d, si) = quantize_scales(&sc, 63, x, w, 32, qmax, |s, ints, c, gsc| {
         for j in 0..8 {
-            let r = &x[j * 32..j * 32 + 32];
-            err += requant_affine(
-                r,
-                &w[j * 32..j * 32 + 32],
-                s * ints[j] as f32,
-                dmin * mi[j] as f32,
-                qmax,
-                &mut q[..32],
-            );
+            gsc.d[j][c] = s * ints[j] as f32;
+            gsc.m[j][c] = dmin * mi[j] as f32;
         }
-        err
     });
     let (d, dmin) = refine_affine(x, w, 32, &si, &mi, qmax, (d, dmin), &mut q);
     let mut scales = [0u8; 12];
@@ -812,35 +950,17 @@ fn q2_k_block(x: &[f32], w: &[f32], o: &mut [u8]) {
         mn[g] = -m;
     }
     let mut q = [0i32; QK_K];
-    let (dmin, mi) = quantize_scales(&mn, 15, |s, ints| {
-        let mut err = 0f32;
+    let (dmin, mi) = quantize_scales(&mn, 15, x, w, 16, 3, |s, ints, c, gsc| {
         for g in 0..16 {
-            let r = &x[g * 16..g * 16 + 16];
-            err += requant_affine(
-                r,
-                &w[g * 16..g * 16 + 16],
-                sc[g],
-                s * ints[g] as f32,
-                3,
-                &mut q[..16],
-            );
+            gsc.d[g][c] = sc[g];
+            gsc.m[g][c] = s * ints[g] as f32;
         }
-        err
     });
-    let (d, si) = quantize_scales(&sc, 15, |s, ints| {
-        let mut err = 0f32;
+    let (d, si) = quantize_scales(&sc, 15, x, w, 16, 3, |s, ints, c, gsc| {
         for g in 0..16 {
-            let r = &x[g * 16..g * 16 + 16];
-            err += requant_affine(
-                r,
-                &w[g * 16..g * 16 + 16],
-                s * ints[g] as f32,
-                dmin * mi[g] as f32,
-                3,
-                &mut q[..16],
-            );
+            gsc.d[g][c] = s * ints[g] as f32;
+            gsc.m[g][c] = dmin * mi[g] as f32;
         }
-        err
     });
     let (d, dmin) = refine_affine(x, w, 16, &si, &mi, 3, (d, dmin), &mut q);
     for g in 0..16 {
@@ -882,8 +1002,9 @@ fn signed_scales(
     if amax == 0.0 {
         return best;
     }
-    let mut q = [0i32; 16];
-    let mut best_err = f32::INFINITY;
+    let mut cands = [(0f32, [0i32; 16]); 5];
+    let mut nc = 0;
+    let mut scales = GroupScales::new();
     // The largest-magnitude scale maps to −lim (the end with more room), or to about +lim.
     for t in [
         -(lim as f32),
@@ -897,21 +1018,19 @@ fn signed_scales(
             continue;
         }
         let mut ints = [0i32; 16];
-        let mut err = 0f32;
         for g in 0..16 {
             ints[g] = nearest(sc[g] / s, -lim, lim - 1);
-            err += requant_sym(
-                &x[g * 16..g * 16 + 16],
-                &w[g * 16..g * 16 + 16],
-                s * ints[g] as f32,
-                qmin,
-                qmax,
-                &mut q,
-            );
+            scales.d[g][nc] = s * ints[g] as f32;
         }
-        if err < best_err {
-            best_err = err;
-            best = (s, ints);
+        cands[nc] = (s, ints);
+        nc += 1;
+    }
+    let errs = group_errs(x, w, 16, 16, &scales, nc, qmin, qmax);
+    let mut best_err = f32::INFINITY;
+    for c in 0..nc {
+        if errs[c] < best_err {
+            best_err = errs[c];
+            best = cands[c];
         }
     }
     best
@@ -1280,6 +1399,71 @@ mod tests {
 mod simd_agreement {
     use super::*;
     use crate::testutil::Rng;
+
+    /// Whole rows of every quantized type, with and without an importance matrix: the AVX2
+    /// scale searches give the same bytes as the scalar reference.
+    #[test]
+    fn quantize_row_avx2_matches_scalar_bytes() {
+        let mut rng = Rng::new(5);
+        for trial in 0..6 {
+            let n = 1024;
+            let x: Vec<f32> = match trial % 3 {
+                0 => rng.f32s(n, 1.0),
+                1 => rng.f32s(n, 1.0).iter().map(|v| v * v * v * 0.1).collect(),
+                _ => (0..n)
+                    .map(|i| if i % 5 == 0 { 0.0 } else { rng.sym(0.02) })
+                    .collect(),
+            };
+            let im: Vec<f32> = rng.f32s(n, 1.0).iter().map(|v| v * v).collect();
+            for &ty in QUANTIZE_TYPES {
+                for imx in [None, Some(im.as_slice())] {
+                    let mut a = vec![0u8; row_bytes(ty, n).unwrap()];
+                    let mut b = a.clone();
+                    quantize_row(ty, &x, &mut a, imx).unwrap();
+                    FORCE_SCALAR.with(|f| f.set(true));
+                    quantize_row(ty, &x, &mut b, imx).unwrap();
+                    FORCE_SCALAR.with(|f| f.set(false));
+                    assert!(a == b, "{ty} trial {trial} imatrix {}", imx.is_some());
+                }
+            }
+        }
+    }
+
+    /// The batched re-rounding errors agree with the scalar reference bit for bit.
+    #[test]
+    fn group_errs_avx2_matches_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !crate::x86::available() {
+                return;
+            }
+            let mut rng = Rng::new(12);
+            for trial in 0..2000 {
+                let (gs, ng) = [(16, 16), (32, 8)][trial % 2];
+                let x = rng.f32s(gs * ng, 1.0);
+                let w: Vec<f32> = rng.f32s(gs * ng, 1.0).iter().map(|v| v.abs()).collect();
+                let (qmin, qmax) = [(0, 15), (0, 31), (0, 3), (-4, 3), (-32, 31)][trial % 5];
+                let mut sc = GroupScales::new();
+                let nc = 1 + trial % MAX_SUPER;
+                for g in 0..ng {
+                    for c in 0..nc {
+                        sc.d[g][c] = if (g + c + trial) % 11 == 0 {
+                            0.0
+                        } else {
+                            rng.sym(0.3)
+                        };
+                        sc.m[g][c] = if qmin < 0 { 0.0 } else { rng.unit() * 0.5 };
+                    }
+                }
+                let a = group_errs_scalar(&x, &w, gs, ng, &sc, nc, qmin, qmax);
+                // SAFETY: AVX2 availability checked above; x and w hold gs·ng values.
+                let b = unsafe { avx2::group_errs(&x, &w, gs, ng, &sc, qmin, qmax) };
+                for c in 0..nc {
+                    assert_eq!(a[c].to_bits(), b[c].to_bits(), "trial {trial} cand {c}");
+                }
+            }
+        }
+    }
 
     /// The AVX2 candidate sums equal the scalar reference bit for bit, for every block size,
     /// integer range and candidate count the searches use, on ordinary, heavy-tailed, sparse and
