@@ -184,7 +184,13 @@ fn blocks256(
 /// a truncating conversion, which the scale searches do millions of times per tensor.)
 #[inline(always)]
 fn nearest(v: f32, lo: i32, hi: i32) -> i32 {
-    ((v + 0.5f32.copysign(v)) as i32).clamp(lo, hi)
+    round_away(v).clamp(lo, hi)
+}
+
+/// [`nearest`] without the clamp (saturating at the `i32` range).
+#[inline(always)]
+fn round_away(v: f32) -> i32 {
+    (v + 0.5f32.copysign(v)) as i32
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -458,11 +464,14 @@ fn group_errs(
 /// an all-zero block); the caller re-rounds against the stored `d`.
 fn fit_symmetric(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 {
     let (mut amax, mut maxv) = (0f32, 0f32);
+    let (mut xmin, mut xmax) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in x {
         if v.abs() > amax {
             amax = v.abs();
             maxv = v;
         }
+        xmin = xmin.min(v);
+        xmax = xmax.max(v);
     }
     if amax == 0.0 {
         return 0.0;
@@ -474,22 +483,44 @@ fn fit_symmetric(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 
     let mut best_err = f32::INFINITY;
     let mut is = [0f32; MAX_CAND];
     let mut nc = 0;
+    // Range both signs of a candidate can use without clamping.
+    let (sym_lo, sym_hi) = (qmin.max(-qmax), qmax.min(-qmin));
     for sign in [-1f32, 1.0] {
         for k in -nstep..=nstep {
             let t = lmax + 0.1 * k as f32 * (lmax / 8.0).max(0.5);
             if t <= 0.5 || nc == MAX_CAND {
                 continue;
             }
-            is[nc] = sign * t / maxv;
+            let iscale = sign * t / maxv;
+            if sign > 0.0 {
+                // The +t candidate rounds every value to exactly minus what the −t candidate
+                // (tried earlier) gave, unless one of them clamps: then its Σwxq is negated,
+                // Σwq² equal, so its error is identical and, compared with a strict `<`,
+                // it can never win. Skip it. (Rounding is monotone, so the extremes of x
+                // decide whether anything clamps.)
+                let (a, b) = (xmax * iscale, xmin * iscale);
+                let (hi, lo) = (round_away(a.max(b)), round_away(a.min(b)));
+                if hi <= sym_hi && lo >= sym_lo {
+                    continue;
+                }
+            }
+            is[nc] = iscale;
             nc += 1;
         }
     }
-    let mut wx = [0f32; QK_K];
-    let n = x.len().min(QK_K);
+    let n = x.len();
+    let mut buf = [0f32; QK];
+    let mut heap = Vec::new();
+    let wx: &mut [f32] = if n <= QK {
+        &mut buf[..n]
+    } else {
+        heap.resize(n, 0.0);
+        &mut heap
+    };
     for i in 0..n {
         wx[i] = w[i] * x[i];
     }
-    let s = cand_sums(&x[..n], &w[..n], &wx[..n], &is[..nc], qmin, qmax);
+    let s = cand_sums(x, &w[..n], wx, &is[..nc], qmin, qmax);
     for c in 0..nc {
         let (sxq, sqq) = (s.swxq[c], s.swqq[c]);
         if sqq <= 0.0 {
@@ -535,13 +566,21 @@ fn fit_affine(x: &[f32], w: &[f32], qmax: i32, nonpos_min: bool, nstep: i32) -> 
         is[nc] = t / (max - min);
         nc += 1;
     }
-    let n = x.len().min(QK_K);
-    let (mut xo, mut wx) = ([0f32; QK_K], [0f32; QK_K]);
+    let n = x.len();
+    let (mut xo_buf, mut wx_buf) = ([0f32; QK], [0f32; QK]);
+    let (mut xo_heap, mut wx_heap) = (Vec::new(), Vec::new());
+    let (xo, wx): (&mut [f32], &mut [f32]) = if n <= QK {
+        (&mut xo_buf[..n], &mut wx_buf[..n])
+    } else {
+        xo_heap.resize(n, 0.0);
+        wx_heap.resize(n, 0.0);
+        (&mut xo_heap, &mut wx_heap)
+    };
     for i in 0..n {
         xo[i] = x[i] - min;
         wx[i] = w[i] * x[i];
     }
-    let s = cand_sums(&xo[..n], &w[..n], &wx[..n], &is[..nc], 0, qmax);
+    let s = cand_sums(xo, &w[..n], wx, &is[..nc], 0, qmax);
     for c in 0..nc {
         let (swq, swqq, swxq) = (s.swq[c], s.swqq[c], s.swxq[c]);
         let det = sw * swqq - swq * swq;
@@ -1425,6 +1464,84 @@ mod simd_agreement {
                     FORCE_SCALAR.with(|f| f.set(false));
                     assert!(a == b, "{ty} trial {trial} imatrix {}", imx.is_some());
                 }
+            }
+        }
+    }
+
+    /// The symmetric search as it was before the candidate batching and the sign-symmetry
+    /// skip (kept here verbatim as the reference the optimized search must reproduce).
+    fn fit_symmetric_reference(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 {
+        let (mut amax, mut maxv) = (0f32, 0f32);
+        for &v in x {
+            if v.abs() > amax {
+                amax = v.abs();
+                maxv = v;
+            }
+        }
+        if amax == 0.0 {
+            return 0.0;
+        }
+        let lmax = (-qmin).max(qmax) as f32;
+        let mut best_d = -maxv / qmin as f32;
+        let mut best_err = f32::INFINITY;
+        for sign in [-1f32, 1.0] {
+            for k in -nstep..=nstep {
+                let t = lmax + 0.1 * k as f32 * (lmax / 8.0).max(0.5);
+                if t <= 0.5 {
+                    continue;
+                }
+                let iscale = sign * t / maxv;
+                let (mut sxq, mut sqq) = (0f32, 0f32);
+                for (&v, &wi) in x.iter().zip(w) {
+                    let q = nearest(v * iscale, qmin, qmax) as f32;
+                    sxq += wi * v * q;
+                    sqq += wi * q * q;
+                }
+                if sqq <= 0.0 {
+                    continue;
+                }
+                let d = sxq / sqq;
+                let err = -sxq * d;
+                if err < best_err {
+                    best_err = err;
+                    best_d = d;
+                }
+            }
+        }
+        best_d
+    }
+
+    /// `fit_symmetric` (batched, AVX2 or scalar, with the skip) returns exactly what the
+    /// original search returned, for every format's range and step count.
+    #[test]
+    fn fit_symmetric_matches_the_original_search() {
+        let mut rng = Rng::new(21);
+        let cases = [(-8, 7, 6), (-16, 15, 6), (-4, 3, 8), (-32, 31, 4)];
+        for trial in 0..20000 {
+            let n = [16, 32][trial % 2];
+            let mut x: Vec<f32> = match trial % 4 {
+                0 => rng.f32s(n, 1.0),
+                1 => rng.f32s(n, 1.0).iter().map(|v| v * v * v).collect(),
+                2 => (0..n)
+                    .map(|i| if i % 3 == 0 { rng.sym(1.0) } else { 0.0 })
+                    .collect(),
+                _ => (0..n).map(|i| (i as f32 - 7.0) * 0.125).collect(),
+            };
+            if trial % 9 == 0 {
+                x[3] = -x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            }
+            let w: Vec<f32> = rng.f32s(n, 1.0).iter().map(|v| v.abs() + 0.05).collect();
+            let (qmin, qmax, nstep) = cases[trial % cases.len()];
+            for force in [false, true] {
+                FORCE_SCALAR.with(|f| f.set(force));
+                let got = fit_symmetric(&x, &w, qmin, qmax, nstep);
+                FORCE_SCALAR.with(|f| f.set(false));
+                let want = fit_symmetric_reference(&x, &w, qmin, qmax, nstep);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "trial {trial} scalar {force}"
+                );
             }
         }
     }
