@@ -481,32 +481,44 @@ fn fit_symmetric(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 
     let lmax = (-qmin).max(qmax) as f32;
     let mut best_d = -maxv / qmin as f32;
     let mut best_err = f32::INFINITY;
-    let mut is = [0f32; MAX_CAND];
+    // Candidate inverse scales `sign·t/maxv`, both signs, `t` around `lmax`. The arithmetic
+    // is element-wise over fixed-size arrays so that the divisions vectorize (IEEE division is
+    // exact per element, so this changes no result).
+    let step = (lmax / 8.0).max(0.5);
+    let mut num = [0f32; MAX_CAND];
     let mut nc = 0;
     // Range both signs of a candidate can use without clamping.
-    let (sym_lo, sym_hi) = (qmin.max(-qmax), qmax.min(-qmin));
+    let (sym_lo, sym_hi) = (qmin.max(-qmax) as f32, qmax.min(-qmin) as f32);
+    let inv_max = |t: f32| t / maxv;
     for sign in [-1f32, 1.0] {
         for k in -nstep..=nstep {
-            let t = lmax + 0.1 * k as f32 * (lmax / 8.0).max(0.5);
+            let t = lmax + 0.1 * k as f32 * step;
             if t <= 0.5 || nc == MAX_CAND {
                 continue;
             }
-            let iscale = sign * t / maxv;
             if sign > 0.0 {
                 // The +t candidate rounds every value to exactly minus what the −t candidate
                 // (tried earlier) gave, unless one of them clamps: then its Σwxq is negated,
                 // Σwq² equal, so its error is identical and, compared with a strict `<`,
-                // it can never win. Skip it. (Rounding is monotone, so the extremes of x
-                // decide whether anything clamps.)
+                // it can never win. Skip it. Rounding is monotone, so the extremes of x
+                // decide whether anything clamps: `trunc(z) ≤ hi ⇔ z < hi + 1` for `hi ≥ 0`,
+                // `trunc(z) ≥ lo ⇔ z > lo − 1` for `lo ≤ 0`, with `z = y ± 0.5` as in
+                // `nearest`.
+                let iscale = inv_max(sign * t);
                 let (a, b) = (xmax * iscale, xmin * iscale);
-                let (hi, lo) = (round_away(a.max(b)), round_away(a.min(b)));
-                if hi <= sym_hi && lo >= sym_lo {
+                let (hi, lo) = (a.max(b), a.min(b));
+                let (zh, zl) = (hi + 0.5f32.copysign(hi), lo + 0.5f32.copysign(lo));
+                if zh < sym_hi + 1.0 && zl > sym_lo - 1.0 {
                     continue;
                 }
             }
-            is[nc] = iscale;
+            num[nc] = sign * t;
             nc += 1;
         }
+    }
+    let mut is = [0f32; MAX_CAND];
+    for c in 0..MAX_CAND {
+        is[c] = num[c] / maxv;
     }
     let n = x.len();
     let mut buf = [0f32; QK];
@@ -521,17 +533,20 @@ fn fit_symmetric(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 
         wx[i] = w[i] * x[i];
     }
     let s = cand_sums(x, &w[..n], wx, &is[..nc], qmin, qmax);
+    // Σw(x−dq)² = Σwx² − (Σwxq)²/Σwq² for the optimal d = Σwxq/Σwq²: maximize the second
+    // term. Element-wise (vectorized); lanes with Σwq² ≤ 0 are skipped below.
+    let (mut d, mut err) = ([0f32; MAX_CAND], [0f32; MAX_CAND]);
+    for c in 0..MAX_CAND {
+        d[c] = s.swxq[c] / s.swqq[c];
+        err[c] = -s.swxq[c] * d[c];
+    }
     for c in 0..nc {
-        let (sxq, sqq) = (s.swxq[c], s.swqq[c]);
-        if sqq <= 0.0 {
+        if s.swqq[c] <= 0.0 {
             continue;
         }
-        let d = sxq / sqq;
-        // Σw(x−dq)² = Σwx² − (Σwxq)²/Σwq² for the optimal d: maximize the second term.
-        let err = -sxq * d;
-        if err < best_err {
-            best_err = err;
-            best_d = d;
+        if err[c] < best_err {
+            best_err = err[c];
+            best_d = d[c];
         }
     }
     best_d
