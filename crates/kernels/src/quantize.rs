@@ -70,12 +70,14 @@ pub fn quantize_row(
             unit: "bytes",
         });
     }
-    if let Some(i) = src.iter().position(|v| !v.is_finite()) {
-        return Err(KernelError::NonFinite { index: i });
-    }
     // f16 values (F16) and f16 block scales/offsets cannot represent weights beyond the f16
     // range; real weights are many orders of magnitude smaller, so this is a corrupt input.
-    if ty != T::F32 && ty != T::BF16 {
+    let f16_limited = ty != T::F32 && ty != T::BF16;
+    let limit = if f16_limited { 65504.0 } else { f32::MAX };
+    if !all_within(src, limit) {
+        if let Some(i) = src.iter().position(|v| !v.is_finite()) {
+            return Err(KernelError::NonFinite { index: i });
+        }
         if let Some(i) = src.iter().position(|v| v.abs() > 65504.0) {
             return Err(KernelError::TooLarge { index: i, ty });
         }
@@ -89,8 +91,13 @@ pub fn quantize_row(
                 unit: "values",
             });
         }
-        if let Some(i) = im.iter().position(|v| !v.is_finite() || *v < 0.0) {
-            return Err(KernelError::NonFinite { index: i });
+        if !im.chunks(64).all(|c| {
+            c.iter()
+                .fold(true, |ok, &v| ok & (0.0..=f32::MAX).contains(&v))
+        }) {
+            if let Some(i) = im.iter().position(|v| !v.is_finite() || *v < 0.0) {
+                return Err(KernelError::NonFinite { index: i });
+            }
         }
     }
     match ty {
@@ -122,6 +129,14 @@ pub fn quantize_row(
         other => return Err(KernelError::UnsupportedType(other)),
     }
     Ok(())
+}
+
+/// Whether every `|v| ≤ limit` (false for NaN): the common case of the input checks, as a
+/// branch-free pass per 64 values that vectorizes; the exact error is found only on failure.
+/// (The early-exit `position` scans cost ~10 % of a whole quantization.)
+fn all_within(src: &[f32], limit: f32) -> bool {
+    src.chunks(64)
+        .all(|c| c.iter().fold(true, |ok, v| ok & (v.abs() <= limit)))
 }
 
 /// Per-element weights of one block: `imatrix · sqrt(σ² + x²)` with an importance matrix
