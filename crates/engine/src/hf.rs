@@ -18,8 +18,8 @@
 //! * **Gemma norms** — Gemma's RMSNorm multiplies by `1 + w`; GGUF stores `1 + w` (modu's Gemma
 //!   loader, like llama.cpp, uses plain RMS norms), so every `*norm.weight` gets 1 added.
 //! * **1-D tensors** (norms, biases) are stored as F32, as llama.cpp's converter does.
-//! * **Tied embeddings** — without `lm_head.weight` (or with `tie_word_embeddings`) there is no
-//!   `output.weight`; the loaders then use `token_embd.weight`.
+//! * **Tied embeddings** — without `lm_head.weight` (or with `tie_word_embeddings: true`) there
+//!   is no `output.weight`; the loaders then use `token_embd.weight`.
 //! * **Llama 3 RoPE scaling** (`rope_type: llama3`) becomes the `rope_freqs.weight` tensor of
 //!   per-frequency divisors; `linear` becomes `rope.scaling.type/factor`.
 //!
@@ -561,14 +561,14 @@ impl HfCheckpoint {
                 });
             }
         }
+        // Tied embeddings: `tie_word_embeddings: true` (an `lm_head.weight` saved anyway is a
+        // copy and is dropped), or no `lm_head.weight` at all (as llama.cpp's converter
+        // treats it).
         let tied = config
             .get("tie_word_embeddings")
             .and_then(|v| v.as_bool())
-            .unwrap_or(arch == HfArch::Gemma3);
+            .unwrap_or(false);
         let has_output = found.contains_key("lm_head.weight") && !tied;
-        if !tied && !found.contains_key("lm_head.weight") {
-            return Err(HfError::MissingTensor("lm_head.weight".into()));
-        }
         let slots = slots(arch, &dims, has_output);
         let known: HashMap<&str, usize> = slots
             .iter()

@@ -429,8 +429,23 @@ fn gemma3_norms_get_one_added() {
         .unwrap()
         .2;
     assert_eq!(&dequant(&g, "blk.0.attn_q.weight"), q);
+    assert!(g.tensor_info("output.weight").is_some());
     let m = load_model(Arc::new(g)).unwrap();
     assert_eq!(m.info().n_vocab, NV);
+
+    // Without lm_head the embedding is tied: no output.weight, and the model still loads.
+    let tied = dir.join("tied");
+    let w2: Named = w
+        .iter()
+        .filter(|t| t.0 != "lm_head.weight")
+        .cloned()
+        .collect();
+    write_hf_dir(&tied, "Gemma3ForCausalLM", &w2);
+    let out2 = dir.join("tied.gguf");
+    convert(&tied, &out2).unwrap();
+    let g2 = GgufFile::open(&out2).unwrap();
+    assert!(g2.tensor_info("output.weight").is_none());
+    load_model(Arc::new(g2)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
