@@ -883,8 +883,8 @@ fn refine_affine(
             break;
         }
     }
-    // Leave `q` rounded against the returned scales.
-    err_of(d, dmin, q);
+    // `q` is rounded against the returned scales: it was set with them (first `err_of`, or
+    // taken from an accepted round) and a rejected round leaves both unchanged.
     (d, dmin)
 }
 
@@ -937,7 +937,7 @@ fn refine_symmetric(
             break;
         }
     }
-    err_of(d, q);
+    // `q` already holds the rounding against `d` (see `refine_affine`).
     d
 }
 
