@@ -586,15 +586,22 @@ fn fit_affine(x: &[f32], w: &[f32], qmax: i32, nonpos_min: bool, nstep: i32) -> 
     let mut best = ((max - min) / qmax as f32, min);
     let mut best_err = f32::INFINITY;
     let qf = qmax as f32;
-    let mut is = [0f32; MAX_CAND];
+    // Candidates and the closed-form solutions are formed element-wise over fixed-size arrays
+    // so that the divisions vectorize (exact per element; unused lanes are ignored).
+    let mut num = [0f32; MAX_CAND];
     let mut nc = 0;
     for k in -nstep..=nstep {
         let t = qf + 0.1 * k as f32 * (qf / 15.0).max(0.5);
         if t <= 0.5 || nc == MAX_CAND {
             continue;
         }
-        is[nc] = t / (max - min);
+        num[nc] = t;
         nc += 1;
+    }
+    let range = max - min;
+    let mut is = [0f32; MAX_CAND];
+    for c in 0..MAX_CAND {
+        is[c] = num[c] / range;
     }
     let n = x.len();
     let (mut xo_buf, mut wx_buf) = ([0f32; QK], [0f32; QK]);
@@ -611,23 +618,31 @@ fn fit_affine(x: &[f32], w: &[f32], qmax: i32, nonpos_min: bool, nstep: i32) -> 
         wx[i] = w[i] * x[i];
     }
     let s = cand_sums(xo, &w[..n], wx, &is[..nc], 0, qmax);
+    let (mut det, mut d2, mut m2, mut d1) = (
+        [0f32; MAX_CAND],
+        [0f32; MAX_CAND],
+        [0f32; MAX_CAND],
+        [0f32; MAX_CAND],
+    );
+    for c in 0..MAX_CAND {
+        let (swq, swqq, swxq) = (s.swq[c], s.swqq[c], s.swxq[c]);
+        det[c] = sw * swqq - swq * swq;
+        d2[c] = (sw * swxq - swq * swx) / det[c];
+        m2[c] = (swqq * swx - swq * swxq) / det[c];
+        d1[c] = swxq / swqq;
+    }
     for c in 0..nc {
         let (swq, swqq, swxq) = (s.swq[c], s.swqq[c], s.swxq[c]);
-        let det = sw * swqq - swq * swq;
-        let (mut d, mut m) = if det > 0.0 {
-            (
-                (sw * swxq - swq * swx) / det,
-                (swqq * swx - swq * swxq) / det,
-            )
-        } else {
+        if det[c] <= 0.0 || det[c].is_nan() {
             continue;
-        };
+        }
+        let (mut d, mut m) = (d2[c], m2[c]);
         if nonpos_min && m > 0.0 {
             m = 0.0;
             if swqq <= 0.0 {
                 continue;
             }
-            d = swxq / swqq;
+            d = d1[c];
         }
         if d < 0.0 {
             continue;
@@ -1570,6 +1585,107 @@ mod simd_agreement {
                 assert_eq!(
                     got.to_bits(),
                     want.to_bits(),
+                    "trial {trial} scalar {force}"
+                );
+            }
+        }
+    }
+
+    /// The affine search as it was before the candidate batching (verbatim reference).
+    fn fit_affine_reference(
+        x: &[f32],
+        w: &[f32],
+        qmax: i32,
+        nonpos_min: bool,
+        nstep: i32,
+    ) -> (f32, f32) {
+        let mut min = x.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if nonpos_min {
+            min = min.min(0.0);
+        }
+        if max <= min {
+            return (0.0, min);
+        }
+        let (sw, swx) = x
+            .iter()
+            .zip(w)
+            .fold((0f32, 0f32), |(a, b), (&v, &wi)| (a + wi, b + wi * v));
+        let mut best = ((max - min) / qmax as f32, min);
+        let mut best_err = f32::INFINITY;
+        let qf = qmax as f32;
+        for k in -nstep..=nstep {
+            let t = qf + 0.1 * k as f32 * (qf / 15.0).max(0.5);
+            if t <= 0.5 {
+                continue;
+            }
+            let iscale = t / (max - min);
+            let (mut swq, mut swqq, mut swxq) = (0f32, 0f32, 0f32);
+            for (&v, &wi) in x.iter().zip(w) {
+                let q = nearest((v - min) * iscale, 0, qmax) as f32;
+                swq += wi * q;
+                swqq += wi * q * q;
+                swxq += wi * v * q;
+            }
+            let det = sw * swqq - swq * swq;
+            let (mut d, mut m) = if det > 0.0 {
+                (
+                    (sw * swxq - swq * swx) / det,
+                    (swqq * swx - swq * swxq) / det,
+                )
+            } else {
+                continue;
+            };
+            if nonpos_min && m > 0.0 {
+                m = 0.0;
+                if swqq <= 0.0 {
+                    continue;
+                }
+                d = swxq / swqq;
+            }
+            if d < 0.0 {
+                continue;
+            }
+            let err =
+                d * d * swqq + m * m * sw + 2.0 * d * m * swq - 2.0 * d * swxq - 2.0 * m * swx;
+            if err < best_err {
+                best_err = err;
+                best = (d, m);
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn fit_affine_matches_the_original_search() {
+        let mut rng = Rng::new(23);
+        let cases = [
+            (15, true, 10),
+            (31, true, 10),
+            (3, true, 15),
+            (15, false, 10),
+            (31, false, 10),
+        ];
+        for trial in 0..20000 {
+            let n = [16, 32][trial % 2];
+            let x: Vec<f32> = match trial % 4 {
+                0 => rng.f32s(n, 1.0),
+                1 => rng.f32s(n, 1.0).iter().map(|v| v * v * v + 0.3).collect(),
+                2 => (0..n)
+                    .map(|i| if i % 3 == 0 { rng.sym(1.0) } else { 0.0 })
+                    .collect(),
+                _ => (0..n).map(|i| (i as f32) * 0.125 - 0.5).collect(),
+            };
+            let w: Vec<f32> = rng.f32s(n, 1.0).iter().map(|v| v.abs() + 0.05).collect();
+            let (qmax, nonpos, nstep) = cases[trial % cases.len()];
+            for force in [false, true] {
+                FORCE_SCALAR.with(|f| f.set(force));
+                let got = fit_affine(&x, &w, qmax, nonpos, nstep);
+                FORCE_SCALAR.with(|f| f.set(false));
+                let want = fit_affine_reference(&x, &w, qmax, nonpos, nstep);
+                assert_eq!(
+                    (got.0.to_bits(), got.1.to_bits()),
+                    (want.0.to_bits(), want.1.to_bits()),
                     "trial {trial} scalar {force}"
                 );
             }
