@@ -460,6 +460,20 @@ impl HfCheckpoint {
             n_head_kv: cfg_usize(&config, "num_key_value_heads")?.unwrap_or(n_head),
             head_dim: cfg_usize(&config, "head_dim")?.unwrap_or(default_hd),
         };
+        // Absurd sizes would only allocate or overflow before any tensor could disagree.
+        for (key, v, max) in [
+            ("vocab_size", dims.n_vocab, 1 << 24),
+            ("hidden_size", dims.n_embd, 1 << 20),
+            ("num_hidden_layers", dims.n_layer, 4096),
+            ("intermediate_size", dims.n_ff, 1 << 22),
+            ("num_attention_heads", dims.n_head, 4096),
+            ("num_key_value_heads", dims.n_head_kv, 4096),
+            ("head_dim", dims.head_dim, 4096),
+        ] {
+            if v > max {
+                return Err(HfError::Config(format!("{key} ({v} > {max})")));
+            }
+        }
         if dims.n_head % dims.n_head_kv != 0 || dims.head_dim % 2 != 0 {
             return Err(HfError::Unsupported(format!(
                 "{} heads over {} KV heads of dim {}",
@@ -1501,7 +1515,7 @@ fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result<(), HfErro
             );
         }
     }
-    let (tj, space_prefix) = match model {
+    let tj = match model {
         "gpt2" => {
             let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
             let pre = if pre == "gpt-2" { "gpt2" } else { pre };
@@ -1531,8 +1545,7 @@ fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result<(), HfErro
                     {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
                 ]})
             };
-            (
-                json!({
+            json!({
                     "version": "1.0",
                     "truncation": null,
                     "padding": null,
@@ -1545,9 +1558,7 @@ fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result<(), HfErro
                         "continuing_subword_prefix": null, "end_of_word_suffix": null,
                         "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                         "vocab": vocab, "merges": merges},
-                }),
-                None,
-            )
+            })
         }
         "llama" => {
             let scores = file
@@ -1570,8 +1581,7 @@ fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result<(), HfErro
             } else {
                 json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
             };
-            (
-                json!({
+            json!({
                     "version": "1.0",
                     "truncation": null,
                     "padding": null,
@@ -1583,9 +1593,7 @@ fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result<(), HfErro
                         {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
                         {"type": "ByteFallback"}, {"type": "Fuse"}]},
                     "model": {"type": "Unigram", "unk_id": unk, "vocab": vocab, "byte_fallback": true},
-                }),
-                Some(sp),
-            )
+            })
         }
         other => {
             return Err(HfError::Tokenizer(format!(
@@ -1593,7 +1601,6 @@ fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result<(), HfErro
             )))
         }
     };
-    let _ = space_prefix;
     write_json(dir, "tokenizer.json", &tj)?;
     let tok = |k: &str| {
         file.get_u64(&format!("tokenizer.ggml.{k}"))
