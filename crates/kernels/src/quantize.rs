@@ -532,7 +532,7 @@ fn fit_symmetric(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 
         }
     }
     let mut is = [0f32; MAX_CAND];
-    for c in 0..MAX_CAND {
+    for c in 0..nc {
         is[c] = num[c] / maxv;
     }
     let n = x.len();
@@ -551,7 +551,7 @@ fn fit_symmetric(x: &[f32], w: &[f32], qmin: i32, qmax: i32, nstep: i32) -> f32 
     // Σw(x−dq)² = Σwx² − (Σwxq)²/Σwq² for the optimal d = Σwxq/Σwq²: maximize the second
     // term. Element-wise (vectorized); lanes with Σwq² ≤ 0 are skipped below.
     let (mut d, mut err) = ([0f32; MAX_CAND], [0f32; MAX_CAND]);
-    for c in 0..MAX_CAND {
+    for c in 0..nc {
         d[c] = s.swxq[c] / s.swqq[c];
         err[c] = -s.swxq[c] * d[c];
     }
@@ -600,7 +600,7 @@ fn fit_affine(x: &[f32], w: &[f32], qmax: i32, nonpos_min: bool, nstep: i32) -> 
     }
     let range = max - min;
     let mut is = [0f32; MAX_CAND];
-    for c in 0..MAX_CAND {
+    for c in 0..nc {
         is[c] = num[c] / range;
     }
     let n = x.len();
@@ -624,7 +624,7 @@ fn fit_affine(x: &[f32], w: &[f32], qmax: i32, nonpos_min: bool, nstep: i32) -> 
         [0f32; MAX_CAND],
         [0f32; MAX_CAND],
     );
-    for c in 0..MAX_CAND {
+    for c in 0..nc {
         let (swq, swqq, swxq) = (s.swq[c], s.swqq[c], s.swxq[c]);
         det[c] = sw * swqq - swq * swq;
         d2[c] = (sw * swxq - swq * swx) / det[c];
