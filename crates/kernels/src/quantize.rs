@@ -290,6 +290,7 @@ fn cand_sums(xo: &[f32], w: &[f32], wx: &[f32], is: &[f32], qmin: i32, qmax: i32
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{CandSums, GroupScales, MAX_CAND, MAX_SUPER};
+    use modu_gguf::QK_K;
     use std::arch::x86_64::*;
 
     /// [`super::cand_sums_scalar`], eight candidates per vector.
@@ -394,6 +395,78 @@ mod avx2 {
         let mut out = [0f32; MAX_SUPER];
         _mm256_storeu_ps(out.as_mut_ptr(), total);
         out
+    }
+
+    /// [`super::requant_groups_scalar`], one group per lane (8 groups per pass).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `ng` must be 8 or 16, `gs·ng ≤ QK_K`, and `x`, `w` must
+    /// hold at least `gs·ng` values.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn requant_groups(
+        x: &[f32],
+        w: &[f32],
+        gs: usize,
+        ng: usize,
+        dg: &[f32; 16],
+        mg: &[f32; 16],
+        qmin: i32,
+        qmax: i32,
+        q: &mut [i32; QK_K],
+    ) -> f32 {
+        let sign = _mm256_set1_ps(-0.0);
+        let half = _mm256_set1_ps(0.5);
+        let zero = _mm256_setzero_ps();
+        let one = _mm256_set1_ps(1.0);
+        let lo = _mm256_set1_epi32(qmin);
+        let hi = _mm256_set1_epi32(qmax);
+        let gsi = gs as i32;
+        let mut errs = [0f32; 16];
+        let mut lane_q = [0i32; 8];
+        for g0 in (0..ng).step_by(8) {
+            // SAFETY: g0 + 8 <= ng <= 16, inside dg, mg and errs.
+            let d = _mm256_loadu_ps(dg.as_ptr().add(g0));
+            let m = _mm256_loadu_ps(mg.as_ptr().add(g0));
+            let nz = _mm256_cmp_ps(d, zero, _CMP_NEQ_OQ);
+            let id = _mm256_and_ps(_mm256_div_ps(one, d), nz);
+            let base = g0 as i32 * gsi;
+            let mut idx = _mm256_setr_epi32(
+                base,
+                base + gsi,
+                base + 2 * gsi,
+                base + 3 * gsi,
+                base + 4 * gsi,
+                base + 5 * gsi,
+                base + 6 * gsi,
+                base + 7 * gsi,
+            );
+            let step = _mm256_set1_epi32(1);
+            let mut err = _mm256_setzero_ps();
+            for i in 0..gs {
+                // SAFETY: lane l reads (g0 + l)·gs + i < ng·gs <= x.len(), w.len().
+                let v = _mm256_i32gather_ps::<4>(x.as_ptr(), idx);
+                let wi = _mm256_i32gather_ps::<4>(w.as_ptr(), idx);
+                let t = _mm256_mul_ps(_mm256_add_ps(v, m), id);
+                let t = _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(t, sign), half));
+                let qi = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(t), lo), hi);
+                let qf = _mm256_cvtepi32_ps(qi);
+                let e = _mm256_sub_ps(v, _mm256_sub_ps(_mm256_mul_ps(d, qf), m));
+                err = _mm256_add_ps(err, _mm256_mul_ps(_mm256_mul_ps(wi, e), e));
+                _mm256_storeu_si256(lane_q.as_mut_ptr() as *mut __m256i, qi);
+                for (l, &ql) in lane_q.iter().enumerate() {
+                    // (g0 + l)·gs + i < ng·gs <= QK_K
+                    *q.get_unchecked_mut((g0 + l) * gs + i) = ql;
+                }
+                idx = _mm256_add_epi32(idx, step);
+            }
+            _mm256_storeu_ps(errs.as_mut_ptr().add(g0), err);
+        }
+        let mut total = 0f32;
+        for &e in &errs[..ng] {
+            total += e;
+        }
+        total
     }
 }
 
@@ -827,6 +900,68 @@ fn quantize_scales<const N: usize>(
     best
 }
 
+/// Re-round a whole super-block against per-group scales and return the total weighted
+/// error: `Σ_g requant_affine(x_g, w_g, dg[g], mg[g], …)` over `ng` groups of `gs` values
+/// (`mg = 0` is [`requant_sym`] exactly, as for [`group_errs`]), writing the rounded values to
+/// `q`. The refinement loops call this a few times per block. The AVX2 version puts one *group*
+/// in each lane (their partial sums are independent), gathers the lane's values, and adds the
+/// per-group errors to the total in group order, so it is bit-identical to this one.
+#[allow(clippy::too_many_arguments)]
+fn requant_groups_scalar(
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    ng: usize,
+    dg: &[f32; 16],
+    mg: &[f32; 16],
+    qmin: i32,
+    qmax: i32,
+    q: &mut [i32; QK_K],
+) -> f32 {
+    let mut total = 0f32;
+    for g in 0..ng.min(16) {
+        let (d, m) = (dg[g], mg[g]);
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut err = 0f32;
+        for i in g * gs..(g + 1) * gs {
+            let v = x[i];
+            q[i] = nearest((v + m) * id, qmin, qmax);
+            let e = v - (d * q[i] as f32 - m);
+            err += w[i] * e * e;
+        }
+        total += err;
+    }
+    total
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn requant_groups(
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    ng: usize,
+    dg: &[f32; 16],
+    mg: &[f32; 16],
+    qmin: i32,
+    qmax: i32,
+    q: &mut [i32; QK_K],
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_searches()
+        && ng % 8 == 0
+        && ng <= 16
+        && gs * ng <= QK_K
+        && x.len() >= gs * ng
+        && w.len() >= gs * ng
+    {
+        // SAFETY: AVX2 confirmed by the dispatch layer; every index below gs·ng is inside x,
+        // w and q (checked just above); ng is 8 or 16.
+        return unsafe { avx2::requant_groups(x, w, gs, ng, dg, mg, qmin, qmax, q) };
+    }
+    requant_groups_scalar(x, w, gs, ng, dg, mg, qmin, qmax, q)
+}
+
 /// Given the integer sub-block scales/mins and values, re-solve the two f16 super-scales by
 /// weighted least squares (`x ≈ d·(sc·q) − dmin·m`), re-round the values, and keep the result
 /// when the weighted error drops. Two rounds. `gs` is the sub-block size.
@@ -841,20 +976,14 @@ fn refine_affine(
     (mut d, mut dmin): (f32, f32),
     q: &mut [i32; QK_K],
 ) -> (f32, f32) {
+    let ng = si.len().min(16);
     let err_of = |d: f32, dmin: f32, q: &mut [i32; QK_K]| -> f32 {
-        let mut e = 0f32;
-        for g in 0..si.len() {
-            let r = g * gs..(g + 1) * gs;
-            e += requant_affine(
-                &x[r.clone()],
-                &w[r.clone()],
-                d * si[g] as f32,
-                dmin * mi[g] as f32,
-                qmax,
-                &mut q[r],
-            );
+        let (mut dg, mut mg) = ([0f32; 16], [0f32; 16]);
+        for g in 0..ng {
+            dg[g] = d * si[g] as f32;
+            mg[g] = dmin * mi[g] as f32;
         }
-        e
+        requant_groups(x, w, gs, ng, &dg, &mg, 0, qmax, q)
     };
     let mut best = err_of(d, dmin, q);
     for _ in 0..2 {
@@ -914,19 +1043,11 @@ fn refine_symmetric(
     q: &mut [i32; QK_K],
 ) -> f32 {
     let err_of = |d: f32, q: &mut [i32; QK_K]| -> f32 {
-        let mut e = 0f32;
+        let mut dg = [0f32; 16];
         for g in 0..16 {
-            let r = g * 16..g * 16 + 16;
-            e += requant_sym(
-                &x[r.clone()],
-                &w[r.clone()],
-                d * si[g] as f32,
-                qmin,
-                qmax,
-                &mut q[r],
-            );
+            dg[g] = d * si[g] as f32;
         }
-        e
+        requant_groups(x, w, 16, 16, &dg, &[0f32; 16], qmin, qmax, q)
     };
     let mut best = err_of(d, q);
     for _ in 0..2 {
@@ -1689,6 +1810,69 @@ mod simd_agreement {
                     "trial {trial} scalar {force}"
                 );
             }
+        }
+    }
+
+    /// The group-per-lane re-rounding gives the scalar's error and values bit for bit, and the
+    /// scalar one equals the per-group `requant_affine` / `requant_sym` it replaced.
+    #[test]
+    fn requant_groups_matches_per_group_requant() {
+        let mut rng = Rng::new(31);
+        for trial in 0..3000 {
+            let (gs, ng) = [(32, 8), (16, 16)][trial % 2];
+            let x = rng.f32s(gs * ng, 1.0);
+            let w: Vec<f32> = rng.f32s(gs * ng, 1.0).iter().map(|v| v.abs()).collect();
+            let sym = trial % 3 == 0;
+            let (qmin, qmax) = if sym {
+                [(-4, 3), (-32, 31)][trial % 2]
+            } else {
+                (0, [15, 31, 3][trial % 3])
+            };
+            let (mut dg, mut mg) = ([0f32; 16], [0f32; 16]);
+            for g in 0..ng {
+                dg[g] = if (g + trial) % 13 == 0 {
+                    0.0
+                } else {
+                    rng.sym(0.3)
+                };
+                mg[g] = if sym { 0.0 } else { rng.unit() * 0.4 };
+            }
+            let mut want_q = [0i32; QK_K];
+            let mut want = 0f32;
+            for g in 0..ng {
+                let r = g * gs..(g + 1) * gs;
+                want += if sym {
+                    requant_sym(
+                        &x[r.clone()],
+                        &w[r.clone()],
+                        dg[g],
+                        qmin,
+                        qmax,
+                        &mut want_q[r],
+                    )
+                } else {
+                    requant_affine(
+                        &x[r.clone()],
+                        &w[r.clone()],
+                        dg[g],
+                        mg[g],
+                        qmax,
+                        &mut want_q[r],
+                    )
+                };
+            }
+            let mut q1 = [0i32; QK_K];
+            let e1 = requant_groups_scalar(&x, &w, gs, ng, &dg, &mg, qmin, qmax, &mut q1);
+            assert_eq!(e1.to_bits(), want.to_bits(), "scalar, trial {trial}");
+            assert_eq!(q1[..gs * ng], want_q[..gs * ng], "scalar q, trial {trial}");
+            let mut q2 = [0i32; QK_K];
+            let e2 = requant_groups(&x, &w, gs, ng, &dg, &mg, qmin, qmax, &mut q2);
+            assert_eq!(e2.to_bits(), want.to_bits(), "dispatched, trial {trial}");
+            assert_eq!(
+                q2[..gs * ng],
+                want_q[..gs * ng],
+                "dispatched q, trial {trial}"
+            );
         }
     }
 
