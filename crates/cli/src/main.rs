@@ -51,9 +51,14 @@ enum Command {
     /// LoRA modules (adapters): inspect, merge, fold into a base model.
     #[command(subcommand)]
     Module(module::ModuleCommand),
-    /// Rewrite a GGUF model with its weights in another (quantized) format.
+    /// Rewrite a GGUF model (or convert a Hugging Face safetensors directory) with its weights
+    /// in another (quantized) format.
     Quantize(quant::QuantizeArgs),
-    /// Measure model quality: perplexity, or KL divergence from a base model.
+    /// Write a GGUF model as a Hugging Face checkpoint directory (safetensors, config.json,
+    /// tokenizer.json).
+    ExportHf(quant::ExportHfArgs),
+    /// Measure model quality: perplexity, or KL divergence from a base model (or of a LoRA
+    /// module from its base).
     #[command(subcommand)]
     Eval(quant::EvalCmd),
     /// Compute an importance matrix (per-column mean x² of each matmul input) from a text.
@@ -80,6 +85,7 @@ fn main() {
         Command::Usage(a) => usage::usage(a),
         Command::Module(c) => module::run(c),
         Command::Quantize(a) => quant::quantize(a),
+        Command::ExportHf(a) => quant::export_hf_cmd(a),
         Command::Eval(c) => quant::eval(c),
         Command::Imatrix(a) => quant::imatrix(a),
     };

@@ -7,15 +7,17 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use modu_engine::eval::{self, KldSummary, PplSummary};
+use modu_engine::hf::{export_hf, HfDtype};
 use modu_engine::imatrix::{read_imatrix, write_imatrix, ImatrixCollector};
 use modu_engine::layers::observe::set_observer;
-use modu_engine::quantize::{parse_keep, quantize_file, QuantizeOptions, Recipe};
+use modu_engine::quantize::{parse_keep, quantize_file, quantize_hf_dir, QuantizeOptions, Recipe};
 use modu_engine::{load_model, Model, Tokenizer};
 use modu_gguf::GgufFile;
 
 #[derive(Args)]
 pub struct QuantizeArgs {
-    /// Input GGUF (any supported type).
+    /// Input: a GGUF (any supported type, a path, known name or hf: source) or a Hugging Face
+    /// model directory (config.json, tokenizer.json, *.safetensors in f32/f16/bf16).
     pub input: String,
     /// Output GGUF (written through a temporary file, renamed when complete).
     pub output: PathBuf,
@@ -60,14 +62,12 @@ fn bar(len: u64, template: &str) -> ProgressBar {
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     set_threads(a.threads)?;
     let recipe = Recipe::parse(&a.ty)?;
-    let input = crate::pull::resolve_with_progress(&a.input)?;
-    if input.is_dir() {
-        bail!(
-            "{} is a directory: Hugging Face safetensors input is not supported yet; convert it \
-             to GGUF first",
-            input.display()
-        );
-    }
+    let as_path = PathBuf::from(&a.input);
+    let input = if as_path.is_dir() {
+        as_path
+    } else {
+        crate::pull::resolve_with_progress(&a.input)?
+    };
     let mut opts = QuantizeOptions::default();
     for k in &a.keep {
         opts.keep.push(parse_keep(k)?);
@@ -80,10 +80,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         "{spinner} [{elapsed_precise}] [{bar:40}] {percent:>3}% ({eta} left)",
     );
     let t0 = std::time::Instant::now();
-    let rep = quantize_file(&input, &a.output, recipe, &opts, &|done, total| {
+    let progress = |done, total| {
         pb.set_length(total);
         pb.set_position(done);
-    })
+    };
+    let rep = if input.is_dir() {
+        quantize_hf_dir(&input, &a.output, recipe, &opts, &progress)
+    } else {
+        quantize_file(&input, &a.output, recipe, &opts, &progress)
+    }
     .with_context(|| format!("quantizing {} to {}", input.display(), a.output.display()))?;
     pb.finish_and_clear();
     eprintln!(
@@ -110,6 +115,8 @@ pub enum EvalCmd {
     Ppl(PplArgs),
     /// KL divergence of a model from a base model (llama-perplexity --kl-divergence style).
     Kld(KldArgs),
+    /// KL divergence of a base model with LoRA modules applied from the base alone.
+    Module(ModuleEvalArgs),
 }
 
 #[derive(Args)]
@@ -148,6 +155,22 @@ pub struct KldArgs {
     /// Model to compare (e.g. a quantization of the base).
     #[arg(short = 'm', long)]
     pub model: String,
+    #[command(flatten)]
+    pub common: EvalCommon,
+}
+
+#[derive(Args)]
+pub struct ModuleEvalArgs {
+    /// Base model: a GGUF path, a known name or hf: source.
+    #[arg(short = 'm', long)]
+    pub model: String,
+    /// LoRA module (a .gguf adapter or a PEFT directory), optionally PATH=SCALE; repeatable,
+    /// applied in order.
+    #[arg(long = "module", value_name = "PATH[=SCALE]", required = true)]
+    pub modules: Vec<String>,
+    /// Multiplies every module's scale.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f32,
     #[command(flatten)]
     pub common: EvalCommon,
 }
@@ -207,6 +230,33 @@ pub fn eval(cmd: EvalCmd) -> Result<()> {
             let s = eval::kl_divergence(
                 base.as_ref(),
                 quant.as_ref(),
+                &tok,
+                &text,
+                a.common.ctx,
+                a.common.chunks,
+                &|d, t| {
+                    pb.set_length(t as u64);
+                    pb.set_position(d as u64);
+                },
+            )?;
+            pb.finish_and_clear();
+            print_kld(&s, a.common.json)
+        }
+        EvalCmd::Module(a) => {
+            set_threads(a.common.threads)?;
+            if !a.scale.is_finite() {
+                bail!("--scale must be a finite number");
+            }
+            let (base, tok, _) = load(&a.model)?;
+            let mut modules = crate::module::load_modules(&a.modules, base.as_ref())?;
+            for m in &mut modules {
+                m.1 *= a.scale;
+            }
+            let text = read_text(&a.common.file)?;
+            let pb = window_bar();
+            let s = eval::module_kl_divergence(
+                base.as_ref(),
+                &modules,
                 &tok,
                 &text,
                 a.common.ctx,
@@ -323,6 +373,35 @@ pub fn imatrix(a: ImatrixArgs) -> Result<()> {
         wins.len(),
         tokens,
         a.output.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ExportHfArgs {
+    /// Model: a GGUF path, a known name or hf: source (llama, qwen2 or gemma3).
+    pub model: String,
+    /// Output directory (must not exist or be empty).
+    pub output: PathBuf,
+    /// Weight type: f16, bf16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Number of safetensors shards (more than 1 writes model.safetensors.index.json).
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+}
+
+pub fn export_hf_cmd(a: ExportHfArgs) -> Result<()> {
+    let dtype = HfDtype::parse(&a.dtype)
+        .with_context(|| format!("unknown --dtype `{}` (f16, bf16, f32)", a.dtype))?;
+    let file = crate::run::open_gguf(&a.model)?;
+    let t0 = std::time::Instant::now();
+    export_hf(&file, &a.output, dtype, a.shards)
+        .with_context(|| format!("exporting to {}", a.output.display()))?;
+    eprintln!(
+        "wrote {} in {:.1}s",
+        a.output.display(),
+        t0.elapsed().as_secs_f64()
     );
     Ok(())
 }

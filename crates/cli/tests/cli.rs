@@ -1435,3 +1435,58 @@ fn eval_ppl_json_on_a_short_text() {
     // A repeated sentence becomes very predictable.
     assert!(ppl > 1.0 && ppl < 5.0, "ppl {ppl}");
 }
+
+#[test]
+fn eval_module_kld_json() {
+    let text: String = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let t = TempFile::new("module-kld.txt", text.as_bytes());
+    let lora = shared_lora("lora-a.gguf");
+    let run = |scale: &str| -> Value {
+        let out = ok(&[
+            "eval",
+            "module",
+            "-m",
+            QWEN,
+            "--module",
+            &lora,
+            "--scale",
+            scale,
+            "-f",
+            t.path(),
+            "--ctx",
+            "32",
+            "--chunks",
+            "1",
+            "--json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let zero = run("0");
+    assert_eq!(zero["kld_mean"].as_f64(), Some(0.0));
+    assert_eq!(zero["tokens_scored"], 15);
+    let one = run("1");
+    assert!(one["kld_mean"].as_f64().unwrap() > 1e-4, "{one}");
+}
+
+#[test]
+fn quantize_bad_hf_directory_leaves_no_output() {
+    let dir = std::env::temp_dir().join(format!("modu-cli-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures": ["MistralForCausalLM"]}"#,
+    )
+    .unwrap();
+    let out = dir.join("out.gguf");
+    let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    fails(
+        &["quantize", d, o, "--type", "Q8_0"],
+        1,
+        &["MistralForCausalLM", "Qwen2ForCausalLM"],
+    );
+    assert!(!out.exists());
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    fails(&["quantize", d, o, "--type", "Q8_0"], 1, &["config.json"]);
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

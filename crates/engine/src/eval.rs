@@ -5,12 +5,16 @@
 //! vocabulary adds one), and only the second half of each window is scored, so every scored
 //! token has at least `ctx/2` tokens of context. Logits at position `i` predict token `i+1`.
 //!
+//! [`module_kl_divergence`] compares a base model with the same model plus LoRA modules
+//! (`Model::forward_seqs_with`): how far an adapter moves the base's predictions on a text.
+//!
 //! Per-byte numbers divide the total negative log-likelihood (in bits) by the UTF-8 bytes of
 //! the scored tokens, which makes texts and tokenizers comparable (Korean text costs many more
 //! tokens per character with most vocabularies).
 
 use serde::Serialize;
 
+use crate::lora::ModuleRef;
 use crate::models::{Logits, Model};
 use crate::tokenizer::Tokenizer;
 use crate::ModelError;
@@ -257,6 +261,16 @@ pub fn perplexity(
     Ok(summarize_ppl(&nll, bytes, wins.len(), ctx))
 }
 
+/// Logits of every position of one window with `modules` applied (in list order).
+pub fn window_logits_with(
+    model: &dyn Model,
+    toks: &[u32],
+    modules: &[ModuleRef],
+) -> Result<Vec<f32>, ModelError> {
+    let mut cache = model.new_cache(toks.len());
+    model.forward_seqs_with(&[toks], &mut [&mut cache], Logits::All, &[modules])
+}
+
 /// KL divergence of `quant` from `base` over `text` (tokenized with the base's vocabulary).
 pub fn kl_divergence(
     base: &dyn Model,
@@ -271,12 +285,60 @@ pub fn kl_divergence(
     if quant.info().n_vocab != nv {
         return Err(EvalError::VocabMismatch(nv, quant.info().n_vocab));
     }
+    kld_over_windows(
+        nv,
+        &|w| window_logits(base, w),
+        &|w| window_logits(quant, w),
+        tok,
+        text,
+        ctx,
+        max_windows,
+        progress,
+    )
+}
+
+/// KL divergence of `base` + `modules` (each `(adapter, scale)`, summed in order) from `base`
+/// alone over `text`. A module list whose scales are all 0 is the base bit for bit (KLD 0).
+pub fn module_kl_divergence(
+    base: &dyn Model,
+    modules: &[ModuleRef],
+    tok: &Tokenizer,
+    text: &str,
+    ctx: usize,
+    max_windows: Option<usize>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<KldSummary, EvalError> {
+    kld_over_windows(
+        base.info().n_vocab,
+        &|w| window_logits(base, w),
+        &|w| window_logits_with(base, w, modules),
+        tok,
+        text,
+        ctx,
+        max_windows,
+        progress,
+    )
+}
+
+type WindowFn<'a> = dyn Fn(&[u32]) -> Result<Vec<f32>, ModelError> + 'a;
+
+#[allow(clippy::too_many_arguments)]
+fn kld_over_windows(
+    nv: usize,
+    base: &WindowFn,
+    other: &WindowFn,
+    tok: &Tokenizer,
+    text: &str,
+    ctx: usize,
+    max_windows: Option<usize>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<KldSummary, EvalError> {
     let wins = windows(tok, text, ctx, max_windows)?;
     let mut stats = Vec::new();
     let mut bytes = 0;
     for (wi, w) in wins.iter().enumerate() {
-        let lb = window_logits(base, w)?;
-        let lq = window_logits(quant, w)?;
+        let lb = base(w)?;
+        let lq = other(w)?;
         for i in scored_range(ctx) {
             let r = i * nv..(i + 1) * nv;
             stats.push(position_stats(&lb[r.clone()], &lq[r], w[i + 1]));

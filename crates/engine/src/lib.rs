@@ -7,6 +7,7 @@ pub mod chat;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod hf;
 pub mod imatrix;
 pub mod kv_cache;
 pub mod layers;

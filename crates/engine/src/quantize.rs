@@ -46,6 +46,8 @@ pub enum QuantizeError {
     },
     #[error("{0}")]
     Imatrix(String),
+    #[error("Hugging Face checkpoint: {0}")]
+    Hf(#[from] crate::hf::HfError),
 }
 
 /// A target: one type everywhere (with the output rule) or a llama.cpp-style mixture.
@@ -274,30 +276,65 @@ pub fn parse_keep(s: &str) -> Result<(String, GgmlType), QuantizeError> {
     Ok((n.trim().to_string(), ty))
 }
 
-/// Plan the output type of every tensor.
+/// One input tensor of a quantization: a GGUF tensor (zero-copy view) or a tensor converted
+/// from a Hugging Face checkpoint. `dims` are in ggml order (`dims[0]` is the contiguous one),
+/// `data` holds whole rows of `ty`.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceTensor<'a> {
+    pub name: &'a str,
+    pub dims: &'a [u64],
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+}
+
+impl SourceTensor<'_> {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// Plan the output type of every tensor of a GGUF file.
 pub fn plan(file: &GgufFile, recipe: Recipe, opts: &QuantizeOptions) -> Vec<GgmlType> {
-    let has_output = file.tensor_info("output.weight").is_some();
-    let n_layer = file
-        .tensors()
+    let src: Vec<SourceTensor> = file.tensors().iter().map(|t| source_of(file, t)).collect();
+    plan_tensors(&src, recipe, opts)
+}
+
+fn source_of<'a>(file: &'a GgufFile, t: &'a TensorInfo) -> SourceTensor<'a> {
+    SourceTensor {
+        name: &t.name,
+        dims: &t.dims,
+        ty: t.ty,
+        data: file.tensor_data(t),
+    }
+}
+
+/// Plan the output type of every tensor.
+pub fn plan_tensors(
+    tensors: &[SourceTensor],
+    recipe: Recipe,
+    opts: &QuantizeOptions,
+) -> Vec<GgmlType> {
+    let has_output = tensors.iter().any(|t| t.name == "output.weight");
+    let n_layer = tensors
         .iter()
-        .filter_map(|t| block_index(&t.name))
+        .filter_map(|t| block_index(t.name))
         .max()
         .map_or(0, |m| m + 1);
-    file.tensors()
+    tensors
         .iter()
         .map(|t| {
-            let planned = recipe.tensor_type(&t.name, &t.dims, n_layer, has_output);
+            let planned = recipe.tensor_type(t.name, t.dims, n_layer, has_output);
             let t2 = opts
                 .keep
                 .iter()
                 .rev()
-                .find(|(p, _)| glob_match(p, &t.name))
+                .find(|(p, _)| glob_match(p, t.name))
                 .map(|(_, ty)| *ty)
                 .unwrap_or(planned);
             // 1-D tensors and unknown source types are copied as they are.
             if !modu_kernels::QUANTIZE_TYPES.contains(&t.ty) && !t.ty.is_quantized() {
                 t.ty
-            } else if t.dims.len() < 2 && opts.keep.iter().all(|(p, _)| !glob_match(p, &t.name)) {
+            } else if t.dims.len() < 2 && opts.keep.iter().all(|(p, _)| !glob_match(p, t.name)) {
                 if matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
                     t.ty
                 } else {
@@ -320,9 +357,37 @@ pub fn quantize_file(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<QuantizeReport, QuantizeError> {
     let file = GgufFile::open(input)?;
-    let types = plan(&file, recipe, opts);
+    let src: Vec<SourceTensor> = file.tensors().iter().map(|t| source_of(&file, t)).collect();
+    quantize_tensors(file.metadata(), &src, output, recipe, opts, progress)
+}
+
+/// Convert a Hugging Face model directory (see [`crate::hf`]) into a GGUF at `output`. The
+/// checkpoint is validated completely before anything is written.
+pub fn quantize_hf_dir(
+    dir: &Path,
+    output: &Path,
+    recipe: Recipe,
+    opts: &QuantizeOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<QuantizeReport, QuantizeError> {
+    let ck = crate::hf::HfCheckpoint::open(dir)?;
+    quantize_tensors(&ck.metadata, &ck.sources(), output, recipe, opts, progress)
+}
+
+/// Write `metadata` and `tensors`, converted by `recipe`, as a GGUF file at `output` (through a
+/// temporary file and a rename). `general.file_type` and `general.quantization_version` are
+/// replaced.
+pub fn quantize_tensors(
+    metadata: &[(String, Value)],
+    tensors: &[SourceTensor],
+    output: &Path,
+    recipe: Recipe,
+    opts: &QuantizeOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<QuantizeReport, QuantizeError> {
+    let types = plan_tensors(tensors, recipe, opts);
     let mut w = GgufWriter::new();
-    for (k, v) in file.metadata() {
+    for (k, v) in metadata {
         if k == "general.file_type" || k == "general.quantization_version" {
             continue;
         }
@@ -330,17 +395,18 @@ pub fn quantize_file(
     }
     w.add("general.quantization_version", Value::U32(2));
     w.add("general.file_type", Value::U32(recipe.file_type()));
-    let total: u64 = file.tensors().iter().map(|t| t.n_elements()).sum();
+    let total: u64 = tensors.iter().map(|t| t.n_elements()).sum();
     let done = AtomicU64::new(0);
     let mut by_type: HashMap<GgmlType, usize> = HashMap::new();
     let mut with_imatrix = 0;
     let mut out_bytes = 0u64;
-    for (t, &ty) in file.tensors().iter().zip(&types) {
-        let im = opts.imatrix.as_ref().and_then(|m| m.get(&t.name));
+    let mut in_bytes = 0u64;
+    for (t, &ty) in tensors.iter().zip(&types) {
+        let im = opts.imatrix.as_ref().and_then(|m| m.get(t.name));
         if let Some(im) = im {
             if im.len() as u64 != t.dims[0] {
                 return Err(QuantizeError::ImatrixShape {
-                    name: t.name.clone(),
+                    name: t.name.to_string(),
                     expected: t.dims[0] as usize,
                     got: im.len(),
                 });
@@ -349,9 +415,10 @@ pub fn quantize_file(
                 with_imatrix += 1;
             }
         }
-        let bytes = convert_tensor(&file, t, ty, im.map(|v| v.as_slice()))?;
+        let bytes = convert_source(t, ty, im.map(|v| v.as_slice()))?;
+        in_bytes += t.data.len() as u64;
         out_bytes += bytes.len() as u64;
-        w.add_tensor(t.name.clone(), &t.dims, ty, bytes)?;
+        w.add_tensor(t.name.to_string(), t.dims, ty, bytes)?;
         *by_type.entry(ty).or_default() += 1;
         let d = done.fetch_add(t.n_elements(), Ordering::Relaxed) + t.n_elements();
         progress(d, total);
@@ -360,8 +427,8 @@ pub fn quantize_file(
     let mut by_type: Vec<_> = by_type.into_iter().collect();
     by_type.sort_by_key(|(t, _)| t.id());
     Ok(QuantizeReport {
-        n_tensors: file.tensors().len(),
-        in_bytes: file.tensors().iter().map(|t| t.n_bytes()).sum(),
+        n_tensors: tensors.len(),
+        in_bytes,
         out_bytes,
         by_type,
         with_imatrix,
@@ -375,21 +442,36 @@ pub fn convert_tensor(
     ty: GgmlType,
     imatrix: Option<&[f32]>,
 ) -> Result<Vec<u8>, QuantizeError> {
+    convert_source(&source_of(file, t), ty, imatrix)
+}
+
+/// [`convert_tensor`] for any [`SourceTensor`].
+pub fn convert_source(
+    t: &SourceTensor,
+    ty: GgmlType,
+    imatrix: Option<&[f32]>,
+) -> Result<Vec<u8>, QuantizeError> {
     let err = |msg: String| QuantizeError::Tensor {
-        name: t.name.clone(),
+        name: t.name.to_string(),
         msg,
     };
-    let src = file.tensor_data(t);
+    let src = t.data;
     if ty == t.ty {
         return Ok(src.to_vec());
     }
-    let ne0 = t.dims[0] as usize;
-    let rows = (t.n_elements() / t.dims[0].max(1)) as usize;
+    let ne0 = t.dims.first().copied().unwrap_or(1) as usize;
+    let rows = (t.n_elements() / (ne0 as u64).max(1)) as usize;
     let in_rb = modu_kernels::row_bytes(t.ty, ne0).map_err(|e| err(e.to_string()))?;
     let out_rb = modu_kernels::row_bytes(ty, ne0).map_err(|e| err(e.to_string()))?;
+    if src.len() != in_rb * rows {
+        return Err(err(format!(
+            "{} bytes of data, {rows} rows of {in_rb} bytes expected",
+            src.len()
+        )));
+    }
     let mut out = vec![0u8; out_rb * rows];
-    out.par_chunks_mut(out_rb)
-        .zip(src.par_chunks(in_rb))
+    out.par_chunks_mut(out_rb.max(1))
+        .zip(src.par_chunks(in_rb.max(1)))
         .try_for_each_init(
             || vec![0f32; ne0],
             |buf, (o, s)| -> Result<(), String> {

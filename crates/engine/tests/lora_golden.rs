@@ -275,3 +275,37 @@ fn scale_zero_is_the_base_model_bit_for_bit() {
         .unwrap();
     assert!(base != one, "scale 1 must change the logits");
 }
+
+/// `modu eval module`: KLD of base + module from the base. Scale 0 is the base bit for bit
+/// (KLD exactly 0, every top token the same); scale 1 moves the distribution, and scale 2 more.
+#[test]
+fn module_kld_is_zero_at_scale_zero_and_grows_with_scale() {
+    use modu_engine::{eval, Tokenizer};
+    let file = Arc::new(GgufFile::open(common::model_path("qwen2.5-coder-0.5b-instruct")).unwrap());
+    let tok = Tokenizer::from_gguf(&file).unwrap();
+    let model = load_model(file).unwrap();
+    let a = Arc::new(
+        LoraAdapter::open(shared_lora("lora-a.gguf"), Some(model.module_shapes())).unwrap(),
+    );
+    let text = "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 \
+                국민으로부터 나온다. The quick brown fox jumps over the lazy dog, and the \
+                committee adjourned until the following Tuesday at noon.";
+    let kld = |scale: f32| {
+        let mods: Vec<ModuleRef> = vec![(a.clone(), scale)];
+        eval::module_kl_divergence(model.as_ref(), &mods, &tok, text, 32, Some(1), &|_, _| {})
+            .unwrap()
+    };
+    let zero = kld(0.0);
+    assert!(zero.tokens_scored > 0);
+    assert_eq!(zero.kld_mean, 0.0);
+    assert_eq!(zero.kld_max, 0.0);
+    assert_eq!(zero.same_top_pct, 100.0);
+    let one = kld(1.0);
+    let two = kld(2.0);
+    eprintln!(
+        "module KLD: scale 1 {:.5}, scale 2 {:.5}",
+        one.kld_mean, two.kld_mean
+    );
+    assert!(one.kld_mean > 1e-4, "scale 1 KLD {}", one.kld_mean);
+    assert!(two.kld_mean > one.kld_mean);
+}
