@@ -12,12 +12,18 @@
 //!
 //! # Why this shape
 //! llama.cpp's AVX2 dot keeps eight float lanes per block (convert, scale, fused add for each
-//! of the eight partial sums), i.e. ~6 vector operations per (row, token, block). Here eight
-//! weight rows are processed together: per (row, token, block) the integer work is one
-//! `maddubs` and one `madd` (plus a sign for Q8_0); the eight rows' lane vectors are then
-//! reduced into one vector holding the eight rows' exact block sums, and the float work (one
-//! convert, scale, multiply and add) is done once for eight rows. Each weight block is decoded
-//! once per group of up to [`TOKEN_TILE`] tokens.
+//! of the eight partial sums), i.e. ~6 vector operations per (row, token, block), and so did
+//! modu's earlier kernels. Reducing the integer lanes first makes the float work one lane per
+//! block:
+//!
+//! * **Tiles of 4+ tokens** (prefill, batched decode; [`group`]): eight weight rows are decoded
+//!   into a buffer and transposed per block so that one `maddubs` with four broadcast activation
+//!   bytes serves all eight rows; the block sums land one row per lane without any horizontal
+//!   reduction, and the float work is done once per eight rows. About 2 integer operations per
+//!   (row, token, block) for Q4_0/Q5_0 (i16 accumulation), 4 for Q8_0.
+//! * **1–3 tokens** (decode; [`row_token`]): each row is read in memory order (the hardware
+//!   prefetcher needs that to stream from DRAM); the lane vectors of eight consecutive blocks
+//!   are reduced into one vector of block sums, scaled at once, and added in block order.
 //!
 //! Unsigned-quant types (Q4_0, Q5_0) multiply the raw quants `u` (0..=15 / 0..=31) and
 //! subtract `offset · Σ y` after the reduction (`Σ (u - off)·y = Σ u·y - off·Σ y` exactly);
@@ -27,6 +33,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
+use std::mem::size_of;
 
 use crate::blocks::*;
 use crate::x86::{h2f, q5_0_high_bits, unpack_nibbles_pub};
@@ -191,92 +198,49 @@ pub(crate) unsafe fn rows<W: Q32Block>(
     debug_assert!(r0 < r1 && w.len() >= r1 * nb && act.len() == n_tokens * nb);
     // One accumulator per token of the tile (lane = row); only the first `t1 - t0` are used.
     let mut acc = [_mm256_setzero_ps(); TOKEN_TILE];
-    let mut t0 = 0;
-    while t0 < n_tokens {
-        let t1 = (t0 + TOKEN_TILE).min(n_tokens);
-        let mut g = r0;
-        while g < r1 {
-            let n_rows = (r1 - g).min(ROWS);
-            // A short last group repeats its last row (computed, not stored).
-            let idx: [usize; ROWS] = std::array::from_fn(|i| g + i.min(n_rows - 1));
-            for a in &mut acc[..t1 - t0] {
-                *a = _mm256_setzero_ps();
-            }
-            if t1 - t0 >= TRANSPOSED_MIN_TOKENS {
-                group_transposed::<W>(w, nb, idx, act, prep, t0, t1, &mut acc);
-            } else {
-                group::<W>(w, nb, idx, act, prep, t0, t1, &mut acc);
-            }
-            for t in t0..t1 {
-                let mut v = [0f32; ROWS];
-                _mm256_storeu_ps(v.as_mut_ptr(), acc[t - t0]);
-                for i in 0..n_rows {
-                    // SAFETY: t < n_tokens and g + i < r1 <= rows; this task owns the rows.
-                    *y.add(t * rows + g + i) = v[i];
+    BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let buf = &mut *buf;
+        buf.q.resize(nb * ROWS, _mm256_setzero_si256());
+        buf.d.resize(nb * ROWS, 0);
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let t1 = (t0 + TOKEN_TILE).min(n_tokens);
+            if t1 - t0 < TRANSPOSED_MIN_TOKENS {
+                for r in r0..r1 {
+                    let row = &w[r * nb..(r + 1) * nb];
+                    for t in t0..t1 {
+                        let k0 = t * nb;
+                        let v = row_token::<W>(row, &act[k0..k0 + nb], prep, k0);
+                        // SAFETY: t < n_tokens and r < r1 <= rows; this task owns the rows.
+                        *y.add(t * rows + r) = v;
+                    }
                 }
+                t0 = t1;
+                continue;
             }
-            g += n_rows;
-        }
-        t0 = t1;
-    }
-}
-
-/// Eight rows (`idx`) × tokens `t0..t1` over all blocks, into `acc[t - t0]` (lane = row).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn group<W: Q32Block>(
-    w: &[W],
-    nb: usize,
-    idx: [usize; ROWS],
-    act: &[BlockQ8_0],
-    prep: &Prepared,
-    t0: usize,
-    t1: usize,
-    acc: &mut [__m256; TOKEN_TILE],
-) {
-    for b in 0..nb {
-        // SAFETY (all get_unchecked below): idx[i] < r1 so idx[i] * nb + b < w.len();
-        // t < n_tokens so t * nb + b < act.len() == prep.da.len() (== prep.ysum.len() when
-        // W::OFFSET != 0).
-        // Plain loops, not `array::from_fn`: a closure does not inherit `target_feature`, so
-        // the SIMD helpers called from it would not be inlined.
-        let mut dec = [(_mm256_setzero_si256(), _mm256_setzero_si256()); ROWS];
-        let mut dh = [0i16; ROWS];
-        for i in 0..ROWS {
-            let blk = w.get_unchecked(idx[i] * nb + b);
-            // Eight interleaved row streams defeat the hardware prefetcher on matrices that
-            // come from DRAM (decode): fetch the same block of the next group of eight rows.
-            // A prefetch never faults, so an address past the matrix is harmless (and
-            // `wrapping_add` keeps the pointer arithmetic defined).
-            _mm_prefetch::<_MM_HINT_T0>((blk as *const W).wrapping_add(ROWS * nb) as *const i8);
-            dec[i] = blk.decode();
-            dh[i] = i16::from_le_bytes(blk.d());
-        }
-        // Built in registers (vpinsrw): a store of eight i16 followed by one 16-byte load would
-        // stall on store forwarding.
-        let dw = _mm256_cvtph_ps(_mm_set_epi16(
-            dh[7], dh[6], dh[5], dh[4], dh[3], dh[2], dh[1], dh[0],
-        ));
-        for t in t0..t1 {
-            let k = t * nb + b;
-            let a = act.get_unchecked(k);
-            // SAFETY: qs is 32 bytes; loadu has no alignment requirement.
-            let yv = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-            let mut p = [_mm256_setzero_si256(); ROWS];
-            for i in 0..ROWS {
-                p[i] = W::lanes(dec[i], yv);
+            let mut g = r0;
+            while g < r1 {
+                let n_rows = (r1 - g).min(ROWS);
+                // A short last group repeats its last row (computed, not stored).
+                let idx: [usize; ROWS] = std::array::from_fn(|i| g + i.min(n_rows - 1));
+                for a in &mut acc[..t1 - t0] {
+                    *a = _mm256_setzero_ps();
+                }
+                group::<W>(w, nb, idx, act, prep, t0, t1, &mut acc, buf);
+                for t in t0..t1 {
+                    let mut v = [0f32; ROWS];
+                    _mm256_storeu_ps(v.as_mut_ptr(), acc[t - t0]);
+                    for i in 0..n_rows {
+                        // SAFETY: t < n_tokens and g + i < r1 <= rows; this task owns the rows.
+                        *y.add(t * rows + g + i) = v[i];
+                    }
+                }
+                g += n_rows;
             }
-            let mut s = reduce8(p);
-            if W::OFFSET != 0 {
-                s = _mm256_sub_epi32(s, _mm256_set1_epi32(*prep.ysum.get_unchecked(k)));
-            }
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*prep.da.get_unchecked(k)));
-            let term = _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale);
-            let a = acc.get_unchecked_mut(t - t0);
-            *a = _mm256_add_ps(*a, term);
+            t0 = t1;
         }
-    }
+    });
 }
 
 /// 8×8 transpose of 32-bit elements: `out[j]` lane `i` = `v[i]` lane `j`.
@@ -311,15 +275,33 @@ unsafe fn transpose8(v: &[__m256i; ROWS]) -> [__m256i; ROWS] {
     ]
 }
 
-/// As [`group`], for tiles of several tokens: the eight decoded blocks are transposed once so
-/// that vector `j` holds quants `4j..4j+4` of all eight rows (one 32-bit lane per row). Per token
-/// each `maddubs` then multiplies all eight rows by the same four activations (broadcast), and
-/// summing the products over `j` leaves each row's block sum in its own lane: no horizontal
-/// reduction. The pair sums are added in i16 as far as [`Q32Block::I16_TERMS`] allows.
+/// Decoded quants and f16 scales of eight whole rows, `[block][row]` (8 × 32 bytes per block:
+/// 7 KiB for 896 columns, 38 KiB for 4864).
+#[derive(Default)]
+struct DecodeBuf {
+    q: Vec<__m256i>,
+    d: Vec<i16>,
+}
+
+thread_local! {
+    /// Per-thread decode buffer, reused across calls.
+    static BUF: std::cell::RefCell<DecodeBuf> = std::cell::RefCell::new(DecodeBuf::default());
+}
+
+/// Eight rows (`idx`) × a tile of [`TRANSPOSED_MIN_TOKENS`]+ tokens `t0..t1` over all blocks,
+/// into `acc[t - t0]` (lane = row).
+///
+/// The eight rows are first decoded row by row, each in memory order, into the decode buffer
+/// (interleaving the rows block by block defeats the hardware prefetcher on matrices streamed
+/// from DRAM). Then per block the eight decoded blocks are transposed once so that vector `j`
+/// holds quants `4j..4j+4` of all eight rows (one 32-bit lane per row): per token each `maddubs`
+/// multiplies all eight rows by the same four activations (broadcast), and summing over `j`
+/// leaves each row's exact block sum in its own lane, with no horizontal reduction. The pair
+/// sums are added in i16 as far as [`Q32Block::I16_TERMS`] allows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn group_transposed<W: Q32Block>(
+unsafe fn group<W: Q32Block>(
     w: &[W],
     nb: usize,
     idx: [usize; ROWS],
@@ -328,61 +310,161 @@ unsafe fn group_transposed<W: Q32Block>(
     t0: usize,
     t1: usize,
     acc: &mut [__m256; TOKEN_TILE],
+    buf: &mut DecodeBuf,
 ) {
     let ones = _mm256_set1_epi16(1);
-    for b in 0..nb {
-        let mut raw = [_mm256_setzero_si256(); ROWS];
-        let mut dh = [0i16; ROWS];
+    // One panel: the whole row.
+    let (p0, pn) = (0, nb);
+    {
+        // Plain loops throughout, not `array::from_fn`: a closure does not inherit
+        // `target_feature`, so the SIMD helpers called from it would not be inlined.
         for i in 0..ROWS {
-            // SAFETY: idx[i] < r1, so idx[i] * nb + b < w.len().
-            let blk = w.get_unchecked(idx[i] * nb + b);
-            // u (offset types) or q (Q8_0).
-            raw[i] = blk.decode().1;
-            dh[i] = i16::from_le_bytes(blk.d());
+            for k in 0..pn {
+                // SAFETY: idx[i] < r1 and p0 + k < nb, so the index is < w.len(); k * ROWS + i
+                // < nb * ROWS == buf.q.len() == buf.d.len().
+                let blk = w.get_unchecked(idx[i] * nb + p0 + k);
+                *buf.q.get_unchecked_mut(k * ROWS + i) = blk.decode().1;
+                *buf.d.get_unchecked_mut(k * ROWS + i) = i16::from_le_bytes(blk.d());
+            }
+        }
+        // The next eight rows (contiguous) are prefetched into L2 while this group computes,
+        // spread over the blocks, so memory stays busy while the decoded panel is used (the
+        // hardware prefetcher only runs ahead of demand loads, and there are none in this
+        // loop). A prefetch never faults, so addresses past the matrix are harmless, and
+        // `wrapping_add` keeps the pointer arithmetic defined.
+        let next =
+            (w.as_ptr() as *const i8).wrapping_add((idx[ROWS - 1] + 1) * nb * size_of::<W>());
+        let per_block = ROWS * size_of::<W>();
+        for k in 0..pn {
+            let b = p0 + k;
+            let mut off = k * per_block;
+            while off < (k + 1) * per_block + 64 {
+                _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off));
+                off += 64;
+            }
+            // SAFETY: k * ROWS + ROWS <= nb * ROWS == buf.d.len(); eight i16 read unaligned.
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                buf.d.as_ptr().add(k * ROWS) as *const __m128i
+            ));
+            let mut raw = [_mm256_setzero_si256(); ROWS];
+            for i in 0..ROWS {
+                raw[i] = *buf.q.get_unchecked(k * ROWS + i);
+            }
+            let v = transpose8(&raw);
+            // Q8_0: |q| for the unsigned operand, the sign goes onto the activations.
+            let mut av = v;
+            if W::OFFSET == 0 {
+                for j in 0..ROWS {
+                    av[j] = _mm256_sign_epi8(v[j], v[j]);
+                }
+            }
+            for t in t0..t1 {
+                let kk = t * nb + b;
+                // SAFETY: t < n_tokens, so kk < act.len() == prep.da.len() (==
+                // prep.ysum.len() for the offset types); qs is 32 bytes, read as eight
+                // unaligned i32.
+                let yp = act.get_unchecked(kk).qs.as_ptr() as *const i32;
+                let mut s32 = _mm256_setzero_si256();
+                let mut s16 = _mm256_setzero_si256();
+                for j in 0..ROWS {
+                    let yj = _mm256_set1_epi32(std::ptr::read_unaligned(yp.add(j)));
+                    let m = if W::OFFSET == 0 {
+                        _mm256_maddubs_epi16(av[j], _mm256_sign_epi8(yj, v[j]))
+                    } else {
+                        _mm256_maddubs_epi16(v[j], yj)
+                    };
+                    if W::I16_TERMS == 1 {
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(m, ones));
+                    } else {
+                        s16 = _mm256_add_epi16(s16, m);
+                        if (j + 1) % W::I16_TERMS == 0 {
+                            s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s16, ones));
+                            s16 = _mm256_setzero_si256();
+                        }
+                    }
+                }
+                finish::<W>(s32, dw, prep, kk, acc.get_unchecked_mut(t - t0));
+            }
+        }
+    }
+}
+
+/// The float work for one (block, token) of eight rows: subtract the offset term, convert, scale
+/// by `dw · da` and add to the accumulator — the scalar reference's `sum += isum as f32 * (dw *
+/// da)`, lane by lane.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `k < prep.da.len()` (and `< prep.ysum.len()` for the
+/// offset types).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn finish<W: Q32Block>(
+    mut s: __m256i,
+    dw: __m256,
+    prep: &Prepared,
+    k: usize,
+    acc: &mut __m256,
+) {
+    if W::OFFSET != 0 {
+        s = _mm256_sub_epi32(s, _mm256_set1_epi32(*prep.ysum.get_unchecked(k)));
+    }
+    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*prep.da.get_unchecked(k)));
+    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale));
+}
+
+/// One row × one token (the decode path), reading the row in memory order: the lane vectors of
+/// eight consecutive blocks are reduced into one vector of their exact block sums, scaled in one
+/// go, and the eight terms added to the scalar sum in block order (the scalar reference's order).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. `row.len() == y.len()`, and `prep` holds the token's
+/// values at `k0..k0 + row.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_token<W: Q32Block>(row: &[W], y: &[BlockQ8_0], prep: &Prepared, k0: usize) -> f32 {
+    let nb = row.len();
+    let mut sum = 0f32;
+    let mut b = 0;
+    while b + ROWS <= nb {
+        let mut p = [_mm256_setzero_si256(); ROWS];
+        let mut dh = [0i16; ROWS];
+        for k in 0..ROWS {
+            // SAFETY: b + k < nb == row.len() == y.len(); qs is 32 bytes, loadu unaligned.
+            let blk = row.get_unchecked(b + k);
+            let yv = _mm256_loadu_si256(y.get_unchecked(b + k).qs.as_ptr() as *const __m256i);
+            p[k] = W::lanes(blk.decode(), yv);
+            dh[k] = i16::from_le_bytes(blk.d());
+        }
+        let mut s = reduce8(p);
+        // SAFETY: k0 + b + 8 <= k0 + nb: inside prep's arrays (ysum only for offset types).
+        if W::OFFSET != 0 {
+            s = _mm256_sub_epi32(
+                s,
+                _mm256_loadu_si256(prep.ysum.as_ptr().add(k0 + b) as *const __m256i),
+            );
         }
         let dw = _mm256_cvtph_ps(_mm_set_epi16(
             dh[7], dh[6], dh[5], dh[4], dh[3], dh[2], dh[1], dh[0],
         ));
-        let v = transpose8(&raw);
-        // Q8_0: |q| for the unsigned operand, the sign goes onto the activations.
-        let mut av = v;
-        if W::OFFSET == 0 {
-            for j in 0..ROWS {
-                av[j] = _mm256_sign_epi8(v[j], v[j]);
-            }
+        let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(prep.da.as_ptr().add(k0 + b)));
+        let terms = _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale);
+        let mut tv = [0f32; ROWS];
+        _mm256_storeu_ps(tv.as_mut_ptr(), terms);
+        for v in tv {
+            sum += v;
         }
-        for t in t0..t1 {
-            let k = t * nb + b;
-            // SAFETY: t < n_tokens, so k < act.len() == prep.da.len() (== prep.ysum.len() for
-            // the offset types); qs is 32 bytes, read as eight unaligned i32.
-            let a = act.get_unchecked(k);
-            let yp = a.qs.as_ptr() as *const i32;
-            let mut s32 = _mm256_setzero_si256();
-            let mut s16 = _mm256_setzero_si256();
-            for j in 0..ROWS {
-                let yj = _mm256_set1_epi32(std::ptr::read_unaligned(yp.add(j)));
-                let m = if W::OFFSET == 0 {
-                    _mm256_maddubs_epi16(av[j], _mm256_sign_epi8(yj, v[j]))
-                } else {
-                    _mm256_maddubs_epi16(v[j], yj)
-                };
-                if W::I16_TERMS == 1 {
-                    s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(m, ones));
-                } else {
-                    s16 = _mm256_add_epi16(s16, m);
-                    if (j + 1) % W::I16_TERMS == 0 {
-                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s16, ones));
-                        s16 = _mm256_setzero_si256();
-                    }
-                }
-            }
-            if W::OFFSET != 0 {
-                s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(*prep.ysum.get_unchecked(k)));
-            }
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*prep.da.get_unchecked(k)));
-            let term = _mm256_mul_ps(_mm256_cvtepi32_ps(s32), scale);
-            let a = acc.get_unchecked_mut(t - t0);
-            *a = _mm256_add_ps(*a, term);
-        }
+        b += ROWS;
     }
+    while b < nb {
+        // SAFETY: b < nb, as above.
+        let blk = row.get_unchecked(b);
+        let yv = _mm256_loadu_si256(y.get_unchecked(b).qs.as_ptr() as *const __m256i);
+        let mut isum = crate::x86::hsum_epi32(W::lanes(blk.decode(), yv));
+        if W::OFFSET != 0 {
+            isum -= *prep.ysum.get_unchecked(k0 + b);
+        }
+        sum += isum as f32 * (h2f(blk.d()) * *prep.da.get_unchecked(k0 + b));
+        b += 1;
+    }
+    sum
 }
