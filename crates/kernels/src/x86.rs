@@ -1355,6 +1355,38 @@ pub unsafe fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
     }
 }
 
+/// 8×8 transpose of f32: `out[j]` lane `i` = `v[i]` lane `j`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8_ps(v: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+    let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+    let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+    let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+    let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    let u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+    let u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    let u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+    let u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    let u4 = _mm256_shuffle_ps(t4, t6, 0x44);
+    let u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    let u6 = _mm256_shuffle_ps(t5, t7, 0x44);
+    let u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    [
+        _mm256_permute2f128_ps(u0, u4, 0x20),
+        _mm256_permute2f128_ps(u1, u5, 0x20),
+        _mm256_permute2f128_ps(u2, u6, 0x20),
+        _mm256_permute2f128_ps(u3, u7, 0x20),
+        _mm256_permute2f128_ps(u0, u4, 0x31),
+        _mm256_permute2f128_ps(u1, u5, 0x31),
+        _mm256_permute2f128_ps(u2, u6, 0x31),
+        _mm256_permute2f128_ps(u3, u7, 0x31),
+    ]
+}
+
 /// `out[r] = vec_dot_f16_ggml(w[r*k..(r+1)*k], x)` for every row, `k = x.len()` (see
 /// [`crate::scalar::vec_dot_f16_ggml`]; bit-identical to it).
 ///
@@ -1362,6 +1394,7 @@ pub unsafe fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
 /// The CPU must support AVX2, FMA and F16C; `w.len() >= out.len() * x.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
+    debug_assert!(w.len() >= out.len() * x.len());
     let k = x.len();
     let np = k / 32 * 32;
     let tail = k - np;
@@ -1385,7 +1418,48 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
     let mut xt = [0f32; 32];
     to_f32(xp, x, &mut xt);
     let mut wt = [0f32; 32];
-    for (r, o) in out.iter_mut().enumerate() {
+    // Short rows (k < 32, e.g. LoRA's B at rank 8–16): eight rows at a time, transposed in
+    // registers so that each f64 lane sums one row's products in order; the same operations as
+    // the per-row loop below (exact f32 product, widened, added in column order), without its
+    // one-row-at-a-time chain of dependent f64 additions.
+    let mut r0 = 0;
+    if np == 0 && k > 0 {
+        let mut buf = [[0f32; 32]; 8];
+        while r0 + 8 <= out.len() {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let row = &w[(r0 + i) * k..(r0 + i + 1) * k];
+                to_f32(row.as_ptr() as *const u16, row, b);
+            }
+            let mut lo = _mm256_setzero_pd();
+            let mut hi = _mm256_setzero_pd();
+            let mut c0 = 0;
+            // SAFETY (loads and the store below): c0 + 8 <= 32 as c0 < k < 32 steps by 8, and
+            // r0 + 8 <= out.len().
+            while c0 < k {
+                let rows8: [__m256; 8] = [
+                    _mm256_loadu_ps(buf[0].as_ptr().add(c0)),
+                    _mm256_loadu_ps(buf[1].as_ptr().add(c0)),
+                    _mm256_loadu_ps(buf[2].as_ptr().add(c0)),
+                    _mm256_loadu_ps(buf[3].as_ptr().add(c0)),
+                    _mm256_loadu_ps(buf[4].as_ptr().add(c0)),
+                    _mm256_loadu_ps(buf[5].as_ptr().add(c0)),
+                    _mm256_loadu_ps(buf[6].as_ptr().add(c0)),
+                    _mm256_loadu_ps(buf[7].as_ptr().add(c0)),
+                ];
+                let cols = transpose8_ps(rows8);
+                for (j, col) in cols.iter().enumerate().take(k - c0) {
+                    let p = _mm256_mul_ps(*col, _mm256_set1_ps(xt[c0 + j]));
+                    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+                    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+                }
+                c0 += 8;
+            }
+            let sums = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+            _mm256_storeu_ps(out.as_mut_ptr().add(r0), sums);
+            r0 += 8;
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate().skip(r0) {
         let row = &w[r * k..(r + 1) * k];
         let wp = row.as_ptr() as *const u16;
         // With no 32-element step the reduction is +0.0 (skipped: the same value).
