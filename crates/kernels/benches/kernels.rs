@@ -3,7 +3,8 @@
 //!
 //! * `matvec` (1 token) is decode: one pass over the weights per token, so its bytes/s is
 //!   directly comparable with the machine's memory bandwidth (`modu bench --membw`).
-//! * `matmul16` (16 tokens) is a prefill tile: the same weight bytes serve 16 activation rows,
+//! * `batch8` (8 tokens) is a batched decode step of the server (eight streams).
+//! * `matmul64` (64 tokens) is a prefill tile: the same weight bytes serve 64 activation rows,
 //!   so bytes/s above the memory bandwidth means the kernel reuses what it loads.
 //!
 //! Throughput is weight bytes per second for both, so the two can be read side by side. The
@@ -89,7 +90,7 @@ fn bench_matmul(c: &mut Criterion) {
             let data = random_row(ty, s.rows * s.cols, &mut rng);
             let w = QMatrix::new(ty, s.rows, s.cols, &data).expect("valid matrix");
             group.throughput(Throughput::Bytes(data.len() as u64));
-            for (label, n_tokens) in [("matvec", 1usize), ("matmul16", 16)] {
+            for (label, n_tokens) in [("matvec", 1usize), ("batch8", 8), ("matmul64", 64)] {
                 let x = rng.f32s(n_tokens * s.cols, 1.0);
                 let mut y = vec![0f32; n_tokens * s.rows];
                 group.bench_with_input(BenchmarkId::new(label, s.name), &n_tokens, |b, &n| {
