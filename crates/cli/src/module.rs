@@ -17,6 +17,22 @@ pub enum ModuleCommand {
     Merge(MergeArgs),
     /// Fold an adapter into a base model, writing a standalone GGUF model.
     Export(ExportArgs),
+    /// The modules a running `modu serve` has registered (GET /v1/modules): resident or
+    /// evicted, bytes, rank, targets, requests served.
+    List(ListArgs),
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Base URL of the server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// API key to send (`Authorization: Bearer KEY`), if the server has keys.
+    #[arg(long = "api-key")]
+    pub api_key: Option<String>,
+    /// Print the server's JSON as is.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -84,7 +100,67 @@ pub fn run(cmd: ModuleCommand) -> Result<()> {
         ModuleCommand::Info(a) => info(a),
         ModuleCommand::Merge(a) => merge_cmd(a),
         ModuleCommand::Export(a) => export(a),
+        ModuleCommand::List(a) => list(a),
     }
+}
+
+fn list(a: ListArgs) -> Result<()> {
+    let url = format!("{}/v1/modules", a.url.trim_end_matches('/'));
+    let mut req = ureq::get(&url).timeout(std::time::Duration::from_secs(30));
+    if let Some(k) = &a.api_key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let body: serde_json::Value = match req.call() {
+        Ok(r) => r
+            .into_json()
+            .with_context(|| format!("reading the answer of {url}"))?,
+        Err(ureq::Error::Status(code, r)) => {
+            let text = r.into_string().unwrap_or_default();
+            bail!("{url} answered {code}: {}", text.trim())
+        }
+        Err(e) => bail!("cannot reach the server: {e} (is `modu serve` running there?)"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let data = body["data"].as_array().cloned().unwrap_or_default();
+    println!(
+        "base model: {}; {} module(s), {:.1} MiB resident, {} eviction(s)",
+        body["base"].as_str().unwrap_or("?"),
+        data.len(),
+        body["resident_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+        body["evictions"].as_u64().unwrap_or(0)
+    );
+    if data.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>8} {:>9} {:>5} {:>9} {:>4} {:<28} path",
+        "name", "resident", "MiB", "rank", "requests", "gen", "targets"
+    );
+    for m in &data {
+        let targets: Vec<&str> = m["targets"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:>8} {:>9.2} {:>5} {:>9} {:>4} {:<28} {}",
+            m["name"].as_str().unwrap_or("?"),
+            if m["resident"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "evicted"
+            },
+            m["resident_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            m["rank"].as_u64().unwrap_or(0),
+            m["requests"].as_u64().unwrap_or(0),
+            m["generation"].as_u64().unwrap_or(0),
+            targets.join(","),
+            m["path"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 /// `PATH[=SCALE]`: the scale is whatever follows the last `=` if it parses as a number.
