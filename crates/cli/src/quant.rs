@@ -193,25 +193,35 @@ fn window_bar() -> ProgressBar {
     )
 }
 
+/// Run an evaluation with a window progress bar fed by its `progress(done, total)` callback.
+fn with_window_bar<T>(
+    f: impl FnOnce(&dyn Fn(usize, usize)) -> Result<T, eval::EvalError>,
+) -> Result<T> {
+    let pb = window_bar();
+    let r = f(&|d, t| {
+        pb.set_length(t as u64);
+        pb.set_position(d as u64);
+    });
+    pb.finish_and_clear();
+    Ok(r?)
+}
+
 pub fn eval(cmd: EvalCmd) -> Result<()> {
     match cmd {
         EvalCmd::Ppl(a) => {
             set_threads(a.common.threads)?;
             let (model, tok, _) = load(&a.model)?;
             let text = read_text(&a.common.file)?;
-            let pb = window_bar();
-            let s = eval::perplexity(
-                model.as_ref(),
-                &tok,
-                &text,
-                a.common.ctx,
-                a.common.chunks,
-                &|d, t| {
-                    pb.set_length(t as u64);
-                    pb.set_position(d as u64);
-                },
-            )?;
-            pb.finish_and_clear();
+            let s = with_window_bar(|progress| {
+                eval::perplexity(
+                    model.as_ref(),
+                    &tok,
+                    &text,
+                    a.common.ctx,
+                    a.common.chunks,
+                    progress,
+                )
+            })?;
             print_ppl(&s, a.common.json)
         }
         EvalCmd::Kld(a) => {
@@ -226,20 +236,17 @@ pub fn eval(cmd: EvalCmd) -> Result<()> {
                 );
             }
             let text = read_text(&a.common.file)?;
-            let pb = window_bar();
-            let s = eval::kl_divergence(
-                base.as_ref(),
-                quant.as_ref(),
-                &tok,
-                &text,
-                a.common.ctx,
-                a.common.chunks,
-                &|d, t| {
-                    pb.set_length(t as u64);
-                    pb.set_position(d as u64);
-                },
-            )?;
-            pb.finish_and_clear();
+            let s = with_window_bar(|progress| {
+                eval::kl_divergence(
+                    base.as_ref(),
+                    quant.as_ref(),
+                    &tok,
+                    &text,
+                    a.common.ctx,
+                    a.common.chunks,
+                    progress,
+                )
+            })?;
             print_kld(&s, a.common.json)
         }
         EvalCmd::Module(a) => {
@@ -253,20 +260,17 @@ pub fn eval(cmd: EvalCmd) -> Result<()> {
                 m.1 *= a.scale;
             }
             let text = read_text(&a.common.file)?;
-            let pb = window_bar();
-            let s = eval::module_kl_divergence(
-                base.as_ref(),
-                &modules,
-                &tok,
-                &text,
-                a.common.ctx,
-                a.common.chunks,
-                &|d, t| {
-                    pb.set_length(t as u64);
-                    pb.set_position(d as u64);
-                },
-            )?;
-            pb.finish_and_clear();
+            let s = with_window_bar(|progress| {
+                eval::module_kl_divergence(
+                    base.as_ref(),
+                    &modules,
+                    &tok,
+                    &text,
+                    a.common.ctx,
+                    a.common.chunks,
+                    progress,
+                )
+            })?;
             print_kld(&s, a.common.json)
         }
     }

@@ -36,7 +36,7 @@ use std::arch::x86_64::*;
 use std::mem::size_of;
 
 use crate::blocks::*;
-use crate::x86::{h2f, q5_0_high_bits, unpack_nibbles_pub};
+use crate::x86::{h2f, q5_0_high_bits, transpose8_ps, unpack_nibbles_pub};
 
 /// Weight rows per kernel call (one f32 lane each).
 pub(crate) const ROWS: usize = 8;
@@ -45,8 +45,8 @@ pub(crate) const ROWS: usize = 8;
 /// tokens, and the accumulators (one vector per token) stay in L1.
 const TOKEN_TILE: usize = 64;
 
-/// From this many tokens in a tile on, [`group_transposed`] (its transposition of the decoded
-/// blocks pays off); below, [`group`]. Both give the same bits.
+/// From this many tokens in a tile on, [`group`] (its transposition of the decoded blocks pays
+/// off); below, [`row_token`] per row and token. Both give the same bits.
 const TRANSPOSED_MIN_TOKENS: usize = 4;
 
 /// A 32-element weight block type.
@@ -94,6 +94,14 @@ impl Q32Block for BlockQ8_0 {
     }
 }
 
+/// `Σ u·y` in eight i32 lanes for unsigned quants `u <= 31` (Q4_0, Q5_0): with `|y| <= 127` a
+/// `maddubs` pair sum is at most `2·31·127`, inside an i16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unsigned_lanes(u: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
+}
+
 impl Q32Block for BlockQ4_0 {
     const OFFSET: i32 = 8;
     const I16_TERMS: usize = 8;
@@ -110,8 +118,7 @@ impl Q32Block for BlockQ4_0 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lanes((u, _): (__m256i, __m256i), y: __m256i) -> __m256i {
-        // u <= 15, |y| <= 127: a pair sum fits an i16.
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
+        unsigned_lanes(u, y)
     }
 }
 
@@ -131,8 +138,7 @@ impl Q32Block for BlockQ5_0 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lanes((u, _): (__m256i, __m256i), y: __m256i) -> __m256i {
-        // u <= 31, |y| <= 127: 2·31·127 fits an i16.
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
+        unsigned_lanes(u, y)
     }
 }
 
@@ -243,36 +249,21 @@ pub(crate) unsafe fn rows<W: Q32Block>(
     });
 }
 
-/// 8×8 transpose of 32-bit elements: `out[j]` lane `i` = `v[i]` lane `j`.
+/// 8×8 transpose of 32-bit elements: `out[j]` lane `i` = `v[i]` lane `j` (the f32 transpose of
+/// [`crate::x86::transpose8_ps`] on the same bits; the casts are free).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn transpose8(v: &[__m256i; ROWS]) -> [__m256i; ROWS] {
-    let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
-    let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
-    let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
-    let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
-    let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
-    let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
-    let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
-    let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
-    let u0 = _mm256_unpacklo_epi64(t0, t2);
-    let u1 = _mm256_unpackhi_epi64(t0, t2);
-    let u2 = _mm256_unpacklo_epi64(t1, t3);
-    let u3 = _mm256_unpackhi_epi64(t1, t3);
-    let u4 = _mm256_unpacklo_epi64(t4, t6);
-    let u5 = _mm256_unpackhi_epi64(t4, t6);
-    let u6 = _mm256_unpacklo_epi64(t5, t7);
-    let u7 = _mm256_unpackhi_epi64(t5, t7);
-    [
-        _mm256_permute2x128_si256(u0, u4, 0x20),
-        _mm256_permute2x128_si256(u1, u5, 0x20),
-        _mm256_permute2x128_si256(u2, u6, 0x20),
-        _mm256_permute2x128_si256(u3, u7, 0x20),
-        _mm256_permute2x128_si256(u0, u4, 0x31),
-        _mm256_permute2x128_si256(u1, u5, 0x31),
-        _mm256_permute2x128_si256(u2, u6, 0x31),
-        _mm256_permute2x128_si256(u3, u7, 0x31),
-    ]
+    let mut f = [_mm256_setzero_ps(); ROWS];
+    for i in 0..ROWS {
+        f[i] = _mm256_castsi256_ps(v[i]);
+    }
+    let t = transpose8_ps(f);
+    let mut out = [_mm256_setzero_si256(); ROWS];
+    for j in 0..ROWS {
+        out[j] = _mm256_castps_si256(t[j]);
+    }
+    out
 }
 
 /// Decoded quants and f16 scales of eight whole rows, `[block][row]` (8 × 32 bytes per block:

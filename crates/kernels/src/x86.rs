@@ -1358,7 +1358,7 @@ pub unsafe fn matvec_f16_tiny(w: &[f16], x: &[f16], out: &mut [f32]) {
 /// 8×8 transpose of f32: `out[j]` lane `i` = `v[i]` lane `j`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn transpose8_ps(v: [__m256; 8]) -> [__m256; 8] {
+pub(crate) unsafe fn transpose8_ps(v: [__m256; 8]) -> [__m256; 8] {
     let t0 = _mm256_unpacklo_ps(v[0], v[1]);
     let t1 = _mm256_unpackhi_ps(v[0], v[1]);
     let t2 = _mm256_unpacklo_ps(v[2], v[3]);
