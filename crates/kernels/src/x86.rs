@@ -166,21 +166,6 @@ pub(crate) unsafe fn decode_q4_0(a: &BlockQ4_0) -> __m256i {
     _mm256_sub_epi8(unpack_nibbles(load16(&a.qs, 0)), _mm256_set1_epi8(8))
 }
 
-/// The 32 nibbles of a 16-byte array (low nibbles first), for the decode GEMV.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn unpack_nibbles_pub(qs: &[u8; 16]) -> __m256i {
-    unpack_nibbles(load16(qs, 0))
-}
-
-/// `0x10` in each byte whose bit is set in a Q5_0 block's `qh`, else 0: the fifth bit of the
-/// unsigned quant.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q5_0_high_bits(qh: [u8; 4]) -> __m256i {
-    _mm256_and_si256(bits_to_mask(u32::from_le_bytes(qh)), _mm256_set1_epi8(0x10))
-}
-
 /// Signed quants (-16..=15) of a Q5_0 block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
