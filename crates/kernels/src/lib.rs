@@ -34,6 +34,7 @@ mod dispatch;
 mod gemm;
 mod matmul;
 #[cfg(target_arch = "x86_64")]
+pub mod pool;
 mod q32;
 pub mod quantize;
 pub mod scalar;

@@ -372,7 +372,7 @@ fn run<W: RowView, A: Sync>(
         }
         return Ok(());
     }
-    (0..n_chunks).into_par_iter().for_each(|ci| {
+    crate::pool::for_each(n_chunks, |ci| {
         let r0 = ci * chunk;
         do_rows(r0, (r0 + chunk).min(rows));
     });
@@ -489,7 +489,7 @@ fn q32_x86(
             unsafe { q32::rows(wv, nb, r0, r1, v, prep, n_tokens, out.0, rows) }
         };
         if parallel {
-            (0..n_chunks).into_par_iter().for_each(job);
+            crate::pool::for_each(n_chunks, job);
         } else {
             (0..n_chunks).for_each(job);
         }
@@ -525,7 +525,7 @@ fn par_row_chunks<F: Fn(usize, usize) + Sync>(
         }
         return;
     }
-    (0..n_chunks).into_par_iter().for_each(|ci| {
+    crate::pool::for_each(n_chunks, |ci| {
         let r0 = ci * chunk;
         f(r0, (r0 + chunk).min(rows));
     });
@@ -547,12 +547,13 @@ impl RowView for u8 {
 }
 
 /// Several matrices against the same quantized activations (the Q, K and V projections, or the
-/// gate and up projections) in one parallel section, so the threads meet once instead of once
-/// per matrix. `jobs[i].1` receives `a.n_tokens() * jobs[i].0.rows` values.
+/// gate and up projections). `jobs[i].1` receives `a.n_tokens() * jobs[i].0.rows` values.
+/// (One after the other, each parallel inside: with [`crate::pool`] a parallel section costs
+/// about a microsecond, and nesting them would fall back to rayon.)
 pub fn matmul_quantized_many(
     jobs: &mut [(&QMatrix, &mut [f32])],
     a: &QuantizedActivations,
 ) -> Result<(), KernelError> {
-    jobs.par_iter_mut()
+    jobs.iter_mut()
         .try_for_each(|(w, y)| matmul_quantized(w, a, y))
 }
