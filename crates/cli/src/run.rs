@@ -171,10 +171,30 @@ pub struct Loaded {
     pub ctx: usize,
 }
 
+/// Opens a model file for inference: a private copy on transparent huge pages
+/// ([`GgufFile::open_resident`], faster decoding) when the kernel offers them, else (or with
+/// `MODU_MMAP=1`, to share the pages between processes) a memory map.
 pub fn open_gguf(spec: &str) -> Result<Arc<GgufFile>> {
     let path = crate::pull::resolve_with_progress(spec)?;
-    let file = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let file = if use_mmap() {
+        GgufFile::open(&path)
+    } else {
+        GgufFile::open_resident(&path)
+    }
+    .with_context(|| format!("opening {}", path.display()))?;
     Ok(Arc::new(file))
+}
+
+/// Whether to memory-map model files instead of copying them onto huge pages.
+fn use_mmap() -> bool {
+    if let Some(v) = std::env::var_os("MODU_MMAP") {
+        return v != "0";
+    }
+    // Without transparent huge pages a private copy only costs load time and sharing.
+    match std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled") {
+        Ok(s) => s.contains("[never]"),
+        Err(_) => true,
+    }
 }
 
 pub fn load(args: &ModelArgs) -> Result<Loaded> {

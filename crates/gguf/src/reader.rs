@@ -140,9 +140,16 @@ pub(crate) fn validate_alignment(value: u64) -> Result<u64> {
     Ok(value)
 }
 
-/// Backing bytes: a read-only memory map, or an owned buffer for in-memory data.
+/// Backing bytes: a read-only memory map of the file, a private read-only copy of it
+/// ([`GgufFile::open_resident`]: `len` bytes from `off` in an anonymous mapping), or an owned
+/// buffer for in-memory data.
 enum Storage {
     Mmap(memmap2::Mmap),
+    Resident {
+        map: memmap2::Mmap,
+        off: usize,
+        len: usize,
+    },
     Owned(Vec<u8>),
 }
 
@@ -150,10 +157,14 @@ impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
             Storage::Mmap(m) => m,
+            Storage::Resident { map, off, len } => &map[*off..*off + *len],
             Storage::Owned(v) => v,
         }
     }
 }
+
+/// Transparent huge page size on x86-64 and aarch64 (4 KiB base pages).
+const HUGE_PAGE: usize = 2 << 20;
 
 /// A parsed, fully validated GGUF file. Tensor data is not copied: [`GgufFile::tensor_data`]
 /// returns slices of the memory map (or of the buffer given to [`GgufFile::from_bytes`]).
@@ -207,6 +218,54 @@ impl GgufFile {
         // excluded by any API; it is a documented precondition of `open` (see above).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
         Self::parse(Storage::Mmap(map))
+    }
+
+    /// Reads the whole file into private memory (made read-only once filled) and validates it.
+    ///
+    /// Why not [`GgufFile::open`]: a memory map of the file is made of 4 KiB pages, and the
+    /// hardware prefetchers stop at every page boundary while decoding streams all weights once
+    /// per token; the private copy is 2 MiB-aligned and advised for transparent huge pages
+    /// (`MADV_HUGEPAGE`, effective where the kernel enables them in `madvise` or `always`
+    /// mode), which made the weight pass of a decode step ~15 % faster on a 2-core EPYC. The
+    /// costs: the pages are not shared with other processes mapping the same file, loading
+    /// reads the whole file up front, and resident memory is the file size (decoding touches
+    /// every weight page anyway). The file is read with `read`, not through a mapping, so its
+    /// page-cache pages are never counted in this process's resident memory. Later changes to
+    /// the file do not affect the copy.
+    pub fn open_resident(path: impl AsRef<Path>) -> Result<GgufFile> {
+        use std::io::Read;
+        let path = path.as_ref();
+        let io_err = |source| GgufError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        if len == 0 {
+            return Err(GgufError::Empty);
+        }
+        let len = usize::try_from(len).map_err(|_| {
+            io_err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                "file larger than the address space",
+            ))
+        })?;
+        let total = len.checked_add(HUGE_PAGE).ok_or_else(|| {
+            io_err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                "file larger than the address space",
+            ))
+        })?;
+        let mut map = memmap2::MmapMut::map_anon(total).map_err(io_err)?;
+        let off = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
+        #[cfg(target_os = "linux")]
+        {
+            // Best effort: without huge pages the copy still works, with base pages.
+            let _ = map.advise_range(memmap2::Advice::HugePage, off, len);
+        }
+        file.read_exact(&mut map[off..off + len]).map_err(io_err)?;
+        let map = map.make_read_only().map_err(io_err)?;
+        Self::parse(Storage::Resident { map, off, len })
     }
 
     /// Validates an in-memory GGUF image, taking ownership of the bytes.
@@ -309,8 +368,9 @@ impl GgufFile {
     /// describe a range of this file's data section yields an empty slice.
     ///
     /// The slice starts at a multiple of [`GgufFile::alignment`] from the start of the file. For
-    /// [`GgufFile::open`] the mapping itself is page-aligned, so the slice's address is aligned
-    /// too; for [`GgufFile::from_bytes`] only the allocator's alignment of the `Vec` applies.
+    /// [`GgufFile::open`] the mapping itself is page-aligned (for [`GgufFile::open_resident`]
+    /// the copy is 2 MiB-aligned), so the slice's address is aligned too; for
+    /// [`GgufFile::from_bytes`] only the allocator's alignment of the `Vec` applies.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
         let range = (|| {
             let start = self.data_offset.checked_add(info.offset)?;

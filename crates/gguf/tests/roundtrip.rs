@@ -275,12 +275,20 @@ fn write_file_then_open_mmap() {
     let (info, data) = f.tensor("q4_k").unwrap();
     assert_eq!(data.len() as u64, info.n_bytes());
 
+    // The resident copy holds the same bytes, 2 MiB-aligned, and does not change with the file.
+    let r = GgufFile::open_resident(&path).unwrap();
+    assert_eq!(r.as_bytes(), f.as_bytes());
+    assert_eq!(r.as_bytes().as_ptr() as usize % (2 << 20), 0);
+    assert_eq!(r.tensor("q4_k").unwrap().1, data);
+
     // Overwriting replaces the file completely.
     let mut small = GgufWriter::new();
     small.add("x", 1u8);
     small.write_file(&path).unwrap();
     drop(f);
     assert_eq!(GgufFile::open(&path).unwrap().metadata().len(), 1);
+    assert_eq!(r.as_bytes(), &write(&full_writer())[..]);
+    assert_eq!(GgufFile::open_resident(&path).unwrap().metadata().len(), 1);
 }
 
 #[test]
@@ -334,4 +342,18 @@ fn open_errors() {
     let empty = dir.0.join("empty.gguf");
     std::fs::write(&empty, b"").unwrap();
     assert!(matches!(GgufFile::open(&empty), Err(GgufError::Empty)));
+    assert!(matches!(
+        GgufFile::open_resident(dir.0.join("missing.gguf")),
+        Err(GgufError::Io { .. })
+    ));
+    assert!(matches!(
+        GgufFile::open_resident(&empty),
+        Err(GgufError::Empty)
+    ));
+    // A truncated file is a validation error on the copy, as on the map.
+    let cut = dir.0.join("cut.gguf");
+    let bytes = write(&full_writer());
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(GgufFile::open_resident(&cut).is_err());
+    assert!(GgufFile::open(&cut).is_err());
 }
