@@ -52,6 +52,11 @@ const TOKEN_TILE: usize = 64;
 /// off); below, [`row_terms`] per row and token. Both give the same bits.
 const TRANSPOSED_MIN_TOKENS: usize = 4;
 
+/// How far ahead of the decode path's reads the weight rows are prefetched: streaming weights
+/// from DRAM at one token per pass, explicit prefetches ~3 KiB ahead gave +5–10 % over the
+/// hardware prefetchers alone (measured: Q8_0 output matrix, 2 threads, huge pages).
+const PREFETCH_AHEAD: usize = 3072;
+
 /// A 32-element weight block type.
 pub(crate) trait Q32Block: Copy + Sync {
     /// The offset subtracted from the unsigned quants (0: the quants are signed).
@@ -485,6 +490,15 @@ unsafe fn row_terms<W: Q32Block>(
     let nb = row.len();
     let mut b = 0;
     while b + ROWS <= nb {
+        // The weight stream is prefetched [`PREFETCH_AHEAD`] bytes ahead (past this row's end
+        // into the next rows, which are contiguous). A prefetch never faults, so addresses past
+        // the matrix are harmless, and `wrapping_add` keeps the pointer arithmetic defined.
+        let ahead = (row.as_ptr().add(b) as *const i8).wrapping_add(PREFETCH_AHEAD);
+        let mut off = 0;
+        while off < ROWS * size_of::<W>() {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off));
+            off += 64;
+        }
         let mut p = [_mm256_setzero_si256(); ROWS];
         // The eight f16 scales are packed in two general registers (not vector inserts).
         let (mut d0, mut d1) = (0u64, 0u64);
