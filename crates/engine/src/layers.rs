@@ -440,14 +440,7 @@ pub fn attention(
             .enumerate()
             .for_each(|(i, oh)| job(i, oh));
     } else {
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let out_ptr = &out_ptr;
-        modu_kernels::pool::for_each(out.len() / hd, |i| {
-            // SAFETY: task i writes only head output i (`hd` values at `i * hd`, inside `out`,
-            // which stays mutably borrowed until for_each returns); no two tasks share one.
-            let oh = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(i * hd), hd) };
-            job(i, oh);
-        });
+        modu_kernels::pool::for_each_chunk_mut(out, hd, job);
     }
 }
 
@@ -619,9 +612,3 @@ mod tests {
         assert_eq!(gelu_ggml(12.5), 12.5);
     }
 }
-
-/// An output pointer shared by the tasks of a parallel section that write disjoint parts.
-struct SendPtr(*mut f32);
-// SAFETY: only used to hand disjoint output ranges to the tasks of one `pool::for_each`, which
-// returns before the borrow the pointer came from ends.
-unsafe impl Sync for SendPtr {}

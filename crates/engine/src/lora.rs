@@ -1415,16 +1415,7 @@ impl<'a> BatchLora<'a> {
                 };
                 let work = pass.n_rows * 2 * n_out.max(n_in) * 16;
                 if pass.n_rows > 1 && work > 1 << 16 && rayon::current_num_threads() > 1 {
-                    let out_ptr = OutRows(out.as_mut_ptr());
-                    let out_ptr = &out_ptr;
-                    modu_kernels::pool::for_each(out.len() / n_out, |r| {
-                        // SAFETY: task r writes only row r (`n_out` values at `r * n_out`, inside
-                        // `out`, mutably borrowed until for_each returns).
-                        let y = unsafe {
-                            std::slice::from_raw_parts_mut(out_ptr.0.add(r * n_out), n_out)
-                        };
-                        job(r, y);
-                    });
+                    modu_kernels::pool::for_each_chunk_mut(out, n_out, job);
                 } else {
                     out.chunks_exact_mut(n_out)
                         .enumerate()
@@ -1539,9 +1530,3 @@ mod tests {
         assert_eq!(got, vec![0.0, 2.0, 1.0, 3.0]);
     }
 }
-
-/// The output rows of a low-rank pass, shared by the tasks of one parallel section.
-struct OutRows(*mut f32);
-// SAFETY: each task of the section writes a distinct row, and the section ends before the
-// borrow of the output does.
-unsafe impl Sync for OutRows {}

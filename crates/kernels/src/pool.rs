@@ -4,7 +4,7 @@
 //! plus attention), each only 20–500 µs long. Handing each one to rayon costs a wake-up of
 //! sleeping workers (futex, scheduler) per section: ~20 µs measured here, which is the whole
 //! cost of a small projection and ~10 % of a token. These workers instead spin on an epoch
-//! counter for a while after each section, so the next section starts within a cache-line
+//! counter for a while after each section (then yield), so the next section starts within a cache-line
 //! transfer; only after [`SPIN`] of idleness do they park (a server between requests burns no
 //! CPU).
 //!
@@ -28,8 +28,12 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins before it parks.
-const SPIN: Duration = Duration::from_micros(300);
+/// How long an idle worker stays ready (spinning, then yielding) before it parks.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// Busy-wait iterations (`pause`, ~10–40 ns each) before a waiting thread starts yielding its
+/// core: the gaps between the sections of a decode step are a few microseconds.
+const BUSY_SPINS: u32 = 2048;
 
 /// Runs `f(i)` for every `i < n`, on the calling thread and the pool's workers (or rayon's, see
 /// the module docs). Returns when all calls have returned; a panic in `f` is re-raised here.
@@ -70,6 +74,33 @@ pub fn for_each<F: Fn(usize) + Sync>(n: usize, f: F) {
         }
     }
 }
+
+/// Runs `f(i, piece)` for every `chunk`-long piece of `out` (`i`-th piece, the last one possibly
+/// shorter), in parallel as [`for_each`] does.
+pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync>(
+    out: &mut [T],
+    chunk: usize,
+    f: F,
+) {
+    let chunk = chunk.max(1);
+    let len = out.len();
+    let base = SharedSlice(out.as_mut_ptr());
+    let base = &base;
+    for_each(len.div_ceil(chunk), |i| {
+        let start = i * chunk;
+        let n = chunk.min(len - start);
+        // SAFETY: piece i is `out[start..start + n]`, inside `out` (start < len for i < the
+        // piece count), and no two tasks get the same i, so the pieces are disjoint; `out`
+        // stays mutably borrowed until `for_each` has returned, i.e. after every task ended.
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), n) };
+        f(i, piece);
+    });
+}
+
+/// The base pointer of a slice split into disjoint pieces by [`for_each_chunk_mut`].
+struct SharedSlice<T>(*mut T);
+// SAFETY: the tasks only touch disjoint pieces of the slice, whose elements are `Send`.
+unsafe impl<T: Send> Sync for SharedSlice<T> {}
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
@@ -158,8 +189,8 @@ impl Pool {
         let mine = catch_unwind(AssertUnwindSafe(|| claim(s, &job)));
         let mut spins = 0u32;
         while s.active.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins < 1 << 16 {
+            spins = spins.saturating_add(1);
+            if spins < BUSY_SPINS {
                 std::hint::spin_loop();
             } else {
                 // A worker was descheduled: let it run.
@@ -211,9 +242,15 @@ fn worker_loop(s: &Shared) {
             if e != seen {
                 break e;
             }
-            spins = spins.wrapping_add(1);
-            if spins % 256 != 0 || idle_since.elapsed() < SPIN {
+            spins = spins.saturating_add(1);
+            if spins < BUSY_SPINS {
                 std::hint::spin_loop();
+                continue;
+            }
+            if idle_since.elapsed() < SPIN {
+                // Still ready for the next section, but giving the core to any other runnable
+                // thread (on a loaded machine a busy spin would slow everyone else down).
+                thread::yield_now();
                 continue;
             }
             // Idle for a while: park until the next section (Dekker-style with the caller's
@@ -225,6 +262,7 @@ fn worker_loop(s: &Shared) {
             }
             s.parked.fetch_sub(1, Ordering::SeqCst);
             idle_since = Instant::now();
+            spins = 0;
         };
         seen = epoch;
         if s.shutdown.load(Ordering::SeqCst) {
@@ -266,6 +304,21 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_once() {
+        in_pool(2, || {
+            for (len, chunk) in [(0usize, 3usize), (10, 3), (12, 4), (5, 9)] {
+                let mut v = vec![0usize; len];
+                for_each_chunk_mut(&mut v, chunk, |i, piece| {
+                    for (j, x) in piece.iter_mut().enumerate() {
+                        *x += i * chunk + j + 1;
+                    }
+                });
+                assert_eq!(v, (1..=len).collect::<Vec<_>>(), "len {len} chunk {chunk}");
+            }
+        });
     }
 
     #[test]
