@@ -127,9 +127,9 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn high_bits(qh: &[u8; 4]) -> __m256i {
-    // SAFETY: qh is 4 readable bytes; the f32 broadcast only moves their bits (no alignment
-    // requirement for vbroadcastss).
-    let v = _mm256_castps_si256(_mm256_broadcast_ss(&*(qh.as_ptr() as *const f32)));
+    // SAFETY: qh is 4 readable bytes; `loadu_si32` has no alignment requirement (the load and
+    // the broadcast fuse into one `vpbroadcastd` from memory).
+    let v = _mm256_broadcastd_epi32(_mm_loadu_si32(qh.as_ptr()));
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,
         0x0202_0202_0202_0202,
