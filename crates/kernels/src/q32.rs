@@ -204,21 +204,36 @@ pub(crate) unsafe fn prepare<W: Q32Block>(act: &[BlockQ8_0]) -> Prepared {
     Prepared { da, ysum }
 }
 
+/// Per 128-bit half: `[a0+a2, b0+b2, a1+a3, b1+b3]` (a step of [`reduce8`]; a plain function,
+/// not a closure, so that it is compiled with the same target features).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_pairs(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+}
+
+/// Per 128-bit half, from two [`add_pairs`] results: the half-sums of their four source
+/// vectors, in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_quads(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
+}
+
 /// Lane `i` of the result is the sum of the eight lanes of `p[i]` (exact, i32).
+///
+/// Built from unpacks and adds rather than `hadd` (two shuffles and an add each on x86): ~4 %
+/// faster for the decode path on Zen 3.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn reduce8(p: [__m256i; ROWS]) -> __m256i {
-    let h01 = _mm256_hadd_epi32(p[0], p[1]);
-    let h23 = _mm256_hadd_epi32(p[2], p[3]);
-    let h45 = _mm256_hadd_epi32(p[4], p[5]);
-    let h67 = _mm256_hadd_epi32(p[6], p[7]);
-    // [r0 r1 r2 r3 (low halves) | r0 r1 r2 r3 (high halves)], and the same for rows 4..8.
-    let a = _mm256_hadd_epi32(h01, h23);
-    let b = _mm256_hadd_epi32(h45, h67);
-    // [a.hi | b.lo] + [a.lo | b.hi]
-    let x = _mm256_permute2x128_si256(a, b, 0x21);
-    let z = _mm256_blend_epi32(a, b, 0xF0);
-    _mm256_add_epi32(x, z)
+    let r0123 = add_quads(add_pairs(p[0], p[1]), add_pairs(p[2], p[3]));
+    let r4567 = add_quads(add_pairs(p[4], p[5]), add_pairs(p[6], p[7]));
+    // Add the two 128-bit halves: rows 0..4 from r0123, rows 4..8 from r4567.
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256(r0123, r4567, 0x20),
+        _mm256_permute2x128_si256(r0123, r4567, 0x31),
+    )
 }
 
 /// Outputs of weight rows `r0..r1` (`w` is the whole matrix, `nb` blocks per row) for all
