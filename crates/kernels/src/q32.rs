@@ -39,7 +39,7 @@ use std::arch::x86_64::*;
 use std::mem::size_of;
 
 use crate::blocks::*;
-use crate::x86::{h2f, transpose8_ps};
+use crate::x86::{h2f, mask_from_broadcast, mul_sum_u8_i8, transpose8_ps};
 
 /// Weight rows per kernel call (one f32 lane each).
 pub(crate) const ROWS: usize = 8;
@@ -102,14 +102,6 @@ impl Q32Block for BlockQ8_0 {
     }
 }
 
-/// `Σ u·y` in eight i32 lanes for unsigned quants `u <= 31` (Q4_0, Q5_0): with `|y| <= 127` a
-/// `maddubs` pair sum is at most `2·31·127`, inside an i16.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unsigned_lanes(u: __m256i, y: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), _mm256_set1_epi16(1))
-}
-
 /// The 32 nibbles of 16 bytes as bytes: low nibbles in bytes 0..16, high nibbles in 16..32.
 /// (The 16 bytes are broadcast to both halves straight from memory, a load without shuffle
 /// work; one variable shift per half then puts each half's nibbles low.)
@@ -130,16 +122,7 @@ unsafe fn high_bits(qh: &[u8; 4]) -> __m256i {
     // SAFETY: qh is 4 readable bytes; `loadu_si32` has no alignment requirement (the load and
     // the broadcast fuse into one `vpbroadcastd` from memory).
     let v = _mm256_broadcastd_epi32(_mm_loadu_si32(qh.as_ptr()));
-    let shuf = _mm256_set_epi64x(
-        0x0303_0303_0303_0303,
-        0x0202_0202_0202_0202,
-        0x0101_0101_0101_0101,
-        0,
-    );
-    let bytes = _mm256_shuffle_epi8(v, shuf);
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    _mm256_and_si256(mask_from_broadcast(v), _mm256_set1_epi8(0x10))
 }
 
 impl Q32Block for BlockQ4_0 {
@@ -158,7 +141,8 @@ impl Q32Block for BlockQ4_0 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lanes((u, _): (__m256i, __m256i), y: __m256i) -> __m256i {
-        unsigned_lanes(u, y)
+        // u <= 31 and |y| <= 127: a `maddubs` pair sum is at most 2·31·127, inside an i16.
+        mul_sum_u8_i8(u, y)
     }
 }
 
@@ -178,7 +162,8 @@ impl Q32Block for BlockQ5_0 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn lanes((u, _): (__m256i, __m256i), y: __m256i) -> __m256i {
-        unsigned_lanes(u, y)
+        // u <= 31 and |y| <= 127: a `maddubs` pair sum is at most 2·31·127, inside an i16.
+        mul_sum_u8_i8(u, y)
     }
 }
 

@@ -86,7 +86,7 @@ unsafe fn load16<T: Copy>(s: &[T], off: usize) -> __m128i {
 /// Σ over groups of 4 of unsigned `x[i]` (0..=127) times signed `y[i]`, as 8 i32 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mul_sum_u8_i8(x: __m256i, y: __m256i) -> __m256i {
+pub(crate) unsafe fn mul_sum_u8_i8(x: __m256i, y: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
 }
 
@@ -94,7 +94,14 @@ unsafe fn mul_sum_u8_i8(x: __m256i, y: __m256i) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn bits_to_mask(bits: u32) -> __m256i {
-    let v = _mm256_set1_epi32(bits as i32);
+    mask_from_broadcast(_mm256_set1_epi32(bits as i32))
+}
+
+/// As [`bits_to_mask`] with the 32 bits already broadcast to every 32-bit lane of `v` (e.g. by
+/// a `vpbroadcastd` straight from memory).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn mask_from_broadcast(v: __m256i) -> __m256i {
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,
         0x0202_0202_0202_0202,
