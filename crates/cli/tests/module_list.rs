@@ -4,28 +4,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{modu, Server};
+
 use serde_json::Value;
-
-fn modu(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_modu"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn modu")
-}
-
-/// Kills the server when the test ends, whatever happens.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn lora_a() -> PathBuf {
     let p =

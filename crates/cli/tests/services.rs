@@ -4,18 +4,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+mod common;
+use common::{modu, Server};
 
-fn modu(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_modu"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn modu")
-}
+use serde_json::{json, Value};
 
 fn stdout_of(args: &[&str]) -> String {
     let out = modu(args);
@@ -39,16 +34,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills the server if a test fails before it does.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
