@@ -242,8 +242,6 @@ pub(crate) unsafe fn rows<W: Q32Block>(
     rows: usize,
 ) {
     debug_assert!(r0 < r1 && w.len() >= r1 * nb && act.len() == n_tokens * nb);
-    // One accumulator per token of the tile (lane = row); only the first `t1 - t0` are used.
-    let mut acc = [_mm256_setzero_ps(); TOKEN_TILE];
     BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let buf = &mut *buf;
@@ -285,6 +283,9 @@ pub(crate) unsafe fn rows<W: Q32Block>(
                 t0 = t1;
                 continue;
             }
+            // One accumulator per token of the tile (lane = row); only the first `t1 - t0` are
+            // used. (Declared here, not per call: the decode path above never needs them.)
+            let mut acc = [_mm256_setzero_ps(); TOKEN_TILE];
             let mut g = r0;
             while g < r1 {
                 let n_rows = (r1 - g).min(ROWS);
