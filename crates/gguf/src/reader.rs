@@ -244,18 +244,15 @@ impl GgufFile {
         if len == 0 {
             return Err(GgufError::Empty);
         }
-        let len = usize::try_from(len).map_err(|_| {
-            io_err(std::io::Error::new(
-                std::io::ErrorKind::OutOfMemory,
-                "file larger than the address space",
-            ))
-        })?;
-        let total = len.checked_add(HUGE_PAGE).ok_or_else(|| {
-            io_err(std::io::Error::new(
-                std::io::ErrorKind::OutOfMemory,
-                "file larger than the address space",
-            ))
-        })?;
+        let (len, total) = usize::try_from(len)
+            .ok()
+            .and_then(|l| Some((l, l.checked_add(HUGE_PAGE)?)))
+            .ok_or_else(|| {
+                io_err(std::io::Error::new(
+                    std::io::ErrorKind::OutOfMemory,
+                    "file larger than the address space",
+                ))
+            })?;
         let mut map = memmap2::MmapMut::map_anon(total).map_err(io_err)?;
         let off = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
         #[cfg(target_os = "linux")]
