@@ -198,7 +198,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     };
     if let Some(spec) = model_spec {
         let path = crate::pull::resolve_with_progress(&spec)?;
-        let file = crate::run::open_gguf(&path.to_string_lossy())?;
+        let file = crate::run::open_model(&path.to_string_lossy())?;
         let desc = describe(&file, &path);
         let model = load_model(file.clone()).context("loading the model")?;
         let mut tests: Vec<(Kind, usize)> = Vec::new();

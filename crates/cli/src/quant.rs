@@ -176,7 +176,7 @@ pub struct ModuleEvalArgs {
 }
 
 fn load(spec: &str) -> Result<(Box<dyn Model>, Tokenizer, Arc<GgufFile>)> {
-    let file = crate::run::open_gguf(spec)?;
+    let file = crate::run::open_model(spec)?;
     let tok = Tokenizer::from_gguf(&file).context("building the tokenizer")?;
     let model = load_model(file.clone()).context("loading the model")?;
     Ok((model, tok, file))

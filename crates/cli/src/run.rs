@@ -171,13 +171,27 @@ pub struct Loaded {
     pub ctx: usize,
 }
 
-/// Opens a model file for inference: a private copy on transparent huge pages
-/// ([`GgufFile::open_resident`], faster decoding) when the kernel offers them, else (or with
-/// `MODU_MMAP=1`, to share the pages between processes) a memory map.
+/// Opens a model file to read it as GGUF data (metadata, tokenizer, tensors in the file's
+/// format): a private copy on transparent huge pages ([`GgufFile::open_resident`]) when the
+/// kernel offers them, else (or with `MODU_MMAP=1`, to share the pages between processes) a
+/// memory map.
 pub fn open_gguf(spec: &str) -> Result<Arc<GgufFile>> {
+    open(spec, false)
+}
+
+/// Opens a model file to run it: as [`open_gguf`], and in the private copy the matmul weights
+/// that the kernels read faster regrouped are rewritten so
+/// ([`modu_engine::layers::regroup_for_inference`]; the memory-mapped file stays as it is).
+pub fn open_model(spec: &str) -> Result<Arc<GgufFile>> {
+    open(spec, true)
+}
+
+fn open(spec: &str, regroup: bool) -> Result<Arc<GgufFile>> {
     let path = crate::pull::resolve_with_progress(spec)?;
     let file = if use_mmap() {
         GgufFile::open(&path)
+    } else if regroup {
+        GgufFile::open_resident_with(&path, modu_engine::layers::regroup_for_inference)
     } else {
         GgufFile::open_resident(&path)
     }
@@ -210,7 +224,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     if args.ctx == Some(0) {
         bail!("--ctx must be at least 1");
     }
-    let file = open_gguf(&args.model)?;
+    let file = open_model(&args.model)?;
     let tokenizer =
         Tokenizer::from_gguf(&file).context("building the tokenizer from GGUF metadata")?;
     let model = load_model(file.clone()).context("loading the model")?;

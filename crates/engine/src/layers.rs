@@ -5,19 +5,21 @@
 use std::sync::Arc;
 
 use modu_gguf::{GgmlType, GgufFile, TensorInfo};
-use modu_kernels::QMatrix;
+use modu_kernels::{Layout, QMatrix};
 
 use crate::error::ModelError;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::lora::{BatchLora, Proj};
 
 /// A 2-D weight matrix stored in the GGUF file (`rows` outputs × `cols` inputs, ggml dims
-/// `[cols, rows]`), read in place from the memory map.
+/// `[cols, rows]`), read in place from the memory map (or the private copy).
 #[derive(Debug, Clone)]
 pub struct Weight {
     pub info: TensorInfo,
     pub rows: usize,
     pub cols: usize,
+    /// [`Layout::Grouped8`] when [`regroup_for_inference`] rewrote it at load time.
+    pub layout: Layout,
 }
 
 impl Weight {
@@ -31,8 +33,24 @@ impl Weight {
             rows: self.rows,
             cols: self.cols,
             data: file.tensor_data(&self.info),
+            layout: self.layout,
         }
     }
+}
+
+/// A `prepare` hook for [`GgufFile::open_resident_with`]: rewrites the matmul weights
+/// (`blk.*.weight` and `output.weight` matrices) whose type the kernels in use read faster in
+/// [`Layout::Grouped8`] (Q5_0 on AVX2; see [`modu_kernels::layout`]). [`TensorLoader`] then
+/// gives those [`Weight`]s that layout. Only for files opened to run the model: anything that
+/// reads the tensors' bytes as GGUF data (quantizing, exporting, merging) must open the file
+/// without it.
+pub fn regroup_for_inference(info: &TensorInfo, bytes: &mut [u8]) -> bool {
+    let matmul_weight = info.dims.len() == 2
+        && ((info.name.starts_with("blk.") && info.name.ends_with(".weight"))
+            || info.name == "output.weight");
+    matmul_weight
+        && modu_kernels::layout::prefers_grouped(info.ty)
+        && modu_kernels::layout::group_rows(info.ty, info.dims[0] as usize, bytes).is_ok()
 }
 
 /// Looks tensors up by name and checks their shapes once, at load time.
@@ -66,10 +84,16 @@ impl TensorLoader {
                 got: dims,
             });
         }
+        let layout = if self.file.is_prepared(info) {
+            Layout::Grouped8
+        } else {
+            Layout::Ggml
+        };
         Ok(Weight {
             info: info.clone(),
             rows,
             cols,
+            layout,
         })
     }
 

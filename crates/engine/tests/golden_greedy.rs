@@ -35,7 +35,18 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
 
 fn check_model(model_name: &str, golden_file: &str) {
     let path = common::model_path(model_name);
-    let file = Arc::new(GgufFile::open(&path).expect("open model"));
+    // Opened as `modu run`/`serve` open it: a private copy with the Q5_0 matmul weights
+    // regrouped for the AVX2 kernel (when it is in use), so the goldens check that path.
+    let file = Arc::new(
+        GgufFile::open_resident_with(&path, modu_engine::layers::regroup_for_inference)
+            .expect("open model"),
+    );
+    if modu_kernels::layout::prefers_grouped(modu_gguf::GgmlType::Q5_0) {
+        assert!(
+            file.tensors().iter().any(|t| file.is_prepared(t)),
+            "{model_name}: no weight was regrouped"
+        );
+    }
     let tok = Tokenizer::from_gguf(&file).expect("tokenizer");
     let model = load_model(file.clone()).expect("load model");
     let golden: Value = serde_json::from_str(&common::read_golden(golden_file)).unwrap();

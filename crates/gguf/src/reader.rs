@@ -22,7 +22,7 @@
 //! for them, so a corrupt or hostile file cannot make the reader allocate more than a small
 //! multiple of its own size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 
@@ -178,6 +178,8 @@ pub struct GgufFile {
     key_index: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
+    /// Names of the tensors rewritten by [`GgufFile::open_resident_with`]'s hook.
+    prepared: HashSet<String>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -233,6 +235,18 @@ impl GgufFile {
     /// page-cache pages are never counted in this process's resident memory. Later changes to
     /// the file do not affect the copy.
     pub fn open_resident(path: impl AsRef<Path>) -> Result<GgufFile> {
+        Self::open_resident_with(path, |_, _| false)
+    }
+
+    /// [`GgufFile::open_resident`], letting `prepare` rewrite tensors' bytes in the private
+    /// copy before it is made read-only (e.g. into a layout that a kernel reads faster). For
+    /// each tensor it gets the info and the bytes, and returns whether it rewrote them;
+    /// [`GgufFile::is_prepared`] reports that later, so that readers know the bytes are no
+    /// longer in the file's format.
+    pub fn open_resident_with(
+        path: impl AsRef<Path>,
+        prepare: impl Fn(&TensorInfo, &mut [u8]) -> bool,
+    ) -> Result<GgufFile> {
         use std::io::Read;
         let path = path.as_ref();
         let io_err = |source| GgufError::Io {
@@ -261,8 +275,25 @@ impl GgufFile {
             let _ = map.advise_range(memmap2::Advice::HugePage, off, len);
         }
         file.read_exact(&mut map[off..off + len]).map_err(io_err)?;
+        let parsed = Parser::new(&map[off..off + len]).parse()?;
+        let mut prepared = HashSet::new();
+        for t in &parsed.tensors {
+            let range = (|| {
+                let start = usize::try_from(parsed.data_offset.checked_add(t.offset)?).ok()?;
+                let end = start.checked_add(usize::try_from(t.checked_n_bytes()?).ok()?)?;
+                Some(off + start..off + end)
+            })();
+            // Validated by the parse: every tensor lies inside the file.
+            if let Some(bytes) = range.and_then(|r| map.get_mut(r)) {
+                if prepare(t, bytes) {
+                    prepared.insert(t.name.clone());
+                }
+            }
+        }
         let map = map.make_read_only().map_err(io_err)?;
-        Self::parse(Storage::Resident { map, off, len })
+        let mut file = Self::from_parsed(Storage::Resident { map, off, len }, parsed);
+        file.prepared = prepared;
+        Ok(file)
     }
 
     /// Validates an in-memory GGUF image, taking ownership of the bytes.
@@ -272,7 +303,11 @@ impl GgufFile {
 
     fn parse(storage: Storage) -> Result<GgufFile> {
         let parsed = Parser::new(storage.bytes()).parse()?;
-        Ok(GgufFile {
+        Ok(Self::from_parsed(storage, parsed))
+    }
+
+    fn from_parsed(storage: Storage, parsed: Parsed) -> GgufFile {
+        GgufFile {
             storage,
             version: parsed.version,
             alignment: parsed.alignment,
@@ -281,7 +316,14 @@ impl GgufFile {
             key_index: parsed.key_index,
             tensors: parsed.tensors,
             tensor_index: parsed.tensor_index,
-        })
+            prepared: HashSet::new(),
+        }
+    }
+
+    /// Whether the `prepare` hook of [`GgufFile::open_resident_with`] rewrote this tensor's
+    /// bytes (always false for the other constructors).
+    pub fn is_prepared(&self, info: &TensorInfo) -> bool {
+        !self.prepared.is_empty() && self.prepared.contains(&info.name)
     }
 
     /// Format version (2 or 3).

@@ -280,6 +280,26 @@ fn write_file_then_open_mmap() {
     assert_eq!(r.as_bytes(), f.as_bytes());
     assert_eq!(r.as_bytes().as_ptr() as usize % (2 << 20), 0);
     assert_eq!(r.tensor("q4_k").unwrap().1, data);
+    assert!(!r.is_prepared(info));
+
+    // A prepare hook rewrites the tensors it accepts in the copy (not in the file), and the
+    // file reports which ones.
+    let p = GgufFile::open_resident_with(&path, |t, bytes| {
+        if t.name == "q4_k" {
+            bytes.fill(0xAB);
+            true
+        } else {
+            false
+        }
+    })
+    .unwrap();
+    let (pi, pd) = p.tensor("q4_k").unwrap();
+    assert!(p.is_prepared(pi) && pd.len() == data.len() && pd.iter().all(|&b| b == 0xAB));
+    for t in f.tensors().iter().filter(|t| t.name != "q4_k") {
+        assert!(!p.is_prepared(t));
+        assert_eq!(p.tensor_data(t), f.tensor_data(t));
+    }
+    assert_eq!(f.tensor("q4_k").unwrap().1, data);
 
     // Overwriting replaces the file completely.
     let mut small = GgufWriter::new();

@@ -32,6 +32,7 @@ pub mod blocks;
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+pub mod layout;
 mod matmul;
 #[cfg(target_arch = "x86_64")]
 pub mod pool;
@@ -45,6 +46,7 @@ pub mod x86;
 
 pub use blocks::*;
 pub use dispatch::*;
+pub use layout::Layout;
 pub use matmul::{
     matmul, matmul_quantized, matmul_quantized_many, quantize_activations, vec_dot_type,
     ActivationData, QuantizedActivations,
@@ -94,6 +96,8 @@ pub struct QMatrix<'a> {
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    /// How the rows are arranged in `data` ([`Layout::Ggml`] for bytes straight from a file).
+    pub layout: Layout,
 }
 
 impl<'a> QMatrix<'a> {
@@ -109,6 +113,26 @@ impl<'a> QMatrix<'a> {
             rows,
             cols,
             data,
+            layout: Layout::Ggml,
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// As [`QMatrix::new`] for rows in `layout` (see [`layout::group_rows`]).
+    pub fn with_layout(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+        layout: Layout,
+    ) -> Result<Self, KernelError> {
+        let m = QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+            layout,
         };
         m.validate()?;
         Ok(m)
@@ -122,6 +146,9 @@ impl<'a> QMatrix<'a> {
     /// Check that `data` holds exactly `rows` rows of a supported type.
     pub fn validate(&self) -> Result<(), KernelError> {
         vec_dot_type(self.ty)?;
+        if self.layout == Layout::Grouped8 && self.ty != GgmlType::Q5_0 {
+            return Err(KernelError::UnsupportedType(self.ty));
+        }
         let rb = self.row_bytes()?;
         let total = rb.checked_mul(self.rows).ok_or(KernelError::Overflow)?;
         if self.data.len() != total {
@@ -135,7 +162,8 @@ impl<'a> QMatrix<'a> {
         Ok(())
     }
 
-    /// The bytes of row `r` (`None` if out of range or the matrix is malformed).
+    /// The bytes of row `r`, in the matrix's layout (`None` if out of range or the matrix is
+    /// malformed).
     pub fn row(&self, r: usize) -> Option<&'a [u8]> {
         let rb = self.row_bytes().ok()?;
         self.data
@@ -164,7 +192,24 @@ impl<'a> QMatrix<'a> {
             got: self.data.len(),
             unit: "bytes",
         })?;
+        if self.layout == Layout::Grouped8 {
+            let mut plain = vec![0u8; src.len()];
+            layout::ungroup_rows(self.ty, self.cols, src, &mut plain)?;
+            return dequantize_row(self.ty, &plain, dst);
+        }
         dequantize_row(self.ty, src, dst)
+    }
+
+    /// The same matrix in ggml's layout: borrowed as is, or ungrouped into `buf`.
+    pub(crate) fn to_ggml<'b>(&'b self, buf: &'b mut Vec<u8>) -> Result<QMatrix<'b>, KernelError> {
+        match self.layout {
+            Layout::Ggml => Ok(*self),
+            Layout::Grouped8 => {
+                buf.resize(self.data.len(), 0);
+                layout::ungroup_rows(self.ty, self.cols, self.data, buf)?;
+                QMatrix::new(self.ty, self.rows, self.cols, buf)
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@
 
 use crate::blocks::*;
 use crate::dispatch::{self, Dot4Fn, DotFn};
-use crate::{row_bytes, KernelError, QMatrix};
+use crate::{row_bytes, KernelError, Layout, QMatrix};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use modu_gguf::GgmlType;
@@ -238,6 +238,12 @@ pub fn matmul_quantized(
             return r;
         }
     }
+    if w.layout != Layout::Ggml {
+        // Only the AVX2 kernel reads regrouped rows (loaders regroup only for it); any other
+        // path gets the matrix back in ggml's layout, a copy per call.
+        let mut buf = Vec::new();
+        return matmul_quantized(&w.to_ggml(&mut buf)?, a, y);
+    }
     #[cfg(target_arch = "x86_64")]
     if n_tokens >= GEMM_MIN_TOKENS && dispatch::use_avx2() {
         if let Some(r) = gemm_x86(w, a, y) {
@@ -439,13 +445,14 @@ fn q32_x86(
     a: &QuantizedActivations,
     y: &mut [f32],
 ) -> Option<Result<(), KernelError>> {
-    use crate::q32::{self, Q32Block};
+    use crate::q32::{self, GroupedQ5_0, Plain, Q32Rows};
     use GgmlType as T;
     let ActivationData::Q8_0(v) = &a.data else {
         return None;
     };
-    fn go<W: Q32Block + ByteBlock>(
+    fn go<M: Q32Rows>(
         w: &QMatrix,
+        m: M,
         v: &[BlockQ8_0],
         n_tokens: usize,
         y: &mut [f32],
@@ -458,8 +465,7 @@ fn q32_x86(
             "activation rows",
             "values",
         )?;
-        let wv = as_blocks::<W>(w.data).ok_or(KernelError::Overflow)?;
-        let (rows, nb) = (w.rows, w.cols / 32);
+        let rows = w.rows;
         if rows == 0 || n_tokens == 0 {
             return Ok(());
         }
@@ -477,16 +483,16 @@ fn q32_x86(
         let n_chunks = rows.div_ceil(chunk);
         let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows * n_tokens >= 64 * 1024;
         // SAFETY: the caller checked AVX2/FMA/F16C.
-        let prep = unsafe { q32::prepare::<W>(v) };
+        let prep = unsafe { q32::prepare::<M::W>(v) };
         let out = OutPtr(y.as_mut_ptr());
-        let (out, prep) = (&out, &prep);
+        let (out, prep, m) = (&out, &prep, &m);
         let job = |ci: usize| {
             let r0 = ci * chunk;
             let r1 = (r0 + chunk).min(rows);
-            // SAFETY: AVX2 checked; wv holds rows * nb blocks (validated), v n_tokens * nb
-            // (checked above) and prep was made from v; out points to n_tokens * rows outputs
-            // and chunks are disjoint.
-            unsafe { q32::rows(wv, nb, r0, r1, v, prep, n_tokens, out.0, rows) }
+            // SAFETY: AVX2 checked; m holds rows × nb blocks (validated by the caller), v
+            // n_tokens * nb (checked above) and prep was made from v; out points to
+            // n_tokens * rows outputs and chunks are disjoint.
+            unsafe { q32::rows(m, r0, r1, v, prep, n_tokens, out.0, rows) }
         };
         if parallel {
             crate::pool::for_each(n_chunks, job);
@@ -495,10 +501,28 @@ fn q32_x86(
         }
         Ok(())
     }
-    Some(match w.ty {
-        T::Q4_0 => go::<BlockQ4_0>(w, v, a.n_tokens, y),
-        T::Q5_0 => go::<BlockQ5_0>(w, v, a.n_tokens, y),
-        T::Q8_0 => go::<BlockQ8_0>(w, v, a.n_tokens, y),
+    fn plain<W: q32::Q32Block + ByteBlock>(
+        w: &QMatrix,
+        v: &[BlockQ8_0],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let wv = as_blocks::<W>(w.data).ok_or(KernelError::Overflow)?;
+        let nb = w.cols / 32;
+        go(w, Plain { w: wv, nb }, v, n_tokens, y)
+    }
+    let n = a.n_tokens;
+    Some(match (w.ty, w.layout) {
+        (T::Q4_0, Layout::Ggml) => plain::<BlockQ4_0>(w, v, n, y),
+        (T::Q5_0, Layout::Ggml) => plain::<BlockQ5_0>(w, v, n, y),
+        (T::Q8_0, Layout::Ggml) => plain::<BlockQ8_0>(w, v, n, y),
+        (T::Q5_0, Layout::Grouped8) => {
+            let m = GroupedQ5_0 {
+                data: w.data,
+                nb: w.cols / 32,
+            };
+            go(w, m, v, n, y)
+        }
         _ => return None,
     })
 }

@@ -167,6 +167,148 @@ impl Q32Block for BlockQ5_0 {
     }
 }
 
+/// A matrix of 32-element blocks as the kernels read it. Blocks are addressed by row `r` and
+/// position `b0 + k` in a run of `n` blocks starting at `b0` (`b0 % 8 == 0`; `n` is 8 except
+/// for a row's last run), so that a layout which stores runs field by field
+/// ([`crate::layout`]) finds a block's fields without divisions.
+pub(crate) trait Q32Rows: Sync {
+    type W: Q32Block;
+    /// Blocks per row.
+    fn nb(&self) -> usize;
+    /// Address of block `b` of row `r` in memory order (rows and runs are contiguous and a
+    /// run of `n` blocks takes `n` blocks' bytes in every layout), for prefetching.
+    fn addr(&self, r: usize, b: usize) -> *const i8;
+    /// [`Q32Block::decode`] of the block.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; `r` a row of the matrix, `b0 + k < b0 + n <= nb`, `n` the run's size.
+    unsafe fn decode(&self, r: usize, b0: usize, n: usize, k: usize) -> (__m256i, __m256i);
+    /// The block's f16 scale bits.
+    ///
+    /// # Safety
+    /// As for [`Q32Rows::decode`].
+    unsafe fn d(&self, r: usize, b0: usize, n: usize, k: usize) -> u16;
+    /// The f16 scale bits of the eight blocks of a whole run at `b0` (`b0 + 8 <= nb`).
+    ///
+    /// # Safety
+    /// As for [`Q32Rows::decode`].
+    unsafe fn scales8(&self, r: usize, b0: usize) -> __m128i;
+}
+
+/// ggml's layout: row `r` is blocks `r·nb .. (r+1)·nb` of `w`.
+pub(crate) struct Plain<'a, W> {
+    pub w: &'a [W],
+    pub nb: usize,
+}
+
+impl<W: Q32Block> Q32Rows for Plain<'_, W> {
+    type W = W;
+    #[inline(always)]
+    fn nb(&self) -> usize {
+        self.nb
+    }
+    #[inline(always)]
+    fn addr(&self, r: usize, b: usize) -> *const i8 {
+        self.w.as_ptr().wrapping_add(r * self.nb + b) as *const i8
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode(&self, r: usize, b0: usize, _n: usize, k: usize) -> (__m256i, __m256i) {
+        // SAFETY: the block is inside the matrix (caller contract).
+        self.w.get_unchecked(r * self.nb + b0 + k).decode()
+    }
+    #[inline(always)]
+    unsafe fn d(&self, r: usize, b0: usize, _n: usize, k: usize) -> u16 {
+        // SAFETY: as above.
+        u16::from_le_bytes(self.w.get_unchecked(r * self.nb + b0 + k).d())
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales8(&self, r: usize, b0: usize) -> __m128i {
+        // Packed in two general registers (cheaper than eight vector inserts).
+        let (mut d0, mut d1) = (0u64, 0u64);
+        for k in 0..ROWS {
+            let d = self.d(r, b0, ROWS, k) as u64;
+            if k < 4 {
+                d0 |= d << (16 * k);
+            } else {
+                d1 |= d << (16 * (k - 4));
+            }
+        }
+        _mm_set_epi64x(d1 as i64, d0 as i64)
+    }
+}
+
+/// Q5_0 rows in [`crate::layout::Layout::Grouped8`]: a run of `n` blocks at byte `22·b0` of
+/// its row holds `n` scales, then `n` permuted high-bit words, then `n × 16` nibble bytes.
+pub(crate) struct GroupedQ5_0<'a> {
+    pub data: &'a [u8],
+    pub nb: usize,
+}
+
+impl GroupedQ5_0<'_> {
+    #[inline(always)]
+    fn run(&self, r: usize, b0: usize) -> *const u8 {
+        self.data
+            .as_ptr()
+            .wrapping_add((r * self.nb + b0) * size_of::<BlockQ5_0>())
+    }
+}
+
+impl Q32Rows for GroupedQ5_0<'_> {
+    type W = BlockQ5_0;
+    #[inline(always)]
+    fn nb(&self) -> usize {
+        self.nb
+    }
+    #[inline(always)]
+    fn addr(&self, r: usize, b: usize) -> *const i8 {
+        self.run(r, b) as *const i8
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode(&self, r: usize, b0: usize, n: usize, k: usize) -> (__m256i, __m256i) {
+        let run = self.run(r, b0);
+        // SAFETY: the run's n high-bit words and n·16 nibble bytes are inside the matrix
+        // (caller contract); both reads are unaligned loads.
+        let u = _mm256_or_si256(
+            nibbles(&*(run.add(6 * n + 16 * k) as *const [u8; 16])),
+            grouped_high_bits(run.add(2 * n + 4 * k)),
+        );
+        (u, u)
+    }
+    #[inline(always)]
+    unsafe fn d(&self, r: usize, b0: usize, _n: usize, k: usize) -> u16 {
+        // SAFETY: scale k of the run is inside the matrix (caller contract).
+        let p = self.run(r, b0).add(2 * k);
+        u16::from_le_bytes([*p, *p.add(1)])
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales8(&self, r: usize, b0: usize) -> __m128i {
+        // SAFETY: a whole run starts with its eight scales (16 bytes); unaligned load.
+        _mm_loadu_si128(self.run(r, b0) as *const __m128i)
+    }
+}
+
+/// `0x10` in byte `j` if element `j`'s bit is set in a grouped high-bit word (bit
+/// `8·(j % 4) + j / 4`, see [`crate::layout`]): after a 32-bit broadcast byte `j` holds byte
+/// `j % 4` of the word, so one AND with `1 << (j / 4)` per byte and a compare find the bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn grouped_high_bits(qh: *const u8) -> __m256i {
+    // SAFETY: 4 readable bytes (caller); `loadu_si32` has no alignment requirement.
+    let v = _mm256_broadcastd_epi32(_mm_loadu_si32(qh));
+    let bit = _mm256_set_epi64x(
+        0x8080_8080_4040_4040u64 as i64,
+        0x2020_2020_1010_1010,
+        0x0808_0808_0404_0404,
+        0x0202_0202_0101_0101,
+    );
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
 /// Per-call preparation of the activations: per (token, block) the f32 scale and
 /// `offset · Σ y` (both `[n_tokens * nb]`).
 pub(crate) struct Prepared {
@@ -221,18 +363,17 @@ unsafe fn reduce8(p: [__m256i; ROWS]) -> __m256i {
     )
 }
 
-/// Outputs of weight rows `r0..r1` (`w` is the whole matrix, `nb` blocks per row) for all
-/// `n_tokens` activation rows; `y[t * rows + r]` receives token `t`'s result for row `r`.
+/// Outputs of weight rows `r0..r1` of `m` for all `n_tokens` activation rows;
+/// `y[t * rows + r]` receives token `t`'s result for row `r`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C. `w.len() >= r1 * nb` with `r0 < r1`;
-/// `act.len() == n_tokens * nb`; `prep` was prepared from `act` with the same `W`; `y` points to
+/// The CPU must support AVX2, FMA and F16C. `m` has at least `r1` rows, `r0 < r1`;
+/// `act.len() == n_tokens * m.nb()`; `prep` was prepared from `act` with `M::W`; `y` points to
 /// `n_tokens * rows` writable f32 with `r1 <= rows`, and no other thread accesses rows `r0..r1`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn rows<W: Q32Block>(
-    w: &[W],
-    nb: usize,
+pub(crate) unsafe fn rows<M: Q32Rows>(
+    m: &M,
     r0: usize,
     r1: usize,
     act: &[BlockQ8_0],
@@ -241,7 +382,8 @@ pub(crate) unsafe fn rows<W: Q32Block>(
     y: *mut f32,
     rows: usize,
 ) {
-    debug_assert!(r0 < r1 && w.len() >= r1 * nb && act.len() == n_tokens * nb);
+    let nb = m.nb();
+    debug_assert!(r0 < r1 && act.len() == n_tokens * nb);
     BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let buf = &mut *buf;
@@ -259,10 +401,11 @@ pub(crate) unsafe fn rows<W: Q32Block>(
                     for t in t0..t1 {
                         let k0 = t * nb;
                         for i in 0..n_rows {
-                            let row = &w[(g + i) * nb..(g + i + 1) * nb];
-                            // SAFETY: row i's nbp terms fit in buf.t (resized above).
-                            row_terms::<W>(
-                                row,
+                            // SAFETY: row g + i < r1 is in the matrix; its nbp terms fit in
+                            // buf.t (resized above).
+                            row_terms(
+                                m,
+                                g + i,
                                 &act[k0..k0 + nb],
                                 prep,
                                 k0,
@@ -294,7 +437,7 @@ pub(crate) unsafe fn rows<W: Q32Block>(
                 for a in &mut acc[..t1 - t0] {
                     *a = _mm256_setzero_ps();
                 }
-                group::<W>(w, nb, idx, act, prep, t0, t1, &mut acc, buf);
+                group(m, idx, act, prep, t0, t1, &mut acc, buf);
                 for t in t0..t1 {
                     let mut v = [0f32; ROWS];
                     _mm256_storeu_ps(v.as_mut_ptr(), acc[t - t0]);
@@ -356,9 +499,8 @@ thread_local! {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn group<W: Q32Block>(
-    w: &[W],
-    nb: usize,
+unsafe fn group<M: Q32Rows>(
+    m: &M,
     idx: [usize; ROWS],
     act: &[BlockQ8_0],
     prep: &Prepared,
@@ -368,18 +510,24 @@ unsafe fn group<W: Q32Block>(
     buf: &mut DecodeBuf,
 ) {
     let ones = _mm256_set1_epi16(1);
+    let nb = m.nb();
     // One panel: the whole row.
     let (p0, pn) = (0, nb);
     {
         // Plain loops throughout, not `array::from_fn`: a closure does not inherit
         // `target_feature`, so the SIMD helpers called from it would not be inlined.
         for i in 0..ROWS {
-            for k in 0..pn {
-                // SAFETY: idx[i] < r1 and p0 + k < nb, so the index is < w.len(); k * ROWS + i
-                // < nb * ROWS == buf.q.len() == buf.d.len().
-                let blk = w.get_unchecked(idx[i] * nb + p0 + k);
-                *buf.q.get_unchecked_mut(k * ROWS + i) = blk.decode().1;
-                *buf.d.get_unchecked_mut(k * ROWS + i) = i16::from_le_bytes(blk.d());
+            let mut b0 = 0;
+            while b0 < nb {
+                let n = (nb - b0).min(ROWS);
+                for k in 0..n {
+                    // SAFETY: row idx[i] < r1 and block b0 + k < nb are in the matrix;
+                    // (b0 + k) * ROWS + i < nb * ROWS == buf.q.len() == buf.d.len().
+                    let j = (b0 + k) * ROWS + i;
+                    *buf.q.get_unchecked_mut(j) = m.decode(idx[i], b0, n, k).1;
+                    *buf.d.get_unchecked_mut(j) = m.d(idx[i], b0, n, k) as i16;
+                }
+                b0 += n;
             }
         }
         // The next eight rows (contiguous) are prefetched into L2 while this group computes,
@@ -387,9 +535,8 @@ unsafe fn group<W: Q32Block>(
         // hardware prefetcher only runs ahead of demand loads, and there are none in this
         // loop). A prefetch never faults, so addresses past the matrix are harmless, and
         // `wrapping_add` keeps the pointer arithmetic defined.
-        let next =
-            (w.as_ptr() as *const i8).wrapping_add((idx[ROWS - 1] + 1) * nb * size_of::<W>());
-        let per_block = ROWS * size_of::<W>();
+        let next = m.addr(idx[ROWS - 1] + 1, 0);
+        let per_block = ROWS * size_of::<M::W>();
         for k in 0..pn {
             let b = p0 + k;
             let mut off = k * per_block;
@@ -408,7 +555,7 @@ unsafe fn group<W: Q32Block>(
             let v = transpose8(&raw);
             // Q8_0: |q| for the unsigned operand, the sign goes onto the activations.
             let mut av = v;
-            if W::OFFSET == 0 {
+            if M::W::OFFSET == 0 {
                 for j in 0..ROWS {
                     av[j] = _mm256_sign_epi8(v[j], v[j]);
                 }
@@ -423,22 +570,22 @@ unsafe fn group<W: Q32Block>(
                 let mut s16 = _mm256_setzero_si256();
                 for j in 0..ROWS {
                     let yj = _mm256_set1_epi32(std::ptr::read_unaligned(yp.add(j)));
-                    let m = if W::OFFSET == 0 {
+                    let p = if M::W::OFFSET == 0 {
                         _mm256_maddubs_epi16(av[j], _mm256_sign_epi8(yj, v[j]))
                     } else {
                         _mm256_maddubs_epi16(v[j], yj)
                     };
-                    if W::I16_TERMS == 1 {
-                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(m, ones));
+                    if M::W::I16_TERMS == 1 {
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
                     } else {
-                        s16 = _mm256_add_epi16(s16, m);
-                        if (j + 1) % W::I16_TERMS == 0 {
+                        s16 = _mm256_add_epi16(s16, p);
+                        if (j + 1) % M::W::I16_TERMS == 0 {
                             s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s16, ones));
                             s16 = _mm256_setzero_si256();
                         }
                     }
                 }
-                finish::<W>(s32, dw, prep, kk, acc.get_unchecked_mut(t - t0));
+                finish::<M::W>(s32, dw, prep, kk, acc.get_unchecked_mut(t - t0));
             }
         }
     }
@@ -477,72 +624,65 @@ unsafe fn finish<W: Q32Block>(
 /// terms at once instead, one vector addition per block.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C. `row.len() == y.len()`, `prep` holds the token's
-/// values at `k0..k0 + row.len()`, and `out` points to `row.len()` rounded up to 8 writable f32.
+/// The CPU must support AVX2, FMA and F16C. `r` is a row of `m`, `y.len() == m.nb()`, `prep`
+/// holds the token's values at `k0..k0 + m.nb()`, and `out` points to `m.nb()` rounded up to 8
+/// writable f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_terms<W: Q32Block>(
-    row: &[W],
+unsafe fn row_terms<M: Q32Rows>(
+    m: &M,
+    r: usize,
     y: &[BlockQ8_0],
     prep: &Prepared,
     k0: usize,
     out: *mut f32,
 ) {
-    let nb = row.len();
+    let nb = m.nb();
     let mut b = 0;
     while b + ROWS <= nb {
         // The weight stream is prefetched [`PREFETCH_AHEAD`] bytes ahead (past this row's end
         // into the next rows, which are contiguous). A prefetch never faults, so addresses past
         // the matrix are harmless, and `wrapping_add` keeps the pointer arithmetic defined.
-        let ahead = (row.as_ptr().add(b) as *const i8).wrapping_add(PREFETCH_AHEAD);
+        let ahead = m.addr(r, b).wrapping_add(PREFETCH_AHEAD);
         let mut off = 0;
-        while off < ROWS * size_of::<W>() {
+        while off < ROWS * size_of::<M::W>() {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off));
             off += 64;
         }
         let mut p = [_mm256_setzero_si256(); ROWS];
-        // The eight f16 scales are packed in two general registers (not vector inserts).
-        let (mut d0, mut d1) = (0u64, 0u64);
         for k in 0..ROWS {
-            // SAFETY: b + k < nb == row.len() == y.len(); qs is 32 bytes, loadu unaligned.
-            let blk = row.get_unchecked(b + k);
+            // SAFETY: b + k < nb == y.len(), a whole run of the row; qs is 32 bytes, loadu
+            // unaligned.
             let yv = _mm256_loadu_si256(y.get_unchecked(b + k).qs.as_ptr() as *const __m256i);
-            p[k] = W::lanes(blk.decode(), yv);
-            let d = u16::from_le_bytes(blk.d()) as u64;
-            if k < 4 {
-                d0 |= d << (16 * k);
-            } else {
-                d1 |= d << (16 * (k - 4));
-            }
+            p[k] = M::W::lanes(m.decode(r, b, ROWS, k), yv);
         }
         let mut s = reduce8(p);
         // SAFETY: k0 + b + 8 <= k0 + nb: inside prep's arrays (ysum only for offset types).
-        if W::OFFSET != 0 {
+        if M::W::OFFSET != 0 {
             s = _mm256_sub_epi32(
                 s,
                 _mm256_loadu_si256(prep.ysum.as_ptr().add(k0 + b) as *const __m256i),
             );
         }
-        let dw = _mm256_cvtph_ps(_mm_set_epi64x(d1 as i64, d0 as i64));
+        let dw = _mm256_cvtph_ps(m.scales8(r, b));
         let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(prep.da.as_ptr().add(k0 + b)));
         _mm256_storeu_ps(out.add(b), _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale));
         b += ROWS;
     }
     let n = nb - b;
     if n > 0 {
-        // The last `n < 8` blocks through the same reduction, the unused lanes zero.
+        // The last run of `n < 8` blocks through the same reduction, the unused lanes zero.
         let mut p = [_mm256_setzero_si256(); ROWS];
-        let mut dh = [0i16; ROWS];
+        let mut dh = [0u16; ROWS];
         let mut da = [0f32; ROWS];
         let mut ys = [0i32; ROWS];
         for k in 0..n {
-            // SAFETY: b + k < nb == row.len() == y.len(), and k0 + b + k inside prep's arrays.
-            let blk = row.get_unchecked(b + k);
+            // SAFETY: b + k < nb == y.len(), and k0 + b + k inside prep's arrays.
             let yv = _mm256_loadu_si256(y.get_unchecked(b + k).qs.as_ptr() as *const __m256i);
-            p[k] = W::lanes(blk.decode(), yv);
-            dh[k] = i16::from_le_bytes(blk.d());
+            p[k] = M::W::lanes(m.decode(r, b, n, k), yv);
+            dh[k] = m.d(r, b, n, k);
             da[k] = *prep.da.get_unchecked(k0 + b + k);
-            if W::OFFSET != 0 {
+            if M::W::OFFSET != 0 {
                 ys[k] = *prep.ysum.get_unchecked(k0 + b + k);
             }
         }

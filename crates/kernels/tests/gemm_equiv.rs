@@ -1,7 +1,7 @@
 //! The batched (tiled GEMM) path of `matmul` must give, bit for bit, what the single-token
 //! dot kernels give for each (row, token) pair, so that prefill and decode agree. Also checks
 //! both against the scalar reference: bit for bit for the 32-element block types, within a
-//! float tolerance for the K-quants.
+//! float tolerance for the K-quants, and Q5_0 in its regrouped layout against ggml's.
 
 use modu_kernels::testutil::{random_row, Rng};
 use modu_kernels::*;
@@ -82,6 +82,22 @@ fn batched_matmul_is_bit_identical_to_single_token_dots() {
                         "{} {rows}x{cols} n_tokens={n_tokens} idx {i}: {g} vs {e}",
                         ty.name()
                     );
+                }
+                if ty == GgmlType::Q5_0 {
+                    // The regrouped layout (load-time, for the AVX2 kernel) gives the same bits.
+                    let mut grouped = data.clone();
+                    layout::group_rows(ty, cols, &mut grouped).unwrap();
+                    let wg =
+                        QMatrix::with_layout(ty, rows, cols, &grouped, Layout::Grouped8).unwrap();
+                    let mut g = vec![f32::NAN; n_tokens * rows];
+                    matmul_quantized(&wg, &qa, &mut g).unwrap();
+                    for (i, (g, e)) in g.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            e.to_bits(),
+                            "grouped {rows}x{cols} n_tokens={n_tokens} idx {i}: {g} vs {e}"
+                        );
+                    }
                 }
                 let mut via_matmul = vec![f32::NAN; n_tokens * rows];
                 matmul(&w, &x, n_tokens, &mut via_matmul).unwrap();

@@ -154,6 +154,7 @@ fn matmul_rejects_bad_shapes() {
         rows: 2,
         cols: 32,
         data: &data,
+        layout: Layout::Ggml,
     };
     let x = vec![0f32; 32];
     let mut y = vec![0f32; 2];
@@ -178,6 +179,7 @@ fn matmul_rejects_bad_shapes() {
         rows: 2,
         cols: 32,
         data: &data[..60],
+        layout: Layout::Ggml,
     };
     assert!(matches!(
         matmul(&short, &x, 1, &mut y),
@@ -189,6 +191,7 @@ fn matmul_rejects_bad_shapes() {
         rows: 2,
         cols: 33,
         data: &data,
+        layout: Layout::Ggml,
     };
     assert!(matches!(
         matmul(&odd, &[0f32; 33], 1, &mut y),
@@ -200,6 +203,7 @@ fn matmul_rejects_bad_shapes() {
         rows: 1,
         cols: 2,
         data: &data[..8],
+        layout: Layout::Ggml,
     };
     assert!(matches!(
         matmul(&i32m, &[0f32; 2], 1, &mut [0f32]),
@@ -212,6 +216,7 @@ fn matmul_rejects_bad_shapes() {
         rows: usize::MAX,
         cols: usize::MAX,
         data: &data,
+        layout: Layout::Ggml,
     };
     assert!(matmul(&huge, &x, 1, &mut y).is_err());
     assert!(matmul(&w, &x, usize::MAX, &mut y).is_err());
