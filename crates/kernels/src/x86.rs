@@ -483,7 +483,31 @@ pub unsafe fn vec_dot_q5_k_q8_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     hsum_ps(acc) - mins
 }
 
+/// `vpshufb` masks for [`dot_n_q6_k`]: for group `g` of a half, i16 scale `2g` of a lane of
+/// eight in every i16 of the low 128-bit lane (bytes `4g, 4g+1`), scale `2g + 1` in the high
+/// lane (bytes `4g+2, 4g+3`).
+const Q6K_SCALE_PICK: [[u8; 32]; 4] = {
+    let mut m = [[0u8; 32]; 4];
+    let mut g = 0;
+    while g < 4 {
+        let mut j = 0;
+        while j < 16 {
+            m[g][j] = (4 * g + j % 2) as u8;
+            m[g][16 + j] = (4 * g + 2 + j % 2) as u8;
+            j += 1;
+        }
+        g += 1;
+    }
+    m
+};
+
 /// Q6_K row against `N` Q8_K rows, weights decoded once (per-row results independent of `N`).
+///
+/// A block's integer sum is exact whatever the lane arrangement, so the scales are applied in
+/// i16 `madd`s against per-group scale vectors, each made by one in-lane byte shuffle of the
+/// block's sign-extended scales (not by scalar loads and broadcasts: that was half the
+/// instructions of the loop), and the `+32` offset term joins the sum before its single
+/// horizontal addition.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_n_q6_k<const N: usize>(x: &[BlockQ6K], y: [&[BlockQ8K]; N]) -> [f32; N] {
@@ -491,10 +515,18 @@ unsafe fn dot_n_q6_k<const N: usize>(x: &[BlockQ6K], y: [&[BlockQ8K]; N]) -> [f3
     let mut acc = [_mm256_setzero_ps(); N];
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(0x03);
+    // SAFETY: each mask is 32 bytes; loadu has no alignment requirement.
+    let picks: [__m256i; 4] =
+        std::array::from_fn(|g| _mm256_loadu_si256(Q6K_SCALE_PICK[g].as_ptr() as *const __m256i));
     for (i, a) in x[..n].iter().enumerate() {
         let dw = h2f(a.d);
         // SAFETY: scales is 16 bytes; the load covers exactly those.
         let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(a.scales.as_ptr() as *const __m128i));
+        // Scales 0..8 (first half's groups) and 8..16 (second half's) in both lanes.
+        let halves = [
+            _mm256_permute2x128_si256(sc16, sc16, 0x00),
+            _mm256_permute2x128_si256(sc16, sc16, 0x11),
+        ];
         let mut sumi = [_mm256_setzero_si256(); N];
         for h in 0..2 {
             let ql0 = load32(&a.ql, h * 64);
@@ -517,15 +549,13 @@ unsafe fn dot_n_q6_k<const N: usize>(x: &[BlockQ6K], y: [&[BlockQ8K]; N]) -> [f3
                 _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
                 _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
             );
-            for (g, q) in [g0, g1, g2, g3].into_iter().enumerate() {
-                // Scales of the two groups of 16 in this group of 32, one per 128-bit lane.
-                let s0 = a.scales[h * 8 + 2 * g] as i16;
-                let s1 = a.scales[h * 8 + 2 * g + 1] as i16;
-                let sv = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+            let qs = [g0, g1, g2, g3];
+            for g in 0..4 {
+                let sv = _mm256_shuffle_epi8(halves[h], picks[g]);
                 for t in 0..N {
                     // SAFETY: i < n <= y[t].len().
                     let b = y[t].get_unchecked(i);
-                    let p = _mm256_maddubs_epi16(q, load32(&b.qs, h * 128 + g * 32));
+                    let p = _mm256_maddubs_epi16(qs[g], load32(&b.qs, h * 128 + g * 32));
                     sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sv));
                 }
             }
@@ -536,8 +566,8 @@ unsafe fn dot_n_q6_k<const N: usize>(x: &[BlockQ6K], y: [&[BlockQ8K]; N]) -> [f3
             // Remove the +32 offset of the stored values: Σ sc_g * 32 * bsum_g.
             // SAFETY: bsums is 32 bytes; the load covers exactly those.
             let bs = _mm256_loadu_si256(b.bsums.as_ptr() as *const __m256i);
-            let offs = hsum_epi32(_mm256_madd_epi16(sc16, bs)) * 32;
-            let isum = hsum_epi32(sumi[t]) - offs;
+            let offs = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+            let isum = hsum_epi32(_mm256_sub_epi32(sumi[t], offs));
             acc[t] = _mm256_fmadd_ps(
                 _mm256_set1_ps(b.d * dw),
                 _mm256_set1_ps(isum as f32),
