@@ -188,7 +188,7 @@ mod tests {
         ));
         let mut v = vec![0u8; 23];
         assert!(group_rows(GgmlType::Q5_0, 32, &mut v).is_err());
-        assert!(group_rows(GgmlType::Q5_0, 48, &mut vec![0u8; 22]).is_err());
+        assert!(group_rows(GgmlType::Q5_0, 48, &mut [0u8; 22]).is_err());
         assert!(ungroup_rows(GgmlType::Q5_0, 32, &[0u8; 22], &mut [0u8; 21]).is_err());
     }
 }

@@ -201,7 +201,7 @@ impl<'a> QMatrix<'a> {
     }
 
     /// The same matrix in ggml's layout: borrowed as is, or ungrouped into `buf`.
-    pub(crate) fn to_ggml<'b>(&'b self, buf: &'b mut Vec<u8>) -> Result<QMatrix<'b>, KernelError> {
+    pub(crate) fn as_ggml<'b>(&'b self, buf: &'b mut Vec<u8>) -> Result<QMatrix<'b>, KernelError> {
         match self.layout {
             Layout::Ggml => Ok(*self),
             Layout::Grouped8 => {

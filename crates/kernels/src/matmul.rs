@@ -242,7 +242,7 @@ pub fn matmul_quantized(
         // Only the AVX2 kernel reads regrouped rows (loaders regroup only for it); any other
         // path gets the matrix back in ggml's layout, a copy per call.
         let mut buf = Vec::new();
-        return matmul_quantized(&w.to_ggml(&mut buf)?, a, y);
+        return matmul_quantized(&w.as_ggml(&mut buf)?, a, y);
     }
     #[cfg(target_arch = "x86_64")]
     if n_tokens >= GEMM_MIN_TOKENS && dispatch::use_avx2() {

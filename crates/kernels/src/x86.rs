@@ -528,7 +528,7 @@ unsafe fn dot_n_q6_k<const N: usize>(x: &[BlockQ6K], y: [&[BlockQ8K]; N]) -> [f3
             _mm256_permute2x128_si256(sc16, sc16, 0x11),
         ];
         let mut sumi = [_mm256_setzero_si256(); N];
-        for h in 0..2 {
+        for (h, &half) in halves.iter().enumerate() {
             let ql0 = load32(&a.ql, h * 64);
             let ql1 = load32(&a.ql, h * 64 + 32);
             let qh = load32(&a.qh, h * 32);
@@ -551,7 +551,7 @@ unsafe fn dot_n_q6_k<const N: usize>(x: &[BlockQ6K], y: [&[BlockQ8K]; N]) -> [f3
             );
             let qs = [g0, g1, g2, g3];
             for g in 0..4 {
-                let sv = _mm256_shuffle_epi8(halves[h], picks[g]);
+                let sv = _mm256_shuffle_epi8(half, picks[g]);
                 for t in 0..N {
                     // SAFETY: i < n <= y[t].len().
                     let b = y[t].get_unchecked(i);
