@@ -447,24 +447,28 @@ pub fn attention(
     let hd = s.head_dim;
     let q_dim = s.n_head * hd;
     debug_assert_eq!(out.len(), n_tokens * q_dim);
+    // A task is one position and a group of query heads that share a KV head (their keys and
+    // values are converted once for the group), or a single head when there are too few
+    // groups to keep every thread busy (decoding a few sequences). Same bits either way.
+    let n_rep = (s.n_head / s.n_head_kv.max(1)).max(1);
+    let threads = rayon::current_num_threads();
+    let heads = if n_tokens * s.n_head_kv >= 2 * threads {
+        n_rep
+    } else {
+        1
+    };
     let job = |i: usize, oh: &mut [f32]| {
-        let (t, h) = (i / s.n_head, i % s.n_head);
-        attend_one(
-            &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd],
-            kv,
-            pos0 + t,
-            h / (s.n_head / s.n_head_kv),
-            s,
-            oh,
-        );
+        let (t, h) = (i / (s.n_head / heads), (i % (s.n_head / heads)) * heads);
+        let q0 = t * q_dim + h * hd;
+        attend_heads(&q[q0..q0 + heads * hd], kv, pos0 + t, h / n_rep, s, oh);
     };
     let work = n_tokens * s.n_head * (pos0 + n_tokens) * hd;
-    if work < 1 << 16 || rayon::current_num_threads() == 1 {
-        out.chunks_exact_mut(hd)
+    if work < 1 << 16 || threads == 1 {
+        out.chunks_exact_mut(heads * hd)
             .enumerate()
             .for_each(|(i, oh)| job(i, oh));
     } else {
-        modu_kernels::pool::for_each_chunk_mut(out, hd, job);
+        modu_kernels::pool::for_each_chunk_mut(out, heads * hd, job);
     }
 }
 
@@ -547,34 +551,56 @@ pub fn plan_batch(
     Ok(segs)
 }
 
-/// One query head at position `pos` against KV head `kvh`.
-fn attend_one(qh: &[f32], kv: &LayerKv<'_>, pos: usize, kvh: usize, s: AttnShape, out: &mut [f32]) {
+/// Query heads `qs` (consecutive rows of `head_dim`, all of KV head `kvh`) at position `pos`,
+/// into `out` (the same shape). Per head, llama.cpp's CPU flash attention: online softmax over
+/// the keys in order, the weighted sum of values kept in f16.
+fn attend_heads(
+    qs: &[f32],
+    kv: &LayerKv<'_>,
+    pos: usize,
+    kvh: usize,
+    s: AttnShape,
+    out: &mut [f32],
+) {
     use half::f16;
+    let hd = s.head_dim;
+    let n = qs.len() / hd;
     let start = match s.window {
         Some(w) if pos + 1 > w => pos + 1 - w,
         _ => 0,
     };
-    let mut q16 = vec![f16::ZERO; qh.len()];
-    half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut q16[..], qh);
-    let mut acc = vec![f16::ZERO; qh.len()];
-    let mut max = f32::NEG_INFINITY;
-    let mut sum = 0f32;
+    // The queries rounded to f16 (the cache's type), held widened to f32.
+    let q: Vec<f32> = qs.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let mut acc = vec![f16::ZERO; n * hd];
+    let mut max = vec![f32::NEG_INFINITY; n];
+    let mut sum = vec![0f32; n];
+    let mut scores = vec![0f32; n];
+    let mut weights = vec![0f32; n];
     for kp in start..=pos {
-        let score = modu_kernels::vec_dot_f16(kv.key_f16(kp, kvh), &q16) * s.scale;
-        let (ms, vs) = if score > max {
-            let ms = (max - score).exp();
-            max = score;
-            modu_kernels::scale_f16(&mut acc, ms);
-            (ms, 1.0)
-        } else {
-            (1.0, (score - max).exp())
-        };
-        modu_kernels::mad_f16(&mut acc, kv.value_f16(kp, kvh), vs);
-        sum = sum * ms + vs;
+        modu_kernels::vec_dot_f16_rows(kv.key_f16(kp, kvh), &q, &mut scores);
+        for h in 0..n {
+            let score = scores[h] * s.scale;
+            let (ms, vs) = if score > max[h] {
+                let ms = (max[h] - score).exp();
+                max[h] = score;
+                modu_kernels::scale_f16(&mut acc[h * hd..(h + 1) * hd], ms);
+                (ms, 1.0)
+            } else {
+                (1.0, (score - max[h]).exp())
+            };
+            weights[h] = vs;
+            sum[h] = sum[h] * ms + vs;
+        }
+        modu_kernels::mad_f16_rows(&mut acc, kv.value_f16(kp, kvh), &weights);
     }
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = a.to_f32() * inv;
+    for h in 0..n {
+        let inv = if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] };
+        for (o, a) in out[h * hd..(h + 1) * hd]
+            .iter_mut()
+            .zip(&acc[h * hd..(h + 1) * hd])
+        {
+            *o = a.to_f32() * inv;
+        }
     }
 }
 

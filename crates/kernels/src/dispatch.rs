@@ -256,6 +256,46 @@ pub fn mad_f16(acc: &mut [f16], v: &[f16], w: f32) {
     scalar::mad_f16(acc, v, w)
 }
 
+/// `out[h] = vec_dot_f16(k, q_h)` for the rows `q_h = q[h·d..(h+1)·d]`, `d = k.len()`, of
+/// f16 values given widened to f32 (exactly representable, so the result is that of the f16
+/// rows), one row per element of `out`: the query heads that share a KV head against one key.
+pub fn vec_dot_f16_rows(k: &[f16], q: &[f32], out: &mut [f32]) {
+    let d = k.len();
+    assert!(
+        q.len() >= out.len() * d,
+        "q holds fewer than out.len() rows"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C; the length is checked.
+        return unsafe { crate::x86::vec_dot_f16_rows(k, q, out) };
+    }
+    let mut q16 = vec![f16::ZERO; d];
+    for (h, o) in out.iter_mut().enumerate() {
+        for (a, &b) in q16.iter_mut().zip(&q[h * d..(h + 1) * d]) {
+            *a = f16::from_f32(b);
+        }
+        *o = vec_dot_f16(k, &q16);
+    }
+}
+
+/// [`mad_f16`] of `v` into each row `acc[h·d..(h+1)·d]` (`d = v.len()`) with weight `w[h]`.
+pub fn mad_f16_rows(acc: &mut [f16], v: &[f16], w: &[f32]) {
+    let d = v.len();
+    assert!(
+        acc.len() >= w.len() * d,
+        "acc holds fewer than w.len() rows"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C; the length is checked.
+        return unsafe { crate::x86::mad_f16_rows(acc, v, w) };
+    }
+    for (h, &wh) in w.iter().enumerate() {
+        scalar::mad_f16(&mut acc[h * d..(h + 1) * d], v, wh);
+    }
+}
+
 /// `acc[i] = f16(acc[i]·s)` (see [`scalar::scale_f16`]).
 pub fn scale_f16(acc: &mut [f16], s: f32) {
     #[cfg(target_arch = "x86_64")]

@@ -1292,6 +1292,125 @@ pub unsafe fn mad_f16(acc: &mut [f16], v: &[f16], w: f32) {
     crate::scalar::mad_f16(&mut acc[i..n], &v[i..n], w);
 }
 
+/// Eight f16 at `p` (unaligned) widened to f32.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; 16 bytes at `p` are readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_f16x8(p: *const u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// [`vec_dot_f16`] of `k` against each of the `out.len()` rows of `q` (`k.len()` values each),
+/// where `q` holds f16 values widened to f32: the same operations in the same order per row, so
+/// the same bits, with `k` converted once per pair of rows instead of once per row and `q` not
+/// at all (attention of the query heads that share a KV head).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `q.len() >= out.len() * k.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn vec_dot_f16_rows(k: &[f16], q: &[f32], out: &mut [f32]) {
+    let d = k.len();
+    let rows = out.len();
+    debug_assert!(q.len() >= rows * d);
+    let kp = k.as_ptr() as *const u16;
+    let mut h = 0;
+    while h < rows {
+        // Rows h and h + 1 (a lone last row is computed twice, stored once).
+        let qa = q.as_ptr().add(h * d);
+        let qb = if h + 1 < rows { qa.add(d) } else { qa };
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut b = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY (all loads below): i + width <= d values exist in k and in both q rows;
+        // unaligned loads.
+        while i + 32 <= d {
+            for j in 0..4 {
+                let kv = load_f16x8(kp.add(i + 8 * j));
+                a[j] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qa.add(i + 8 * j)), a[j]);
+                b[j] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qb.add(i + 8 * j)), b[j]);
+            }
+            i += 32;
+        }
+        while i + 8 <= d {
+            let kv = load_f16x8(kp.add(i));
+            a[0] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qa.add(i)), a[0]);
+            b[0] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qb.add(i)), b[0]);
+            i += 8;
+        }
+        let mut sa = hsum_ps(_mm256_add_ps(
+            _mm256_add_ps(a[0], a[1]),
+            _mm256_add_ps(a[2], a[3]),
+        ));
+        let mut sb = hsum_ps(_mm256_add_ps(
+            _mm256_add_ps(b[0], b[1]),
+            _mm256_add_ps(b[2], b[3]),
+        ));
+        while i < d {
+            let kf = k[i].to_f32();
+            sa += kf * *qa.add(i);
+            sb += kf * *qb.add(i);
+            i += 1;
+        }
+        out[h] = sa;
+        if h + 1 < rows {
+            out[h + 1] = sb;
+        }
+        h += 2;
+    }
+}
+
+/// [`mad_f16`] for each of the `w.len()` rows of `acc` (`v.len()` values each) with its own
+/// weight: the same bits, with `v` converted once for all rows.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `acc.len() >= w.len() * v.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn mad_f16_rows(acc: &mut [f16], v: &[f16], w: &[f32]) {
+    let d = v.len();
+    debug_assert!(acc.len() >= w.len() * d);
+    let ap = acc.as_mut_ptr() as *mut u16;
+    let vp = v.as_ptr() as *const u16;
+    let mut i = 0;
+    // 32 values of v per pass over the rows (four vectors kept converted), then 8.
+    while i + 32 <= d {
+        // SAFETY: i + 32 <= d values exist in v and in every row of acc; unaligned 16-byte
+        // loads/stores.
+        let x = [
+            load_f16x8(vp.add(i)),
+            load_f16x8(vp.add(i + 8)),
+            load_f16x8(vp.add(i + 16)),
+            load_f16x8(vp.add(i + 24)),
+        ];
+        for (h, &wh) in w.iter().enumerate() {
+            let wv = _mm256_set1_ps(wh);
+            let p = ap.add(h * d + i);
+            for (j, &xj) in x.iter().enumerate() {
+                let a = load_f16x8(p.add(8 * j));
+                let r = _mm256_fmadd_ps(xj, wv, a);
+                _mm_storeu_si128(p.add(8 * j) as *mut __m128i, _mm256_cvtps_ph::<0>(r));
+            }
+        }
+        i += 32;
+    }
+    while i + 8 <= d {
+        // SAFETY: as above, for 8 values.
+        let x = load_f16x8(vp.add(i));
+        for (h, &wh) in w.iter().enumerate() {
+            let p = ap.add(h * d + i);
+            let r = _mm256_fmadd_ps(x, _mm256_set1_ps(wh), load_f16x8(p));
+            _mm_storeu_si128(p as *mut __m128i, _mm256_cvtps_ph::<0>(r));
+        }
+        i += 8;
+    }
+    if i < d {
+        for (h, &wh) in w.iter().enumerate() {
+            crate::scalar::mad_f16(&mut acc[h * d + i..(h + 1) * d], &v[i..], wh);
+        }
+    }
+}
+
 /// AVX2/F16C version of [`crate::scalar::scale_f16`].
 ///
 /// # Safety
@@ -1343,6 +1462,55 @@ mod tests_f16ops {
             // SAFETY: as above.
             unsafe { scale_f16(&mut a2, 0.37) };
             assert_eq!(a1, a2, "scale_f16 n={n}");
+        }
+    }
+
+    #[test]
+    fn row_batched_f16_ops_give_the_bits_of_the_single_row_ones() {
+        if !available() {
+            return;
+        }
+        let mut seed = 777u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
+        };
+        for d in [1usize, 7, 8, 31, 32, 40, 64, 100, 256] {
+            for rows in 1..=5 {
+                let k: Vec<f16> = (0..d).map(|_| f16::from_f32(rnd())).collect();
+                let q16: Vec<f16> = (0..rows * d).map(|_| f16::from_f32(rnd())).collect();
+                let q: Vec<f32> = q16.iter().map(|v| v.to_f32()).collect();
+                let mut got = vec![f32::NAN; rows];
+                // SAFETY: available() checked above; q holds rows × d values.
+                unsafe { vec_dot_f16_rows(&k, &q, &mut got) };
+                for h in 0..rows {
+                    let kb: Vec<u8> = k.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    // SAFETY: as above.
+                    let want = unsafe { vec_dot_f16(&kb, &q16[h * d..(h + 1) * d]) };
+                    assert_eq!(
+                        got[h].to_bits(),
+                        want.to_bits(),
+                        "dot d={d} rows={rows} h={h}"
+                    );
+                }
+                let w: Vec<f32> = (0..rows).map(|_| rnd()).collect();
+                let a0: Vec<f16> = (0..rows * d).map(|_| f16::from_f32(rnd())).collect();
+                let mut a1 = a0.clone();
+                // SAFETY: as above; acc holds rows × d values.
+                unsafe { mad_f16_rows(&mut a1, &k, &w) };
+                for h in 0..rows {
+                    let mut a2 = a0[h * d..(h + 1) * d].to_vec();
+                    // SAFETY: as above.
+                    unsafe { mad_f16(&mut a2, &k, w[h]) };
+                    assert_eq!(
+                        a1[h * d..(h + 1) * d],
+                        a2[..],
+                        "mad d={d} rows={rows} h={h}"
+                    );
+                }
+            }
         }
     }
 }
