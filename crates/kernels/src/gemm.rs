@@ -15,7 +15,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::blocks::*;
-use crate::x86::{h2f, hsum_epi32, hsum_ps, k4_scales_mins};
+use crate::x86::{h2f, hsum_epi32, hsum_ps, k4_scales_mins, Q6K_SCALE_PICK};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -32,6 +32,14 @@ pub(crate) struct DecK {
     q: [[u8; 32]; 8],
     sv: [[i16; 16]; 8],
     aux: [i16; 16],
+}
+
+impl DecK {
+    const ZERO: DecK = DecK {
+        q: [[0; 32]; 8],
+        sv: [[0; 16]; 8],
+        aux: [0; 16],
+    };
 }
 
 thread_local! {
@@ -119,19 +127,26 @@ pub(crate) unsafe fn gemm_rows_q6k(
     BUFK.with(|buf| {
         let mut buf = buf.borrow_mut();
         let (wd, dw, _) = &mut *buf;
-        wd.clear();
-        dw.clear();
-        wd.reserve(nr * nb);
-        dw.reserve(nr * nb);
+        // Every element is overwritten below; the buffers only grow (zeroed once).
+        wd.resize(wd.len().max(nr * nb), DecK::ZERO);
+        dw.resize(dw.len().max(nr * nb), 0.0);
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(0x03);
-        for a in &w[r0 * nb..r1 * nb] {
-            let mut e = DecK {
-                q: [[0; 32]; 8],
-                sv: [[0; 16]; 8],
-                aux: [0; 16],
-            };
-            for h in 0..2 {
+        // SAFETY: each mask is 32 bytes; loadu has no alignment requirement.
+        let picks: [__m256i; 4] = std::array::from_fn(|g| {
+            _mm256_loadu_si256(Q6K_SCALE_PICK[g].as_ptr() as *const __m256i)
+        });
+        for (j, a) in w[r0 * nb..r1 * nb].iter().enumerate() {
+            let e = &mut wd[j];
+            // SAFETY: scales is 16 bytes; the load covers exactly those.
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(a.scales.as_ptr() as *const __m128i));
+            // Scales 0..8 (first half's groups) and 8..16 (second half's) in both lanes; a
+            // group's vector (scale 2g in the low lane, 2g + 1 in the high one) is one shuffle.
+            let halves = [
+                _mm256_permute2x128_si256(sc16, sc16, 0x00),
+                _mm256_permute2x128_si256(sc16, sc16, 0x11),
+            ];
+            for (h, &half) in halves.iter().enumerate() {
                 // SAFETY: ql is 128 bytes, qh 64: every load stays inside its array.
                 let ql0 = _mm256_loadu_si256(a.ql.as_ptr().add(h * 64) as *const __m256i);
                 let ql1 = _mm256_loadu_si256(a.ql.as_ptr().add(h * 64 + 32) as *const __m256i);
@@ -153,21 +168,17 @@ pub(crate) unsafe fn gemm_rows_q6k(
                     _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
                 );
                 for (g, q) in [g0, g1, g2, g3].into_iter().enumerate() {
-                    // SAFETY: q[h*4+g] is a 32-byte aligned array of the aligned struct.
+                    // SAFETY: q[..] and sv[..] are 32-byte aligned arrays of the aligned struct.
                     _mm256_store_si256(e.q[h * 4 + g].as_mut_ptr() as *mut __m256i, q);
-                    let s0 = a.scales[h * 8 + 2 * g] as i16;
-                    let s1 = a.scales[h * 8 + 2 * g + 1] as i16;
-                    for k in 0..8 {
-                        e.sv[h * 4 + g][k] = s0;
-                        e.sv[h * 4 + g][k + 8] = s1;
-                    }
+                    _mm256_store_si256(
+                        e.sv[h * 4 + g].as_mut_ptr() as *mut __m256i,
+                        _mm256_shuffle_epi8(half, picks[g]),
+                    );
                 }
             }
-            for k in 0..16 {
-                e.aux[k] = a.scales[k] as i16;
-            }
-            wd.push(e);
-            dw.push(h2f(a.d));
+            // SAFETY: aux is 32 bytes at a 32-byte aligned offset of the aligned struct.
+            _mm256_store_si256(e.aux.as_mut_ptr() as *mut __m256i, sc16);
+            dw[j] = h2f(a.d);
         }
         let mut t0 = 0;
         while t0 < n_tokens {
@@ -298,37 +309,39 @@ pub(crate) unsafe fn gemm_rows_q4k(
     BUFK.with(|buf| {
         let mut buf = buf.borrow_mut();
         let (wd, dw, dmw) = &mut *buf;
-        wd.clear();
-        dw.clear();
-        dmw.clear();
-        wd.reserve(nr * nb);
-        dw.reserve(nr * nb);
-        dmw.reserve(nr * nb);
+        // Every element is overwritten below; the buffers only grow (zeroed once).
+        wd.resize(wd.len().max(nr * nb), DecK::ZERO);
+        dw.resize(dw.len().max(nr * nb), 0.0);
+        dmw.resize(dmw.len().max(nr * nb), 0.0);
         let m4 = _mm256_set1_epi8(0x0F);
-        for a in &w[r0 * nb..r1 * nb] {
-            let mut e = DecK {
-                q: [[0; 32]; 8],
-                sv: [[0; 16]; 8],
-                aux: [0; 16],
-            };
+        for (j, a) in w[r0 * nb..r1 * nb].iter().enumerate() {
+            let e = &mut wd[j];
             let (sc, m) = k4_scales_mins(&a.scales);
             for c in 0..4 {
                 // SAFETY: qs is 128 bytes; the load covers bytes c*32..c*32+32.
                 let q4 = _mm256_loadu_si256(a.qs.as_ptr().add(c * 32) as *const __m256i);
                 let lo = _mm256_and_si256(q4, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-                // SAFETY: q[2c] and q[2c+1] are 32-byte aligned arrays of the aligned struct.
+                // SAFETY: q[..] and sv[..] are 32-byte aligned arrays of the aligned struct.
                 _mm256_store_si256(e.q[2 * c].as_mut_ptr() as *mut __m256i, lo);
                 _mm256_store_si256(e.q[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
-                e.sv[2 * c] = [sc[2 * c] as i16; 16];
-                e.sv[2 * c + 1] = [sc[2 * c + 1] as i16; 16];
+                _mm256_store_si256(
+                    e.sv[2 * c].as_mut_ptr() as *mut __m256i,
+                    _mm256_set1_epi16(sc[2 * c] as i16),
+                );
+                _mm256_store_si256(
+                    e.sv[2 * c + 1].as_mut_ptr() as *mut __m256i,
+                    _mm256_set1_epi16(sc[2 * c + 1] as i16),
+                );
             }
-            for k in 0..16 {
-                e.aux[k] = m[k / 2] as i16;
-            }
-            wd.push(e);
-            dw.push(h2f(a.d));
-            dmw.push(h2f(a.dmin));
+            // Each min twice (it applies to two groups of 16 bsums).
+            // SAFETY: m is 8 bytes; aux is 32 bytes, 32-byte aligned.
+            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
+            let lo = _mm_unpacklo_epi16(mins, mins);
+            let hi = _mm_unpackhi_epi16(mins, mins);
+            _mm256_store_si256(e.aux.as_mut_ptr() as *mut __m256i, _mm256_set_m128i(hi, lo));
+            dw[j] = h2f(a.d);
+            dmw[j] = h2f(a.dmin);
         }
         let mut t0 = 0;
         while t0 < n_tokens {

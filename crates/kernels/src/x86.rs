@@ -486,7 +486,7 @@ pub unsafe fn vec_dot_q5_k_q8_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
 /// `vpshufb` masks for [`dot_n_q6_k`]: for group `g` of a half, i16 scale `2g` of a lane of
 /// eight in every i16 of the low 128-bit lane (bytes `4g, 4g+1`), scale `2g + 1` in the high
 /// lane (bytes `4g+2, 4g+3`).
-const Q6K_SCALE_PICK: [[u8; 32]; 4] = {
+pub(crate) const Q6K_SCALE_PICK: [[u8; 32]; 4] = {
     let mut m = [[0u8; 32]; 4];
     let mut g = 0;
     while g < 4 {
