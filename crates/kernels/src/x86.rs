@@ -1649,6 +1649,17 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
             r0 += 8;
         }
     }
+    // x's 32-element steps widened once for all rows (exact, so the same products).
+    let mut xf = Vec::new();
+    if np > 0 && out.len() > r0 {
+        xf.resize(np, 0f32);
+        let mut i = 0;
+        while i < np {
+            // SAFETY: i + 8 <= np <= k = x.len(); xf holds np values; unaligned load/store.
+            _mm256_storeu_ps(xf.as_mut_ptr().add(i), ld(xp, i));
+            i += 8;
+        }
+    }
     for (r, o) in out.iter_mut().enumerate().skip(r0) {
         let row = &w[r * k..(r + 1) * k];
         let wp = row.as_ptr() as *const u16;
@@ -1657,10 +1668,12 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
         if np > 0 {
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut i = 0;
-            // SAFETY: i + 32 <= np <= k, the length of both `row` and `x`; unaligned loads.
+            // SAFETY: i + 32 <= np <= k, the length of `row`, and np = xf.len(); unaligned
+            // loads.
             while i < np {
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(ld(wp, i + 8 * j), ld(xp, i + 8 * j), *a);
+                    let xv = _mm256_loadu_ps(xf.as_ptr().add(i + 8 * j));
+                    *a = _mm256_fmadd_ps(ld(wp, i + 8 * j), xv, *a);
                 }
                 i += 32;
             }
