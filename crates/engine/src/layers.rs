@@ -444,25 +444,62 @@ pub fn attention(
     s: AttnShape,
     out: &mut [f32],
 ) {
+    let seg = Segment {
+        start: 0,
+        len: n_tokens,
+        pos0,
+    };
+    attention_segments(q, &[kv], &[seg], s, out);
+}
+
+/// [`attention`] for several sequences at once, in one parallel section: `segs[i]` places
+/// sequence `i`'s rows in `q` and `out` (`[n_total, n_head*head_dim]`, segments in order and
+/// contiguous) and `kvs[i]` holds its keys and values.
+fn attention_segments(
+    q: &[f32],
+    kvs: &[&LayerKv<'_>],
+    segs: &[Segment],
+    s: AttnShape,
+    out: &mut [f32],
+) {
     let hd = s.head_dim;
     let q_dim = s.n_head * hd;
-    debug_assert_eq!(out.len(), n_tokens * q_dim);
+    let n_total = out.len() / q_dim.max(1);
+    debug_assert_eq!(q.len(), out.len());
     // A task is one position and a group of query heads that share a KV head (their keys and
     // values are converted once for the group), or a single head when there are too few
     // groups to keep every thread busy (decoding a few sequences). Same bits either way.
     let n_rep = (s.n_head / s.n_head_kv.max(1)).max(1);
     let threads = rayon::current_num_threads();
-    let heads = if n_tokens * s.n_head_kv >= 2 * threads {
+    let heads = if n_total * s.n_head_kv >= 2 * threads {
         n_rep
     } else {
         1
     };
+    let per_row = s.n_head / heads;
+    // The segment of each row.
+    let mut seg_of = Vec::with_capacity(n_total);
+    for (i, sg) in segs.iter().enumerate() {
+        seg_of.resize(sg.start + sg.len, i);
+    }
     let job = |i: usize, oh: &mut [f32]| {
-        let (t, h) = (i / (s.n_head / heads), (i % (s.n_head / heads)) * heads);
-        let q0 = t * q_dim + h * hd;
-        attend_heads(&q[q0..q0 + heads * hd], kv, pos0 + t, h / n_rep, s, oh);
+        let (row, h) = (i / per_row, (i % per_row) * heads);
+        let sg = &segs[seg_of[row]];
+        let q0 = row * q_dim + h * hd;
+        let pos = sg.pos0 + (row - sg.start);
+        attend_heads(
+            &q[q0..q0 + heads * hd],
+            kvs[seg_of[row]],
+            pos,
+            h / n_rep,
+            s,
+            oh,
+        );
     };
-    let work = n_tokens * s.n_head * (pos0 + n_tokens) * hd;
+    let work: usize = segs
+        .iter()
+        .map(|sg| sg.len * s.n_head * (sg.pos0 + sg.len) * hd)
+        .sum();
     if work < 1 << 16 || threads == 1 {
         out.chunks_exact_mut(heads * hd)
             .enumerate()
@@ -513,15 +550,13 @@ pub fn attend_batch(
             &k[rows.start * kv_dim..rows.end * kv_dim],
             &v[rows.start * kv_dim..rows.end * kv_dim],
         );
-        attention(
-            &q[rows.start * q_dim..rows.end * q_dim],
-            &cache.layer(layer),
-            seg.pos0,
-            seg.len,
-            s,
-            &mut att[rows.start * q_dim..rows.end * q_dim],
-        );
     }
+    // Every sequence's attention in one parallel section (one per sequence would cost a
+    // section's start and its idle tail per sequence and layer when decoding many).
+    let layers: Vec<LayerKv<'_>> = caches.iter().map(|c| c.layer(layer)).collect();
+    let refs: Vec<&LayerKv<'_>> = layers.iter().collect();
+    let end = segs.last().map_or(0, |sg| sg.start + sg.len);
+    attention_segments(&q[..end * q_dim], &refs, segs, s, &mut att[..end * q_dim]);
 }
 
 /// Check a batch before anything is computed or cached, and lay out its segments.
