@@ -31,6 +31,10 @@
 //! Unsigned-quant types (Q4_0, Q5_0) multiply the raw quants `u` (0..=15 / 0..=31) and
 //! subtract `offset · Σ y` after the reduction (`Σ (u - off)·y = Σ u·y - off·Σ y` exactly);
 //! `off · Σ y` is computed once per activation block.
+//!
+//! The kernels read blocks through [`Q32Rows`]: [`Plain`] for ggml's layout, [`GroupedQ5_0`]
+//! for Q5_0 rows regrouped at load time ([`crate::layout`]), whose eight scales per run load
+//! with one conversion and whose high bits need no byte shuffle. Both give the same bits.
 
 // Index loops over the small register arrays read more plainly than zipped iterators here.
 #![allow(clippy::needless_range_loop)]
