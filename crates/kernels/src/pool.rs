@@ -5,7 +5,7 @@
 //! sleeping workers (futex, scheduler) per section: ~20 µs measured here, which is the whole
 //! cost of a small projection and ~10 % of a token. These workers instead spin on an epoch
 //! counter for a while after each section (then yield), so the next section starts within a cache-line
-//! transfer; only after [`SPIN`] of idleness do they park (a server between requests burns no
+//! transfer; only after `SPIN` (200 µs) of idleness do they park (a server between requests burns no
 //! CPU).
 //!
 //! [`for_each`] is the only entry point (`MODU_POOL=rayon` in the environment sends every
