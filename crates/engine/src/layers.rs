@@ -449,7 +449,7 @@ pub fn attention(
         len: n_tokens,
         pos0,
     };
-    attention_segments(q, &[kv], &[seg], s, out);
+    attention_segments(q, std::slice::from_ref(kv), &[seg], s, out);
 }
 
 /// [`attention`] for several sequences at once, in one parallel section: `segs[i]` places
@@ -457,7 +457,7 @@ pub fn attention(
 /// contiguous) and `kvs[i]` holds its keys and values.
 fn attention_segments(
     q: &[f32],
-    kvs: &[&LayerKv<'_>],
+    kvs: &[LayerKv<'_>],
     segs: &[Segment],
     s: AttnShape,
     out: &mut [f32],
@@ -489,7 +489,7 @@ fn attention_segments(
         let pos = sg.pos0 + (row - sg.start);
         attend_heads(
             &q[q0..q0 + heads * hd],
-            kvs[seg_of[row]],
+            &kvs[seg_of[row]],
             pos,
             h / n_rep,
             s,
@@ -554,9 +554,8 @@ pub fn attend_batch(
     // Every sequence's attention in one parallel section (one per sequence would cost a
     // section's start and its idle tail per sequence and layer when decoding many).
     let layers: Vec<LayerKv<'_>> = caches.iter().map(|c| c.layer(layer)).collect();
-    let refs: Vec<&LayerKv<'_>> = layers.iter().collect();
     let end = segs.last().map_or(0, |sg| sg.start + sg.len);
-    attention_segments(&q[..end * q_dim], &refs, segs, s, &mut att[..end * q_dim]);
+    attention_segments(&q[..end * q_dim], &layers, segs, s, &mut att[..end * q_dim]);
 }
 
 /// Check a batch before anything is computed or cached, and lay out its segments.
@@ -604,15 +603,21 @@ fn attend_heads(
         Some(w) if pos + 1 > w => pos + 1 - w,
         _ => 0,
     };
-    // The queries rounded to f16 (the cache's type), held widened to f32.
-    let q: Vec<f32> = qs.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    // One f32 allocation per task: the queries rounded to f16 (the cache's type) and held
+    // widened to f32, then per head the running maximum, the running sum, the key's score and
+    // its weight.
+    let mut scratch = vec![0f32; n * hd + 4 * n];
+    let (q, rest) = scratch.split_at_mut(n * hd);
+    for (d, &v) in q.iter_mut().zip(qs) {
+        *d = f16::from_f32(v).to_f32();
+    }
+    let (max, rest) = rest.split_at_mut(n);
+    let (sum, rest) = rest.split_at_mut(n);
+    let (scores, weights) = rest.split_at_mut(n);
+    max.fill(f32::NEG_INFINITY);
     let mut acc = vec![f16::ZERO; n * hd];
-    let mut max = vec![f32::NEG_INFINITY; n];
-    let mut sum = vec![0f32; n];
-    let mut scores = vec![0f32; n];
-    let mut weights = vec![0f32; n];
     for kp in start..=pos {
-        modu_kernels::vec_dot_f16_rows(kv.key_f16(kp, kvh), &q, &mut scores);
+        modu_kernels::vec_dot_f16_rows(kv.key_f16(kp, kvh), q, scores);
         for h in 0..n {
             let score = scores[h] * s.scale;
             let (ms, vs) = if score > max[h] {
@@ -626,7 +631,7 @@ fn attend_heads(
             weights[h] = vs;
             sum[h] = sum[h] * ms + vs;
         }
-        modu_kernels::mad_f16_rows(&mut acc, kv.value_f16(kp, kvh), &weights);
+        modu_kernels::mad_f16_rows(&mut acc, kv.value_f16(kp, kvh), weights);
     }
     for h in 0..n {
         let inv = if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] };

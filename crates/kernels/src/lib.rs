@@ -108,15 +108,7 @@ impl<'a> QMatrix<'a> {
         cols: usize,
         data: &'a [u8],
     ) -> Result<Self, KernelError> {
-        let m = QMatrix {
-            ty,
-            rows,
-            cols,
-            data,
-            layout: Layout::Ggml,
-        };
-        m.validate()?;
-        Ok(m)
+        Self::with_layout(ty, rows, cols, data, Layout::Ggml)
     }
 
     /// As [`QMatrix::new`] for rows in `layout` (see [`layout::group_rows`]).

@@ -1437,18 +1437,22 @@ pub unsafe fn scale_f16(acc: &mut [f16], s: f32) {
 mod tests_f16ops {
     use super::*;
 
+    /// A reproducible stream of values in [-2, 2) (a 64-bit LCG).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
+        }
+    }
+
     #[test]
     fn mad_and_scale_f16_match_scalar() {
         if !available() {
             return;
         }
-        let mut seed = 12345u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
-        };
+        let mut rnd = uniform(12345);
         for n in [0usize, 1, 7, 8, 9, 64, 255, 256] {
             let v: Vec<f16> = (0..n).map(|_| f16::from_f32(rnd())).collect();
             let a0: Vec<f16> = (0..n).map(|_| f16::from_f32(rnd())).collect();
@@ -1470,13 +1474,7 @@ mod tests_f16ops {
         if !available() {
             return;
         }
-        let mut seed = 777u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
-        };
+        let mut rnd = uniform(777);
         for d in [1usize, 7, 8, 31, 32, 40, 64, 100, 256] {
             for rows in 1..=5 {
                 let k: Vec<f16> = (0..d).map(|_| f16::from_f32(rnd())).collect();
