@@ -278,13 +278,9 @@ impl GgufFile {
         let parsed = Parser::new(&map[off..off + len]).parse()?;
         let mut prepared = HashSet::new();
         for t in &parsed.tensors {
-            let range = (|| {
-                let start = usize::try_from(parsed.data_offset.checked_add(t.offset)?).ok()?;
-                let end = start.checked_add(usize::try_from(t.checked_n_bytes()?).ok()?)?;
-                Some(off + start..off + end)
-            })();
             // Validated by the parse: every tensor lies inside the file.
-            if let Some(bytes) = range.and_then(|r| map.get_mut(r)) {
+            let range = tensor_range(parsed.data_offset, t);
+            if let Some(bytes) = range.and_then(|r| map.get_mut(off + r.start..off + r.end)) {
                 if prepare(t, bytes) {
                     prepared.insert(t.name.clone());
                 }
@@ -411,12 +407,7 @@ impl GgufFile {
     /// the copy is 2 MiB-aligned), so the slice's address is aligned too; for
     /// [`GgufFile::from_bytes`] only the allocator's alignment of the `Vec` applies.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        let range = (|| {
-            let start = self.data_offset.checked_add(info.offset)?;
-            let end = start.checked_add(info.checked_n_bytes()?)?;
-            Some(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
-        })();
-        range
+        tensor_range(self.data_offset, info)
             .and_then(|r| self.storage.bytes().get(r))
             .unwrap_or(&[])
     }
@@ -426,6 +417,13 @@ impl GgufFile {
         let info = self.tensor_info(name)?;
         Some((info, self.tensor_data(info)))
     }
+}
+
+/// Byte range of a tensor's data in the file (`None` on overflow).
+fn tensor_range(data_offset: u64, info: &TensorInfo) -> Option<std::ops::Range<usize>> {
+    let start = data_offset.checked_add(info.offset)?;
+    let end = start.checked_add(info.checked_n_bytes()?)?;
+    Some(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
 }
 
 /// Result of a successful parse, before it is joined with its storage.
