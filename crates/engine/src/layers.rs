@@ -18,7 +18,7 @@ pub struct Weight {
     pub info: TensorInfo,
     pub rows: usize,
     pub cols: usize,
-    /// [`Layout::Grouped8`] when [`regroup_for_inference`] rewrote it at load time.
+    /// Not ggml's when [`regroup_for_inference`] rewrote it at load time.
     pub layout: Layout,
 }
 
@@ -38,19 +38,32 @@ impl Weight {
     }
 }
 
-/// A `prepare` hook for [`GgufFile::open_resident_with`]: rewrites the matmul weights
-/// (`blk.*.weight` and `output.weight` matrices) whose type the kernels in use read faster in
-/// [`Layout::Grouped8`] (Q5_0 on AVX2; see [`modu_kernels::layout`]). [`TensorLoader`] then
-/// gives those [`Weight`]s that layout. Only for files opened to run the model: anything that
-/// reads the tensors' bytes as GGUF data (quantizing, exporting, merging) must open the file
-/// without it.
-pub fn regroup_for_inference(info: &TensorInfo, bytes: &mut [u8]) -> bool {
+/// The layout [`regroup_for_inference`] gives a tensor: the kernels' preferred
+/// [`modu_kernels::layout::inference_layout`] for the 2-D weights a forward pass multiplies by
+/// (`blk.*.weight`, `output.weight`, and `token_embd.weight`, which is the output matrix when
+/// the model ties them; its row lookups read every layout), ggml's for everything else.
+pub fn inference_layout(info: &TensorInfo) -> Layout {
     let matmul_weight = info.dims.len() == 2
         && ((info.name.starts_with("blk.") && info.name.ends_with(".weight"))
-            || info.name == "output.weight");
-    matmul_weight
-        && modu_kernels::layout::prefers_grouped(info.ty)
-        && modu_kernels::layout::group_rows(info.ty, info.dims[0] as usize, bytes).is_ok()
+            || info.name == "output.weight"
+            || info.name == "token_embd.weight");
+    if !matmul_weight {
+        return Layout::Ggml;
+    }
+    let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
+    modu_kernels::layout::inference_layout(info.ty, rows, cols)
+}
+
+/// A `prepare` hook for [`GgufFile::open_resident_with`]: rewrites the weights into the layout
+/// the kernels in use read faster ([`inference_layout`]: Q5_0 and Q8_0 interleaved eight rows
+/// at a time, or regrouped, on AVX2; see [`modu_kernels::layout`]). [`TensorLoader`] then gives
+/// those [`Weight`]s that layout. Only for files opened to run the model: anything that reads
+/// the tensors' bytes as GGUF data (quantizing, exporting, merging) must open the file without
+/// it.
+pub fn regroup_for_inference(info: &TensorInfo, bytes: &mut [u8]) -> bool {
+    let layout = inference_layout(info);
+    layout != Layout::Ggml
+        && modu_kernels::layout::to_layout(info.ty, info.dims[0] as usize, bytes, layout).is_ok()
 }
 
 /// Looks tensors up by name and checks their shapes once, at load time.
@@ -85,7 +98,7 @@ impl TensorLoader {
             });
         }
         let layout = if self.file.is_prepared(info) {
-            Layout::Grouped8
+            inference_layout(info)
         } else {
             Layout::Ggml
         };

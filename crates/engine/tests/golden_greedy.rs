@@ -35,16 +35,25 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
 
 fn check_model(model_name: &str, golden_file: &str) {
     let path = common::model_path(model_name);
-    // Opened as `modu run`/`serve` open it: a private copy with the Q5_0 matmul weights
-    // regrouped for the AVX2 kernel (when it is in use), so the goldens check that path.
+    // Opened as `modu run`/`serve` open it: a private copy with the Q5_0/Q8_0 matmul weights
+    // interleaved or regrouped for the AVX2 kernel (when it is in use), so the goldens check
+    // that path: the Q8_0 output matrix (or tied embedding) and Q5_0 projections interleaved.
     let file = Arc::new(
         GgufFile::open_resident_with(&path, modu_engine::layers::regroup_for_inference)
             .expect("open model"),
     );
     if modu_kernels::layout::prefers_grouped(modu_gguf::GgmlType::Q5_0) {
+        let interleaved = |ty| {
+            file.tensors().iter().any(|t| {
+                t.ty == ty
+                    && file.is_prepared(t)
+                    && modu_engine::layers::inference_layout(t)
+                        == modu_kernels::Layout::Interleaved8
+            })
+        };
         assert!(
-            file.tensors().iter().any(|t| file.is_prepared(t)),
-            "{model_name}: no weight was regrouped"
+            interleaved(modu_gguf::GgmlType::Q5_0) && interleaved(modu_gguf::GgmlType::Q8_0),
+            "{model_name}: Q5_0 and Q8_0 weights were not interleaved"
         );
     }
     let tok = Tokenizer::from_gguf(&file).expect("tokenizer");

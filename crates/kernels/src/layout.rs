@@ -20,6 +20,28 @@
 //! puts each element's bit into its own byte (byte `j` of the broadcast holds byte `j % 4` of
 //! `qh'`, whose bit `j / 4` is element `j`'s), so the byte shuffle of ggml's layout goes.
 //! Measured: the decode kernel +25–35 % (one core, in cache, and two cores from DRAM).
+//!
+//! # The interleaved layout ([`Layout::Interleaved8`], Q5_0 and Q8_0)
+//! Rows are taken eight at a time (the row count must be a multiple of 8); the group's blocks
+//! at the same position `b` are stored together, for `b = 0, 1, …`, then the next group:
+//!
+//! ```text
+//! Q5_0, 176 bytes: [d of rows 0..8: 8 × f16][qs: 4 × 32 bytes][qh: 32 bytes]
+//! Q8_0, 272 bytes: [d of rows 0..8: 8 × f16][qs: 8 × 32 bytes]
+//! ```
+//!
+//! Quant vector `j` (32 bytes) holds the 4-byte chunk `j` of each of the eight rows' `qs`, row
+//! `i` in bytes `4i..4i+4`. For Q8_0 those are elements `4j..4j+4`; for Q5_0 (two nibbles per
+//! byte) the low nibbles are elements `4j..4j+4` and the high nibbles `16+4j..16+4j+4`, i.e.
+//! quant vectors `j` and `j + 4` of the decoded block. Bit `k` of byte `p` of the Q5_0 `qh`
+//! vector is the fifth bit of the element that decoded vector `k` holds in byte `p`.
+//!
+//! Why: with `n` tokens in flight (batched decode, prefill), the kernel wants, per block, one
+//! vector per 4 columns with all eight rows side by side, so that one `maddubs` against four
+//! broadcast activations serves eight rows and each row's block sum lands in its own lane. In
+//! ggml's layout that costs a decode into a buffer and an 8×8 transpose per block (as much as
+//! the multiplies at 8 tokens); here it is four or eight plain loads (plus shifts and masks for
+//! Q5_0's nibbles and fifth bits). One token reads the same bytes in one sequential stream.
 
 use crate::blocks::{as_blocks, BlockQ5_0};
 use crate::{row_bytes, GgmlType, KernelError};
@@ -32,6 +54,271 @@ pub enum Layout {
     Ggml,
     /// Q5_0 rows regrouped by [`group_rows`] (see the [module docs](self)).
     Grouped8,
+    /// Q5_0 or Q8_0 rows interleaved eight at a time by [`interleave_rows`] (see the
+    /// [module docs](self)).
+    Interleaved8,
+}
+
+/// Rows per group of the interleaved layout.
+pub(crate) const INTERLEAVE: usize = 8;
+
+/// Bytes of one interleaved block group (eight rows' blocks at one position).
+pub(crate) fn interleaved_block_bytes(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::Q5_0 | GgmlType::Q8_0 => Some(INTERLEAVE * ty.type_size()),
+        _ => None,
+    }
+}
+
+/// The layout the kernels in use read a `rows × cols` matrix of `ty` fastest in, for weights
+/// rewritten once at load time: [`Layout::Interleaved8`] for Q5_0 and Q8_0 with a multiple of 8
+/// rows, [`Layout::Grouped8`] for other Q5_0 matrices, both only with the AVX2 kernels (not
+/// forced to scalar); otherwise ggml's. Every kernel entry point accepts every layout.
+pub fn inference_layout(ty: GgmlType, rows: usize, cols: usize) -> Layout {
+    if !crate::dispatch::use_avx2() || cols % 32 != 0 || cols == 0 {
+        return Layout::Ggml;
+    }
+    match ty {
+        GgmlType::Q5_0 | GgmlType::Q8_0 if rows % INTERLEAVE == 0 && rows > 0 => {
+            Layout::Interleaved8
+        }
+        GgmlType::Q5_0 => Layout::Grouped8,
+        _ => Layout::Ggml,
+    }
+}
+
+/// Rewrites `data` (whole rows of `cols` elements of `ty`, ggml layout) into `layout`, in place.
+pub fn to_layout(
+    ty: GgmlType,
+    cols: usize,
+    data: &mut [u8],
+    layout: Layout,
+) -> Result<(), KernelError> {
+    match layout {
+        Layout::Ggml => Ok(()),
+        Layout::Grouped8 => group_rows(ty, cols, data),
+        Layout::Interleaved8 => interleave_rows(ty, cols, data),
+    }
+}
+
+/// The inverse of [`to_layout`]: `src` (rows in `layout`) back to ggml's layout in `dst` (same
+/// length).
+pub fn from_layout(
+    ty: GgmlType,
+    cols: usize,
+    src: &[u8],
+    dst: &mut [u8],
+    layout: Layout,
+) -> Result<(), KernelError> {
+    match layout {
+        Layout::Ggml => {
+            if dst.len() != src.len() {
+                return Err(KernelError::Length {
+                    what: "ggml-layout output",
+                    expected: src.len(),
+                    got: dst.len(),
+                    unit: "bytes",
+                });
+            }
+            dst.copy_from_slice(src);
+            Ok(())
+        }
+        Layout::Grouped8 => ungroup_rows(ty, cols, src, dst),
+        Layout::Interleaved8 => deinterleave_rows(ty, cols, src, dst),
+    }
+}
+
+/// Per block type of the interleaved layout: where a ggml block's bytes go.
+struct InterleavedType {
+    /// Bytes of one ggml block, and of its `qs` (which starts at `block - qs`).
+    block: usize,
+    qs: usize,
+    /// Q5_0: the offset of `qh` in a ggml block.
+    qh: Option<usize>,
+}
+
+fn interleaved_type(ty: GgmlType) -> Result<InterleavedType, KernelError> {
+    match ty {
+        GgmlType::Q5_0 => Ok(InterleavedType {
+            block: 22,
+            qs: 16,
+            qh: Some(2),
+        }),
+        GgmlType::Q8_0 => Ok(InterleavedType {
+            block: 34,
+            qs: 32,
+            qh: None,
+        }),
+        other => Err(KernelError::UnsupportedType(other)),
+    }
+}
+
+/// Interleaves the blocks at one position of eight rows: `src[i]` is row `i`'s ggml block,
+/// `dst` the group's interleaved block ([`interleaved_block_bytes`]).
+fn interleave_block(t: &InterleavedType, src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
+    let qs0 = t.block - t.qs;
+    for (i, b) in src.iter().enumerate() {
+        dst[2 * i..2 * i + 2].copy_from_slice(&b[0..2]);
+    }
+    let q = &mut dst[2 * INTERLEAVE..];
+    for j in 0..t.qs / 4 {
+        for (i, b) in src.iter().enumerate() {
+            q[32 * j + 4 * i..32 * j + 4 * i + 4].copy_from_slice(&b[qs0 + 4 * j..qs0 + 4 * j + 4]);
+        }
+    }
+    if let Some(qh) = t.qh {
+        let h = &mut q[8 * t.qs..8 * t.qs + 32];
+        for (i, b) in src.iter().enumerate() {
+            let bits = u32::from_le_bytes(b[qh..qh + 4].try_into().unwrap());
+            for e in 0..4 {
+                // Decoded vector k holds element 4k + e of row i in byte 4i + e.
+                let mut byte = 0u8;
+                for k in 0..8 {
+                    byte |= (((bits >> (4 * k + e)) & 1) as u8) << k;
+                }
+                h[4 * i + e] = byte;
+            }
+        }
+    }
+}
+
+/// The inverse of [`interleave_block`]: row `i`'s ggml block into `dst[i]`.
+fn deinterleave_block(t: &InterleavedType, src: &[u8], dst: &mut [&mut [u8]; INTERLEAVE]) {
+    let qs0 = t.block - t.qs;
+    let q = &src[2 * INTERLEAVE..];
+    for (i, b) in dst.iter_mut().enumerate() {
+        b[0..2].copy_from_slice(&src[2 * i..2 * i + 2]);
+        for j in 0..t.qs / 4 {
+            b[qs0 + 4 * j..qs0 + 4 * j + 4].copy_from_slice(&q[32 * j + 4 * i..32 * j + 4 * i + 4]);
+        }
+        if let Some(qh) = t.qh {
+            let h = &q[8 * t.qs..8 * t.qs + 32];
+            let mut bits = 0u32;
+            for e in 0..4 {
+                for k in 0..8 {
+                    bits |= (((h[4 * i + e] >> k) & 1) as u32) << (4 * k + e);
+                }
+            }
+            b[qh..qh + 4].copy_from_slice(&bits.to_le_bytes());
+        }
+    }
+}
+
+/// Rewrites `data` (whole rows of `cols` elements, ggml layout, a multiple of 8 rows) into
+/// [`Layout::Interleaved8`], in place, one group of eight rows at a time.
+pub fn interleave_rows(ty: GgmlType, cols: usize, data: &mut [u8]) -> Result<(), KernelError> {
+    let t = interleaved_type(ty)?;
+    let rb = checked_rows(ty, cols, data.len())?;
+    check_groups(rb, data.len())?;
+    let nb = cols / 32;
+    let mut group = vec![0u8; INTERLEAVE * rb];
+    for dst in data.chunks_exact_mut(INTERLEAVE * rb) {
+        group.copy_from_slice(dst);
+        for b in 0..nb {
+            let src: [&[u8]; INTERLEAVE] =
+                std::array::from_fn(|i| &group[i * rb + b * t.block..i * rb + (b + 1) * t.block]);
+            let n = INTERLEAVE * t.block;
+            interleave_block(&t, src, &mut dst[b * n..(b + 1) * n]);
+        }
+    }
+    Ok(())
+}
+
+/// The inverse of [`interleave_rows`]: `src` back to ggml's layout in `dst` (same length).
+pub fn deinterleave_rows(
+    ty: GgmlType,
+    cols: usize,
+    src: &[u8],
+    dst: &mut [u8],
+) -> Result<(), KernelError> {
+    let t = interleaved_type(ty)?;
+    let rb = checked_rows(ty, cols, src.len())?;
+    check_groups(rb, src.len())?;
+    if dst.len() != src.len() {
+        return Err(KernelError::Length {
+            what: "deinterleaved output",
+            expected: src.len(),
+            got: dst.len(),
+            unit: "bytes",
+        });
+    }
+    let nb = cols / 32;
+    let n = INTERLEAVE * t.block;
+    for (s, d) in src
+        .chunks_exact(INTERLEAVE * rb)
+        .zip(dst.chunks_exact_mut(INTERLEAVE * rb))
+    {
+        for b in 0..nb {
+            let mut rows = d.chunks_exact_mut(rb);
+            let mut out: [&mut [u8]; INTERLEAVE] = std::array::from_fn(|_| {
+                let row = rows.next().expect("eight rows per group");
+                // Re-borrow the block of this row (the row slice is moved in, then narrowed).
+                &mut row[b * t.block..(b + 1) * t.block]
+            });
+            deinterleave_block(&t, &s[b * n..(b + 1) * n], &mut out);
+        }
+    }
+    Ok(())
+}
+
+/// Row `r`'s ggml bytes from interleaved data (`dst.len()` is one row's bytes): for an
+/// embedding-style lookup without converting the whole matrix.
+pub fn interleaved_row(
+    ty: GgmlType,
+    cols: usize,
+    src: &[u8],
+    r: usize,
+    dst: &mut [u8],
+) -> Result<(), KernelError> {
+    let t = interleaved_type(ty)?;
+    let rb = checked_rows(ty, cols, src.len())?;
+    check_groups(rb, src.len())?;
+    if dst.len() != rb {
+        return Err(KernelError::Length {
+            what: "interleaved row",
+            expected: rb,
+            got: dst.len(),
+            unit: "bytes",
+        });
+    }
+    if r >= src.len() / rb {
+        return Err(KernelError::Length {
+            what: "row index",
+            expected: src.len() / rb,
+            got: r,
+            unit: "rows",
+        });
+    }
+    let g = r / INTERLEAVE;
+    let group = &src[g * INTERLEAVE * rb..(g + 1) * INTERLEAVE * rb];
+    let n = INTERLEAVE * t.block;
+    let mut scratch = vec![0u8; n];
+    for b in 0..cols / 32 {
+        {
+            let mut rows = scratch.chunks_exact_mut(t.block);
+            let mut out: [&mut [u8]; INTERLEAVE] =
+                std::array::from_fn(|_| rows.next().expect("eight blocks"));
+            deinterleave_block(&t, &group[b * n..(b + 1) * n], &mut out);
+        }
+        let i = r % INTERLEAVE;
+        dst[b * t.block..(b + 1) * t.block]
+            .copy_from_slice(&scratch[i * t.block..(i + 1) * t.block]);
+    }
+    Ok(())
+}
+
+/// Checks that `len` bytes of `rb`-byte rows are whole groups of eight rows.
+fn check_groups(rb: usize, len: usize) -> Result<(), KernelError> {
+    let g = INTERLEAVE * rb;
+    if len % g != 0 {
+        return Err(KernelError::Length {
+            what: "interleaved rows (a multiple of 8 rows)",
+            expected: len.div_ceil(g) * g,
+            got: len,
+            unit: "bytes",
+        });
+    }
+    Ok(())
 }
 
 /// Blocks per run of the grouped layout.
@@ -180,7 +467,59 @@ mod tests {
     }
 
     #[test]
+    fn interleave_then_deinterleave_is_the_identity_and_rows_come_back() {
+        let mut rng = Rng::new(12);
+        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
+            for (rows, cols) in [(8, 32), (16, 7 * 32), (24, 28 * 32)] {
+                let src = random_row(ty, rows * cols, &mut rng);
+                let mut il = src.clone();
+                interleave_rows(ty, cols, &mut il).unwrap();
+                assert_eq!(il.len(), src.len());
+                assert_ne!(il, src, "interleaving must move bytes");
+                // The group's first eight bytes pairs are the eight rows' first scales.
+                let rb = row_bytes(ty, cols).unwrap();
+                for i in 0..8 {
+                    assert_eq!(il[2 * i..2 * i + 2], src[i * rb..i * rb + 2]);
+                }
+                let mut back = vec![0u8; il.len()];
+                deinterleave_rows(ty, cols, &il, &mut back).unwrap();
+                assert_eq!(back, src, "{} {rows}x{cols}", ty.name());
+                for r in [0, 3, 9, rows - 1].into_iter().filter(|&r| r < rows) {
+                    let mut row = vec![0u8; rb];
+                    interleaved_row(ty, cols, &il, r, &mut row).unwrap();
+                    assert_eq!(row, src[r * rb..(r + 1) * rb], "row {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_q5_0_fifth_bits_sit_in_their_vectors_byte() {
+        // One row with only element e's fifth bit set: in the qh vector it must be bit e / 4
+        // (the decoded vector k = e / 4 for e < 16, 4 + (e - 16) / 4 above) of byte e % 4.
+        for e in 0..32usize {
+            let mut rows = vec![0u8; 8 * 22];
+            rows[2..6].copy_from_slice(&(1u32 << e).to_le_bytes());
+            interleave_rows(GgmlType::Q5_0, 32, &mut rows).unwrap();
+            let h = &rows[16 + 128..];
+            let (k, byte) = if e < 16 {
+                (e / 4, e % 4)
+            } else {
+                (4 + (e - 16) / 4, e % 4)
+            };
+            for (p, &v) in h.iter().enumerate() {
+                let want = if p == byte { 1u8 << k } else { 0 };
+                assert_eq!(v, want, "element {e}, byte {p}");
+            }
+        }
+    }
+
+    #[test]
     fn other_types_and_ragged_data_are_rejected() {
+        assert!(interleave_rows(GgmlType::Q4_K, 256, &mut vec![0u8; 8 * 144]).is_err());
+        // Seven rows are not a whole group.
+        assert!(interleave_rows(GgmlType::Q8_0, 32, &mut vec![0u8; 7 * 34]).is_err());
+        assert!(interleaved_row(GgmlType::Q8_0, 32, &[0u8; 8 * 34], 8, &mut [0u8; 34]).is_err());
         let mut v = vec![0u8; 34];
         assert!(matches!(
             group_rows(GgmlType::Q8_0, 32, &mut v),

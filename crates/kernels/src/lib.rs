@@ -37,6 +37,8 @@ mod matmul;
 #[cfg(target_arch = "x86_64")]
 pub mod pool;
 mod q32;
+#[cfg(target_arch = "x86_64")]
+mod q32x8;
 pub mod quantize;
 pub mod scalar;
 #[doc(hidden)]
@@ -138,8 +140,13 @@ impl<'a> QMatrix<'a> {
     /// Check that `data` holds exactly `rows` rows of a supported type.
     pub fn validate(&self) -> Result<(), KernelError> {
         vec_dot_type(self.ty)?;
-        if self.layout == Layout::Grouped8 && self.ty != GgmlType::Q5_0 {
-            return Err(KernelError::UnsupportedType(self.ty));
+        match self.layout {
+            Layout::Ggml => {}
+            Layout::Grouped8 if self.ty == GgmlType::Q5_0 => {}
+            Layout::Interleaved8
+                if layout::interleaved_block_bytes(self.ty).is_some()
+                    && self.rows % layout::INTERLEAVE == 0 => {}
+            _ => return Err(KernelError::UnsupportedType(self.ty)),
         }
         let rb = self.row_bytes()?;
         let total = rb.checked_mul(self.rows).ok_or(KernelError::Overflow)?;
@@ -184,21 +191,28 @@ impl<'a> QMatrix<'a> {
             got: self.data.len(),
             unit: "bytes",
         })?;
-        if self.layout == Layout::Grouped8 {
-            let mut plain = vec![0u8; src.len()];
-            layout::ungroup_rows(self.ty, self.cols, src, &mut plain)?;
-            return dequantize_row(self.ty, &plain, dst);
+        match self.layout {
+            Layout::Ggml => dequantize_row(self.ty, src, dst),
+            Layout::Grouped8 => {
+                let mut plain = vec![0u8; src.len()];
+                layout::ungroup_rows(self.ty, self.cols, src, &mut plain)?;
+                dequantize_row(self.ty, &plain, dst)
+            }
+            Layout::Interleaved8 => {
+                let mut plain = vec![0u8; src.len()];
+                layout::interleaved_row(self.ty, self.cols, self.data, r, &mut plain)?;
+                dequantize_row(self.ty, &plain, dst)
+            }
         }
-        dequantize_row(self.ty, src, dst)
     }
 
     /// The same matrix in ggml's layout: borrowed as is, or ungrouped into `buf`.
     pub(crate) fn as_ggml<'b>(&'b self, buf: &'b mut Vec<u8>) -> Result<QMatrix<'b>, KernelError> {
         match self.layout {
             Layout::Ggml => Ok(*self),
-            Layout::Grouped8 => {
+            other => {
                 buf.resize(self.data.len(), 0);
-                layout::ungroup_rows(self.ty, self.cols, self.data, buf)?;
+                layout::from_layout(self.ty, self.cols, self.data, buf, other)?;
                 QMatrix::new(self.ty, self.rows, self.cols, buf)
             }
         }

@@ -471,15 +471,7 @@ fn q32_x86(
         }
         let row_bytes = row_bytes(w.ty, w.cols)?;
         let threads = rayon::current_num_threads().max(1);
-        // Chunks of whole 8-row groups: about 8 per thread for one token (up to 1024 rows);
-        // with more tokens also small enough (~128 KiB of weights) to stay in L2 while every
-        // token tile passes over them.
-        let g = q32::ROWS;
-        let mut chunk = rows.div_ceil(threads * 8).clamp(g, 1024);
-        if n_tokens > 1 {
-            chunk = chunk.min((128 * 1024 / row_bytes.max(1)).max(g));
-        }
-        let chunk = chunk.div_ceil(g) * g;
+        let chunk = row_chunk(rows, n_tokens, row_bytes);
         let n_chunks = rows.div_ceil(chunk);
         let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows * n_tokens >= 64 * 1024;
         // SAFETY: the caller checked AVX2/FMA/F16C.
@@ -511,11 +503,61 @@ fn q32_x86(
         let nb = w.cols / 32;
         go(w, Plain { w: wv, nb }, v, n_tokens, y)
     }
+    fn interleaved<W: crate::q32x8::X8Block>(
+        w: &QMatrix,
+        v: &[BlockQ8_0],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        check_lengths(
+            w,
+            v.len() * 32,
+            n_tokens,
+            y.len(),
+            "activation rows",
+            "values",
+        )?;
+        let rows = w.rows;
+        if rows == 0 || n_tokens == 0 {
+            return Ok(());
+        }
+        let nb = w.cols / 32;
+        let g = crate::layout::INTERLEAVE;
+        // `validate` checked whole groups of eight rows.
+        debug_assert!(rows % g == 0 && w.data.len() == rows / g * nb * W::BYTES);
+        let row_bytes = nb * W::BYTES / g;
+        let chunk = row_chunk(rows, n_tokens, row_bytes);
+        let n_chunks = rows.div_ceil(chunk);
+        let parallel = rayon::current_num_threads() > 1
+            && n_chunks > 1
+            && row_bytes * rows * n_tokens >= 64 * 1024;
+        // SAFETY: the caller checked AVX2/FMA/F16C.
+        let prep = unsafe { q32::prepare::<W>(v) };
+        let out = OutPtr(y.as_mut_ptr());
+        let (out, prep) = (&out, &prep);
+        let job = |ci: usize| {
+            let r0 = ci * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // SAFETY: AVX2 checked; w.data holds rows/8 groups of nb interleaved blocks
+            // (validated), r0 and r1 are multiples of 8 (chunk is, rows is), v holds
+            // n_tokens * nb blocks (checked above) and prep was made from v; out points to
+            // n_tokens * rows outputs and chunks are disjoint.
+            unsafe { crate::q32x8::rows::<W>(w.data, nb, r0, r1, v, prep, n_tokens, out.0, rows) }
+        };
+        if parallel {
+            crate::pool::for_each(n_chunks, job);
+        } else {
+            (0..n_chunks).for_each(job);
+        }
+        Ok(())
+    }
     let n = a.n_tokens;
     Some(match (w.ty, w.layout) {
         (T::Q4_0, Layout::Ggml) => plain::<BlockQ4_0>(w, v, n, y),
         (T::Q5_0, Layout::Ggml) => plain::<BlockQ5_0>(w, v, n, y),
         (T::Q8_0, Layout::Ggml) => plain::<BlockQ8_0>(w, v, n, y),
+        (T::Q5_0, Layout::Interleaved8) => interleaved::<BlockQ5_0>(w, v, n, y),
+        (T::Q8_0, Layout::Interleaved8) => interleaved::<BlockQ8_0>(w, v, n, y),
         (T::Q5_0, Layout::Grouped8) => {
             let m = GroupedQ5_0 {
                 data: w.data,
@@ -525,6 +567,20 @@ fn q32_x86(
         }
         _ => return None,
     })
+}
+
+/// Rows per parallel task of the 32-element block kernels: whole 8-row groups, about 8 tasks
+/// per thread for one token (up to 1024 rows); with more tokens also small enough (~128 KiB of
+/// weights) to stay in L2 while every token tile passes over them.
+#[cfg(target_arch = "x86_64")]
+fn row_chunk(rows: usize, n_tokens: usize, row_bytes: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let g = crate::q32::ROWS;
+    let mut chunk = rows.div_ceil(threads * 8).clamp(g, 1024);
+    if n_tokens > 1 {
+        chunk = chunk.min((128 * 1024 / row_bytes.max(1)).max(g));
+    }
+    chunk.div_ceil(g) * g
 }
 
 /// Runs `f(r0, r1)` over chunks of rows covering `0..rows`, in parallel when worth it. A chunk

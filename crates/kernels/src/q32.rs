@@ -59,7 +59,7 @@ const TRANSPOSED_MIN_TOKENS: usize = 4;
 /// How far ahead of the decode path's reads the weight rows are prefetched: streaming weights
 /// from DRAM at one token per pass, explicit prefetches ~3 KiB ahead gave +5–10 % over the
 /// hardware prefetchers alone (measured: Q8_0 output matrix, 2 threads, huge pages).
-const PREFETCH_AHEAD: usize = 3072;
+pub(crate) const PREFETCH_AHEAD: usize = 3072;
 
 /// A 32-element weight block type.
 pub(crate) trait Q32Block: Copy + Sync {
@@ -604,7 +604,7 @@ unsafe fn group<M: Q32Rows>(
 /// offset types).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn finish<W: Q32Block>(
+pub(crate) unsafe fn finish<W: Q32Block>(
     mut s: __m256i,
     dw: __m256,
     prep: &Prepared,

@@ -1,7 +1,8 @@
 //! The batched (tiled GEMM) path of `matmul` must give, bit for bit, what the single-token
 //! dot kernels give for each (row, token) pair, so that prefill and decode agree. Also checks
 //! both against the scalar reference: bit for bit for the 32-element block types, within a
-//! float tolerance for the K-quants, and Q5_0 in its regrouped layout against ggml's.
+//! float tolerance for the K-quants, and Q5_0 in its regrouped layout and Q5_0/Q8_0 in their
+//! interleaved layout against ggml's.
 
 use modu_kernels::testutil::{random_row, Rng};
 use modu_kernels::*;
@@ -64,6 +65,9 @@ fn batched_matmul_is_bit_identical_to_single_token_dots() {
             (67, 19),
             (130, 28),
             (9, 152),
+            (16, 1),
+            (24, 7),
+            (40, 28),
         ] {
             let cols = nblk * bs;
             let data = random_row(ty, rows * cols, &mut rng);
@@ -96,6 +100,25 @@ fn batched_matmul_is_bit_identical_to_single_token_dots() {
                             g.to_bits(),
                             e.to_bits(),
                             "grouped {rows}x{cols} n_tokens={n_tokens} idx {i}: {g} vs {e}"
+                        );
+                    }
+                }
+                if matches!(ty, GgmlType::Q5_0 | GgmlType::Q8_0) && rows % 8 == 0 {
+                    // Eight rows interleaved (load-time, for the AVX2 kernel): the same bits,
+                    // and the same rows back from the layout.
+                    let mut il = data.clone();
+                    layout::interleave_rows(ty, cols, &mut il).unwrap();
+                    assert_ne!(il, data, "interleaving must move bytes");
+                    let wi =
+                        QMatrix::with_layout(ty, rows, cols, &il, Layout::Interleaved8).unwrap();
+                    let mut g = vec![f32::NAN; n_tokens * rows];
+                    matmul_quantized(&wi, &qa, &mut g).unwrap();
+                    for (i, (g, e)) in g.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            e.to_bits(),
+                            "interleaved {} {rows}x{cols} n_tokens={n_tokens} idx {i}: {g} vs {e}",
+                            ty.name()
                         );
                     }
                 }

@@ -203,11 +203,7 @@ pub(crate) fn embed_tokens(
     out: &mut Vec<f32>,
 ) -> Result<(), ModelError> {
     let d = emb.cols;
-    let row_bytes = emb
-        .ty()
-        .row_bytes(d as u64)
-        .expect("embedding shape checked at load") as usize;
-    let data = file.tensor_data(&emb.info);
+    let mat = emb.mat(file);
     out.resize(tokens.len() * d, 0.0);
     for (i, &t) in tokens.iter().enumerate() {
         if t as usize >= emb.rows {
@@ -216,8 +212,8 @@ pub(crate) fn embed_tokens(
                 vocab: emb.rows,
             });
         }
-        let src = &data[t as usize * row_bytes..(t as usize + 1) * row_bytes];
-        modu_kernels::dequantize_row(emb.ty(), src, &mut out[i * d..(i + 1) * d])
+        // Layout-aware: the embedding may be stored interleaved for the output matmul.
+        mat.dequantize_row(t as usize, &mut out[i * d..(i + 1) * d])
             .map_err(|e| ModelError::Kernel(e.to_string()))?;
     }
     Ok(())
