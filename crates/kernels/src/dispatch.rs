@@ -348,10 +348,14 @@ mod tests {
 
     #[test]
     fn matvec_f16_tiny_matches_the_scalar_reference_bitwise() {
-        for k in [8usize, 16, 24, 64, 96, 896, 13, 45] {
+        for k in [8usize, 16, 24, 64, 96, 896, 13, 45, 1, 31, 33, 4864] {
             let rows = 37;
+            // Magnitudes over ~2^-8..2^8, so that the f64 sums of the short rows round.
             let w: Vec<f16> = (0..rows * k)
-                .map(|i| f16::from_f32((((i * 7919) % 201) as f32 - 100.0) / 37.0))
+                .map(|i| {
+                    let m = (((i * 7919) % 201) as f32 - 100.0) / 37.0;
+                    f16::from_f32(m * (2f32).powi((i % 17) as i32 - 8))
+                })
                 .collect();
             let x: Vec<f16> = (0..k)
                 .map(|i| f16::from_f32((((i * 104729) % 97) as f32 - 48.0) / 11.0))
