@@ -1077,6 +1077,117 @@ fn refine_symmetric(
     d
 }
 
+/// Recovers the grid of a Q4_K/Q5_K super-block whose values already lie on one, as when the
+/// source is a dequantized K-quant model (the only form some models are distributed in): per
+/// sub-block of 32 the values are `D_j·q − M_j` with integer `q` in `[0, qmax]`, and, as ggml's
+/// quantizer makes them, `D_j = d·sc_j`, `M_j = dmin·m_j` with the largest `sc` and `m` 63.
+/// Tolerates the f16 rounding of the source values. `None` when the block is not such a grid
+/// (then the searched scales stand; for full-precision sources that is every block).
+///
+/// Returns `(d, dmin, sc, m)`.
+fn affine_lattice(x: &[f32], qmax: i32) -> Option<(f32, f32, [i32; 8], [i32; 8])> {
+    // Relative precision of the source values (f16: 2^-11), with margin.
+    const REL: f32 = 2e-3;
+    let mut step = [0f32; 8];
+    let mut lo = [0f32; 8];
+    for j in 0..8 {
+        let g = &x[j * 32..j * 32 + 32];
+        let mut v = [0f32; 32];
+        v.copy_from_slice(g);
+        v.sort_by(f32::total_cmp);
+        let (a, b) = (v[0], v[31]);
+        if !a.is_finite() || !b.is_finite() {
+            return None;
+        }
+        lo[j] = a;
+        let tol = REL * a.abs().max(b.abs());
+        if b - a <= tol {
+            continue; // all equal: a step of 0 (sc = 0) represents it
+        }
+        // The smallest gap between distinct values is one step, or a small multiple of it
+        // when the group leaves levels unused (fewer values than levels, as with Q5_K).
+        let gap = v
+            .windows(2)
+            .map(|p| p[1] - p[0])
+            .filter(|&d| d > tol)
+            .fold(f32::INFINITY, f32::min);
+        let fit = |st: f32| -> Option<f32> {
+            let (mut num, mut den) = (0f64, 0f64);
+            for &e in g {
+                let r = (e - a) / st;
+                let k = r.round();
+                if (r - k).abs() > 0.1 || k > qmax as f32 {
+                    return None;
+                }
+                num += (e - a) as f64 * k as f64;
+                den += k as f64 * k as f64;
+            }
+            Some((num / den) as f32)
+        };
+        // The gap of two rounded values is too coarse to count 31 steps with (a 1 % error is a
+        // third of a step at the top): it only estimates how many steps the range spans, and
+        // the range over that count is the candidate step.
+        step[j] = (1..=4).find_map(|div| {
+            let k0 = ((b - a) / (gap / div as f32)).round();
+            [k0, k0 - 1.0, k0 + 1.0]
+                .into_iter()
+                .filter(|&k| k >= 1.0 && k <= qmax as f32)
+                .find_map(|k| fit((b - a) / k))
+        })?;
+    }
+    let smax = step.iter().copied().fold(0f32, f32::max);
+    if smax <= 0.0 {
+        return None;
+    }
+    let d = f16_round(smax / 63.0);
+    if d <= 0.0 {
+        return None;
+    }
+    let mut sc = [0i32; 8];
+    let mut mins = [0f32; 8];
+    for j in 0..8 {
+        let r = step[j] / d;
+        let k = r.round();
+        if (r - k).abs() > 0.02 * r.max(1.0) || !(0.0..=63.0).contains(&k) {
+            return None;
+        }
+        sc[j] = k as i32;
+        // The smallest non-negative M_j that puts the group's minimum on an integer q.
+        let dj = d * sc[j] as f32;
+        mins[j] = if dj > 0.0 && lo[j] > 0.0 {
+            dj * (lo[j] / dj - 0.1).ceil() - lo[j]
+        } else {
+            -lo[j].min(0.0)
+        };
+        mins[j] = mins[j].max(0.0);
+    }
+    let mmax = mins.iter().copied().fold(0f32, f32::max);
+    let dmin = f16_round(mmax / 63.0);
+    let mut m = [0i32; 8];
+    if dmin > 0.0 {
+        for j in 0..8 {
+            let r = mins[j] / dmin;
+            let k = r.round();
+            if (r - k).abs() > 0.02 * r.max(1.0) || !(0.0..=63.0).contains(&k) {
+                return None;
+            }
+            m[j] = k as i32;
+        }
+    } else if mmax > 0.0 {
+        return None;
+    }
+    Some((d, dmin, sc, m))
+}
+
+/// `v` (an f16 value) and the f16 values next to it (only `v` for 0).
+fn f16_neighbours(v: f32) -> impl Iterator<Item = f32> {
+    let b = f16::from_f32(v).to_bits();
+    let n: &[i32] = if v == 0.0 { &[0] } else { &[0, -1, 1] };
+    n.iter()
+        .map(move |&k| f16::from_bits(b.wrapping_add_signed(k as i16)).to_f32())
+        .filter(|c| c.is_finite() && *c >= 0.0)
+}
+
 /// Q4_K / Q5_K: 8 sub-blocks of 32, `x = d·sc·q − dmin·m`, 6-bit `sc`/`m`.
 fn kq45_block(x: &[f32], w: &[f32], o: &mut [u8], five: bool) {
     let qmax = if five { 31 } else { 15 };
@@ -1107,7 +1218,33 @@ fn kq45_block(x: &[f32], w: &[f32], o: &mut [u8], five: bool) {
             gsc.m[j][c] = dmin * mi[j] as f32;
         }
     });
-    let (d, dmin) = refine_affine(x, w, 32, &si, &mi, qmax, (d, dmin), &mut q);
+    let (mut d, mut dmin) = refine_affine(x, w, 32, &si, &mi, qmax, (d, dmin), &mut q);
+    let (mut si, mut mi) = (si, mi);
+    if let Some((ld, ldmin, lsi, lmi)) = affine_lattice(x, qmax) {
+        // The block is (up to the f16 rounding of a dequantized source) a grid of this format:
+        // keep whichever has the smaller weighted error (normally the recovered grid).
+        let err = |d: f32, dmin: f32, si: &[i32; 8], mi: &[i32; 8], q: &mut [i32; QK_K]| {
+            let (mut dg, mut mg) = ([0f32; 16], [0f32; 16]);
+            for g in 0..8 {
+                dg[g] = d * si[g] as f32;
+                mg[g] = dmin * mi[g] as f32;
+            }
+            requant_groups(x, w, 32, 8, &dg, &mg, 0, qmax, q)
+        };
+        // The super-scales are estimated from rounded values: the source's may be the f16
+        // next to them, so the neighbours are tried too.
+        let mut best = err(d, dmin, &si, &mi, &mut q);
+        let mut lq = [0i32; QK_K];
+        for cd in f16_neighbours(ld) {
+            for cm in f16_neighbours(ldmin) {
+                let e = err(cd, cm, &lsi, &lmi, &mut lq);
+                if e < best {
+                    best = e;
+                    (d, dmin, si, mi, q) = (cd, cm, lsi, lmi, lq);
+                }
+            }
+        }
+    }
     let mut scales = [0u8; 12];
     for j in 0..8 {
         let (s, m) = (si[j] as u8, mi[j] as u8);
@@ -1528,6 +1665,74 @@ mod tests {
         ));
         let mut buf = vec![0u8; 144];
         assert!(quantize_row(GgmlType::Q4_K, &x, &mut buf, Some(&[1.0; 10])).is_err());
+    }
+
+    #[test]
+    fn dequantized_k_quant_grids_are_recovered() {
+        // Q4_K/Q5_K blocks made as ggml's quantizer makes them (largest sub-scale and sub-min
+        // 63), dequantized and rounded to f16 as a dequantized-to-F16 model stores them, must
+        // come back as the same blocks: requantizing an already-quantized model loses nothing.
+        let mut rng = Rng::new(21);
+        for (ty, bits, bytes) in [(GgmlType::Q4_K, 4u32, 144usize), (GgmlType::Q5_K, 5, 176)] {
+            let qmax = (1u64 << bits) - 1;
+            let (mut same, n) = (0, 64);
+            for _ in 0..n {
+                let mut sc = [0u8; 8];
+                let mut mn = [0u8; 8];
+                for j in 0..8 {
+                    sc[j] = 20 + (rng.next_u64() % 44) as u8;
+                    mn[j] = (rng.next_u64() % 64) as u8;
+                }
+                sc[(rng.next_u64() % 8) as usize] = 63;
+                mn[(rng.next_u64() % 8) as usize] = 63;
+                let d = f16::from_f32(1e-4 * (1.0 + (rng.next_u64() % 100) as f32 / 50.0));
+                let dmin = f16::from_f32(1e-3 * (1.0 + (rng.next_u64() % 100) as f32 / 50.0));
+                let mut blk = vec![0u8; bytes];
+                blk[0..2].copy_from_slice(&d.to_le_bytes());
+                blk[2..4].copy_from_slice(&dmin.to_le_bytes());
+                for j in 0..8 {
+                    let (s, m) = (sc[j], mn[j]);
+                    if j < 4 {
+                        blk[4 + j] |= s & 63;
+                        blk[8 + j] |= m & 63;
+                    } else {
+                        blk[8 + j] = (s & 0x0F) | ((m & 0x0F) << 4);
+                        blk[j] |= (s >> 4) << 6;
+                        blk[4 + j] |= (m >> 4) << 6;
+                    }
+                }
+                // As ggml's quantizer leaves them, each group's smallest value sits on q = 0.
+                let mut q: Vec<u8> = (0..256)
+                    .map(|_| (rng.next_u64() % (qmax + 1)) as u8)
+                    .collect();
+                for g in 0..8 {
+                    q[g * 32 + (rng.next_u64() % 32) as usize] = 0;
+                }
+                let qs_off = if bits == 5 { 48 } else { 16 };
+                if bits == 5 {
+                    for (l, &v) in q.iter().enumerate() {
+                        blk[16 + l % 32] |= ((v >> 4) & 1) << (l / 32);
+                    }
+                }
+                for c in 0..4 {
+                    for l in 0..32 {
+                        blk[qs_off + c * 32 + l] =
+                            (q[c * 64 + l] & 15) | ((q[c * 64 + 32 + l] & 15) << 4);
+                    }
+                }
+                let mut x = vec![0f32; 256];
+                dequantize_row(ty, &blk, &mut x).unwrap();
+                for v in &mut x {
+                    *v = f16_round(*v);
+                }
+                let mut out = vec![0u8; bytes];
+                quantize_row(ty, &x, &mut out, None).unwrap();
+                if out == blk {
+                    same += 1;
+                }
+            }
+            assert!(same >= n * 9 / 10, "{ty}: {same} of {n} blocks recovered");
+        }
     }
 
     /// Values exactly on a format's grid come back exactly (checks the bit packing).
