@@ -1621,6 +1621,7 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
     let w_bytes = 2 * out.len() * k;
     let mut pf = 0;
     while pf < w_bytes.min(LORA_PREFETCH) {
+        // SAFETY: pf < the out.len()·k f16 of w that are read (w.len() >= out.len()·k).
         _mm_prefetch::<_MM_HINT_T0>(wb.add(pf) as *const i8);
         pf += 64;
     }
@@ -1760,7 +1761,8 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
         }
     }
     // ggml's reduction of the four 8-lane accumulators of one row.
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn reduce(acc: [__m256; 4]) -> f32 {
         let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
         let t0 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1779,7 +1781,8 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
         let mut sum = 0f64;
         if np > 0 {
             if paired != r {
-                let wq = wp.add(k);
+                // Row r + 1 (at most one past the rows read when r is the last: not read then).
+                let wq = wp.wrapping_add(k);
                 let two = r + 1 < rows_total;
                 let mut a0 = [_mm256_setzero_ps(); 4];
                 let mut a1 = [_mm256_setzero_ps(); 4];
