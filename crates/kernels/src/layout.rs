@@ -182,25 +182,24 @@ fn interleave_block(t: &InterleavedType, src: [&[u8]; INTERLEAVE], dst: &mut [u8
     }
 }
 
-/// The inverse of [`interleave_block`]: row `i`'s ggml block into `dst[i]`.
-fn deinterleave_block(t: &InterleavedType, src: &[u8], dst: &mut [&mut [u8]; INTERLEAVE]) {
+/// The inverse of [`interleave_block`] for one row: row `i`'s ggml block from the group's
+/// interleaved block `src` into `dst` (one ggml block).
+fn deinterleave_block_row(t: &InterleavedType, src: &[u8], i: usize, dst: &mut [u8]) {
     let qs0 = t.block - t.qs;
     let q = &src[2 * INTERLEAVE..];
-    for (i, b) in dst.iter_mut().enumerate() {
-        b[0..2].copy_from_slice(&src[2 * i..2 * i + 2]);
-        for j in 0..t.qs / 4 {
-            b[qs0 + 4 * j..qs0 + 4 * j + 4].copy_from_slice(&q[32 * j + 4 * i..32 * j + 4 * i + 4]);
-        }
-        if let Some(qh) = t.qh {
-            let h = &q[8 * t.qs..8 * t.qs + 32];
-            let mut bits = 0u32;
-            for e in 0..4 {
-                for k in 0..8 {
-                    bits |= (((h[4 * i + e] >> k) & 1) as u32) << (4 * k + e);
-                }
+    dst[0..2].copy_from_slice(&src[2 * i..2 * i + 2]);
+    for j in 0..t.qs / 4 {
+        dst[qs0 + 4 * j..qs0 + 4 * j + 4].copy_from_slice(&q[32 * j + 4 * i..32 * j + 4 * i + 4]);
+    }
+    if let Some(qh) = t.qh {
+        let h = &q[8 * t.qs..8 * t.qs + 32];
+        let mut bits = 0u32;
+        for e in 0..4 {
+            for k in 0..8 {
+                bits |= (((h[4 * i + e] >> k) & 1) as u32) << (4 * k + e);
             }
-            b[qh..qh + 4].copy_from_slice(&bits.to_le_bytes());
         }
+        dst[qh..qh + 4].copy_from_slice(&bits.to_le_bytes());
     }
 }
 
@@ -248,14 +247,11 @@ pub fn deinterleave_rows(
         .chunks_exact(INTERLEAVE * rb)
         .zip(dst.chunks_exact_mut(INTERLEAVE * rb))
     {
-        for b in 0..nb {
-            let mut rows = d.chunks_exact_mut(rb);
-            let mut out: [&mut [u8]; INTERLEAVE] = std::array::from_fn(|_| {
-                let row = rows.next().expect("eight rows per group");
-                // Re-borrow the block of this row (the row slice is moved in, then narrowed).
-                &mut row[b * t.block..(b + 1) * t.block]
-            });
-            deinterleave_block(&t, &s[b * n..(b + 1) * n], &mut out);
+        for (i, row) in d.chunks_exact_mut(rb).enumerate() {
+            for b in 0..nb {
+                let blk = &mut row[b * t.block..(b + 1) * t.block];
+                deinterleave_block_row(&t, &s[b * n..(b + 1) * n], i, blk);
+            }
         }
     }
     Ok(())
@@ -292,17 +288,9 @@ pub fn interleaved_row(
     let g = r / INTERLEAVE;
     let group = &src[g * INTERLEAVE * rb..(g + 1) * INTERLEAVE * rb];
     let n = INTERLEAVE * t.block;
-    let mut scratch = vec![0u8; n];
     for b in 0..cols / 32 {
-        {
-            let mut rows = scratch.chunks_exact_mut(t.block);
-            let mut out: [&mut [u8]; INTERLEAVE] =
-                std::array::from_fn(|_| rows.next().expect("eight blocks"));
-            deinterleave_block(&t, &group[b * n..(b + 1) * n], &mut out);
-        }
-        let i = r % INTERLEAVE;
-        dst[b * t.block..(b + 1) * t.block]
-            .copy_from_slice(&scratch[i * t.block..(i + 1) * t.block]);
+        let blk = &mut dst[b * t.block..(b + 1) * t.block];
+        deinterleave_block_row(&t, &group[b * n..(b + 1) * n], r % INTERLEAVE, blk);
     }
     Ok(())
 }

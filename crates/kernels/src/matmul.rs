@@ -450,12 +450,14 @@ fn q32_x86(
     let ActivationData::Q8_0(v) = &a.data else {
         return None;
     };
-    fn go<M: Q32Rows>(
+    /// Checks the shapes, prepares the activations and runs `kernel(r0, r1, prep, out)` over
+    /// chunks of whole 8-row groups, in parallel when worth it.
+    fn drive<W: q32::Q32Block>(
         w: &QMatrix,
-        m: M,
         v: &[BlockQ8_0],
         n_tokens: usize,
         y: &mut [f32],
+        kernel: impl Fn(usize, usize, &q32::Prepared, *mut f32) + Sync,
     ) -> Result<(), KernelError> {
         check_lengths(
             w,
@@ -475,16 +477,12 @@ fn q32_x86(
         let n_chunks = rows.div_ceil(chunk);
         let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows * n_tokens >= 64 * 1024;
         // SAFETY: the caller checked AVX2/FMA/F16C.
-        let prep = unsafe { q32::prepare::<M::W>(v) };
+        let prep = unsafe { q32::prepare::<W>(v) };
         let out = OutPtr(y.as_mut_ptr());
-        let (out, prep, m) = (&out, &prep, &m);
+        let (out, prep) = (&out, &prep);
         let job = |ci: usize| {
             let r0 = ci * chunk;
-            let r1 = (r0 + chunk).min(rows);
-            // SAFETY: AVX2 checked; m holds rows × nb blocks (validated by the caller), v
-            // n_tokens * nb (checked above) and prep was made from v; out points to
-            // n_tokens * rows outputs and chunks are disjoint.
-            unsafe { q32::rows(m, r0, r1, v, prep, n_tokens, out.0, rows) }
+            kernel(r0, (r0 + chunk).min(rows), prep, out.0)
         };
         if parallel {
             crate::pool::for_each(n_chunks, job);
@@ -492,6 +490,21 @@ fn q32_x86(
             (0..n_chunks).for_each(job);
         }
         Ok(())
+    }
+    fn go<M: Q32Rows>(
+        w: &QMatrix,
+        m: M,
+        v: &[BlockQ8_0],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let rows = w.rows;
+        drive::<M::W>(w, v, n_tokens, y, |r0, r1, prep, out| {
+            // SAFETY: AVX2 checked; m holds rows × nb blocks (validated by the caller), v
+            // n_tokens * nb (checked by `drive`) and prep was made from v; out points to
+            // n_tokens * rows outputs and chunks are disjoint.
+            unsafe { q32::rows(&m, r0, r1, v, prep, n_tokens, out, rows) }
+        })
     }
     fn plain<W: q32::Q32Block + ByteBlock>(
         w: &QMatrix,
@@ -509,47 +522,19 @@ fn q32_x86(
         n_tokens: usize,
         y: &mut [f32],
     ) -> Result<(), KernelError> {
-        check_lengths(
-            w,
-            v.len() * 32,
-            n_tokens,
-            y.len(),
-            "activation rows",
-            "values",
-        )?;
-        let rows = w.rows;
-        if rows == 0 || n_tokens == 0 {
-            return Ok(());
-        }
-        let nb = w.cols / 32;
-        let g = crate::layout::INTERLEAVE;
+        let (rows, nb) = (w.rows, w.cols / 32);
         // `validate` checked whole groups of eight rows.
-        debug_assert!(rows % g == 0 && w.data.len() == rows / g * nb * W::BYTES);
-        let row_bytes = nb * W::BYTES / g;
-        let chunk = row_chunk(rows, n_tokens, row_bytes);
-        let n_chunks = rows.div_ceil(chunk);
-        let parallel = rayon::current_num_threads() > 1
-            && n_chunks > 1
-            && row_bytes * rows * n_tokens >= 64 * 1024;
-        // SAFETY: the caller checked AVX2/FMA/F16C.
-        let prep = unsafe { q32::prepare::<W>(v) };
-        let out = OutPtr(y.as_mut_ptr());
-        let (out, prep) = (&out, &prep);
-        let job = |ci: usize| {
-            let r0 = ci * chunk;
-            let r1 = (r0 + chunk).min(rows);
+        debug_assert!(
+            rows % crate::layout::INTERLEAVE == 0
+                && w.data.len() == rows / crate::layout::INTERLEAVE * nb * W::BYTES
+        );
+        drive::<W>(w, v, n_tokens, y, |r0, r1, prep, out| {
             // SAFETY: AVX2 checked; w.data holds rows/8 groups of nb interleaved blocks
-            // (validated), r0 and r1 are multiples of 8 (chunk is, rows is), v holds
-            // n_tokens * nb blocks (checked above) and prep was made from v; out points to
-            // n_tokens * rows outputs and chunks are disjoint.
-            unsafe { crate::q32x8::rows::<W>(w.data, nb, r0, r1, v, prep, n_tokens, out.0, rows) }
-        };
-        if parallel {
-            crate::pool::for_each(n_chunks, job);
-        } else {
-            (0..n_chunks).for_each(job);
-        }
-        Ok(())
+            // (validated), r0 and r1 are multiples of 8 (chunks are whole groups, rows is a
+            // multiple of 8), v holds n_tokens * nb blocks (checked by `drive`) and prep was
+            // made from v; out points to n_tokens * rows outputs and chunks are disjoint.
+            unsafe { crate::q32x8::rows::<W>(w.data, nb, r0, r1, v, prep, n_tokens, out, rows) }
+        })
     }
     let n = a.n_tokens;
     Some(match (w.ty, w.layout) {

@@ -110,8 +110,7 @@ impl X8Block for BlockQ5_0 {
             let mut s16 = _mm256_setzero_si256();
             for j in 4 * half..4 * half + 4 {
                 // SAFETY: y points to 8 readable i32 (caller).
-                let yj = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[j], yj));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[j], broadcast4(y, j)));
             }
             s[half] = _mm256_madd_epi16(s16, ones);
         }
@@ -154,26 +153,46 @@ impl X8Block for BlockQ8_0 {
         let mut s = _mm256_setzero_si256();
         for j in 0..INTERLEAVE {
             // SAFETY: y points to 8 readable i32 (caller).
-            let yj = _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)));
-            let p = _mm256_maddubs_epi16(abs[j], _mm256_sign_epi8(yj, v[j]));
+            let p = _mm256_maddubs_epi16(abs[j], _mm256_sign_epi8(broadcast4(y, j), v[j]));
             s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
         }
         s
     }
 }
 
-/// Prefetches the group stream [`PREFETCH_AHEAD`] bytes past `p` (one block group's worth of
-/// lines). A prefetch never faults, so addresses past the matrix are harmless, and
-/// `wrapping_add` keeps the pointer arithmetic defined.
+/// The block group at `p` ready to multiply: its eight scales as f32, its quant vectors and
+/// their [`X8Block::abs8`]. Also prefetches the stream [`PREFETCH_AHEAD`] bytes past `p` (one
+/// group's worth of lines; a prefetch never faults, so addresses past the matrix are harmless,
+/// and `wrapping_add` keeps the pointer arithmetic defined).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `p` points to `W::BYTES` readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn prefetch_group<W: X8Block>(p: *const u8) {
+unsafe fn load_group<W: X8Block>(
+    p: *const u8,
+) -> (__m256, [__m256i; INTERLEAVE], [__m256i; INTERLEAVE]) {
     let ahead = p.wrapping_add(PREFETCH_AHEAD);
     let mut off = 0;
     while off < W::BYTES {
         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
         off += 64;
     }
+    // SAFETY: the eight f16 scales are the group's first 16 bytes; loadu is unaligned.
+    let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    let v = W::decode8(p);
+    let a = W::abs8(&v);
+    (dw, v, a)
+}
+
+/// Activation bytes `4j..4j+4` of a block broadcast to every 32-bit lane.
+///
+/// # Safety
+/// The CPU must support AVX2; `y` points to 8 readable i32 and `j < 8`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn broadcast4(y: *const i32, j: usize) -> __m256i {
+    _mm256_set1_epi32(std::ptr::read_unaligned(y.add(j)))
 }
 
 /// Outputs of weight rows `r0..r1` (multiples of 8) of an interleaved matrix for all
@@ -211,11 +230,8 @@ pub(crate) unsafe fn rows<W: X8Block>(
         if n_tokens == 1 {
             let mut acc = _mm256_setzero_ps();
             for b in 0..nb {
-                let p = base.add(b * W::BYTES);
-                prefetch_group::<W>(p);
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-                let v = W::decode8(p);
-                let a = W::abs8(&v);
+                // SAFETY: block group b of this row group lies inside data.
+                let (dw, v, a) = load_group::<W>(base.add(b * W::BYTES));
                 // SAFETY: b < nb == act.len(); qs is 32 bytes.
                 let s = W::dot8(&v, &a, act.get_unchecked(b).qs.as_ptr() as *const i32);
                 finish::<W>(s, dw, prep, b, &mut acc);
@@ -230,11 +246,8 @@ pub(crate) unsafe fn rows<W: X8Block>(
                     *a = _mm256_setzero_ps();
                 }
                 for b in 0..nb {
-                    let p = base.add(b * W::BYTES);
-                    prefetch_group::<W>(p);
-                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-                    let v = W::decode8(p);
-                    let a = W::abs8(&v);
+                    // SAFETY: block group b of this row group lies inside data.
+                    let (dw, v, a) = load_group::<W>(base.add(b * W::BYTES));
                     for t in t0..t1 {
                         let kk = t * nb + b;
                         // SAFETY: t < n_tokens, so kk < act.len() (and prep's arrays).

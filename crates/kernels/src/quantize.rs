@@ -962,6 +962,28 @@ fn requant_groups(
     requant_groups_scalar(x, w, gs, ng, dg, mg, qmin, qmax, q)
 }
 
+/// Weighted error of a whole super-block against `x ≈ d·si[g]·q − dmin·mi[g]` per group of `gs`
+/// values (up to 16 groups), writing the rounded values to `q` ([`requant_groups`]).
+#[allow(clippy::too_many_arguments)]
+fn affine_err(
+    x: &[f32],
+    w: &[f32],
+    gs: usize,
+    (d, dmin): (f32, f32),
+    si: &[i32],
+    mi: &[i32],
+    qmax: i32,
+    q: &mut [i32; QK_K],
+) -> f32 {
+    let ng = si.len().min(16);
+    let (mut dg, mut mg) = ([0f32; 16], [0f32; 16]);
+    for g in 0..ng {
+        dg[g] = d * si[g] as f32;
+        mg[g] = dmin * mi[g] as f32;
+    }
+    requant_groups(x, w, gs, ng, &dg, &mg, 0, qmax, q)
+}
+
 /// Given the integer sub-block scales/mins and values, re-solve the two f16 super-scales by
 /// weighted least squares (`x ≈ d·(sc·q) − dmin·m`), re-round the values, and keep the result
 /// when the weighted error drops. Two rounds. `gs` is the sub-block size.
@@ -976,14 +998,8 @@ fn refine_affine(
     (mut d, mut dmin): (f32, f32),
     q: &mut [i32; QK_K],
 ) -> (f32, f32) {
-    let ng = si.len().min(16);
     let err_of = |d: f32, dmin: f32, q: &mut [i32; QK_K]| -> f32 {
-        let (mut dg, mut mg) = ([0f32; 16], [0f32; 16]);
-        for g in 0..ng {
-            dg[g] = d * si[g] as f32;
-            mg[g] = dmin * mi[g] as f32;
-        }
-        requant_groups(x, w, gs, ng, &dg, &mg, 0, qmax, q)
+        affine_err(x, w, gs, (d, dmin), si, mi, qmax, q)
     };
     let mut best = err_of(d, dmin, q);
     for _ in 0..2 {
@@ -1241,12 +1257,7 @@ fn kq45_block(x: &[f32], w: &[f32], o: &mut [u8], five: bool) {
         // The block is (up to the f16 rounding of a dequantized source) a grid of this format:
         // keep whichever has the smaller weighted error (normally the recovered grid).
         let err = |d: f32, dmin: f32, si: &[i32; 8], mi: &[i32; 8], q: &mut [i32; QK_K]| {
-            let (mut dg, mut mg) = ([0f32; 16], [0f32; 16]);
-            for g in 0..8 {
-                dg[g] = d * si[g] as f32;
-                mg[g] = dmin * mi[g] as f32;
-            }
-            requant_groups(x, w, 32, 8, &dg, &mg, 0, qmax, q)
+            affine_err(x, w, 32, (d, dmin), si, mi, qmax, q)
         };
         // The super-scales are estimated from rounded values: the source's may be the f16
         // next to them, so the neighbours are tried too.

@@ -1618,13 +1618,16 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
     // not cached) is streamed with software prefetches: the hardware prefetchers barely ramp
     // up over such short streams (measured: ~6 GB/s over both cores without).
     let wb = w.as_ptr() as *const u8;
-    let w_bytes = 2 * out.len() * k;
-    let mut pf = 0;
-    while pf < w_bytes.min(LORA_PREFETCH) {
-        // SAFETY: pf < the out.len()·k f16 of w that are read (w.len() >= out.len()·k).
-        _mm_prefetch::<_MM_HINT_T0>(wb.add(pf) as *const i8);
-        pf += 64;
-    }
+    // The lines `off..off + len` bytes into w (a prefetch never faults; `wrapping_add` keeps the
+    // address arithmetic defined past the end).
+    let prefetch = |off: usize, len: usize| {
+        let mut o = 0;
+        while o < len {
+            _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(off + o) as *const i8);
+            o += 64;
+        }
+    };
+    prefetch(0, (2 * out.len() * k).min(LORA_PREFETCH));
     if np == 0 && k > 0 && k % 8 == 0 {
         // Short rows of a multiple of 8 (LoRA's B at ranks 8, 16, 24): sixteen rows at a
         // time, each row's products added in f64 in column order in its own lane, as below.
@@ -1658,14 +1661,8 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
             _mm256_storeu_ps(out.as_mut_ptr().add(r), v);
         };
         while r0 + 8 <= out.len() {
-            // The rows LORA_PREFETCH bytes ahead (a prefetch never faults; `wrapping_add`
-            // keeps the address arithmetic defined past the end).
-            let ahead = wb.wrapping_add(2 * r0 * k + LORA_PREFETCH);
-            let mut off = 0;
-            while off < 32 * k {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
-                off += 64;
-            }
+            // The rows LORA_PREFETCH bytes ahead.
+            prefetch(2 * r0 * k + LORA_PREFETCH, 32 * k);
             let two = r0 + 16 <= out.len();
             let mut acc = [_mm256_setzero_pd(); 4];
             let mut c0 = 0;
@@ -1688,14 +1685,8 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
     } else if np == 0 && k > 0 {
         let mut buf = [[0f32; 32]; 8];
         while r0 + 8 <= out.len() {
-            // The rows LORA_PREFETCH bytes ahead (a prefetch never faults; `wrapping_add`
-            // keeps the address arithmetic defined past the end).
-            let ahead = wb.wrapping_add(2 * r0 * k + LORA_PREFETCH);
-            let mut off = 0;
-            while off < 16 * k {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
-                off += 64;
-            }
+            // The rows LORA_PREFETCH bytes ahead.
+            prefetch(2 * r0 * k + LORA_PREFETCH, 16 * k);
             for (i, b) in buf.iter_mut().enumerate() {
                 let row = &w[(r0 + i) * k..(r0 + i + 1) * k];
                 to_f32(row.as_ptr() as *const u16, row, b);
@@ -1792,9 +1783,8 @@ pub unsafe fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
                 // loads.
                 while i < np {
                     // Both rows' next bytes, LORA_PREFETCH ahead in the stream.
-                    let ahead = (wp as *const u8).wrapping_add(2 * i + LORA_PREFETCH);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(2 * k) as *const i8);
+                    prefetch(2 * (r * k + i) + LORA_PREFETCH, 1);
+                    prefetch(2 * ((r + 1) * k + i) + LORA_PREFETCH, 1);
                     for j in 0..4 {
                         let xv = _mm256_loadu_ps(xf.as_ptr().add(i + 8 * j));
                         a0[j] = _mm256_fmadd_ps(ld(wp, i + 8 * j), xv, a0[j]);
