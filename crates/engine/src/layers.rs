@@ -661,6 +661,23 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// `gate[i] = act(gate[i]) · up[i]`, the gated feed-forward's product, in parallel pieces: per
+/// element an `exp` or a table lookup, which on one thread was ~4 % of a batched decode step
+/// while the other threads waited for the next matmul. The result is per element, so it does
+/// not depend on how the work is split.
+pub fn gated_inplace<F: Fn(f32) -> f32 + Sync>(gate: &mut [f32], up: &[f32], act: F) {
+    debug_assert_eq!(gate.len(), up.len());
+    /// Fewer elements than this are not worth a parallel section (a few µs).
+    const PIECE: usize = 2048;
+    let threads = rayon::current_num_threads().max(1);
+    let piece = gate.len().div_ceil(threads).max(PIECE);
+    modu_kernels::pool::for_each_chunk_mut(gate, piece, |i, g| {
+        for (g, u) in g.iter_mut().zip(&up[i * piece..]) {
+            *g = act(*g) * u;
+        }
+    });
+}
+
 /// GELU, tanh approximation (what Gemma uses).
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -689,6 +706,7 @@ pub fn gelu_ggml(x: f32) -> f32 {
 static GELU_F16: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    debug_assert_eq!(x.len(), y.len());
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }

@@ -16,7 +16,7 @@ use super::{embed_tokens, projection_shapes, select_rows, Hparams, Logits, Model
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    add_inplace, attend_batch, forward_many_lora, gelu_ggml, plan_batch, rms_norm,
+    add_inplace, attend_batch, forward_many_lora, gated_inplace, gelu_ggml, plan_batch, rms_norm,
     rms_norm_inplace, AttnShape, Linear, Rope, RopeStyle, TensorLoader, Weight,
 };
 use crate::lora::{BaseShapes, BatchLora, ModuleRef, Proj};
@@ -276,9 +276,7 @@ impl Model for Gemma3 {
                 &mut [&mut gate, &mut up],
                 lora.as_mut().map(|l| (l, il, &[Proj::Gate, Proj::Up][..])),
             )?;
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = gelu_ggml(*g) * u;
-            }
+            gated_inplace(&mut gate, &up, gelu_ggml);
             b.w_down.forward_lora(
                 f,
                 &gate,
