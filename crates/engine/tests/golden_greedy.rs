@@ -35,9 +35,10 @@ fn softmax(logits: &[f32]) -> Vec<f64> {
 
 fn check_model(model_name: &str, golden_file: &str) {
     let path = common::model_path(model_name);
-    // Opened as `modu run`/`serve` open it: a private copy with the Q5_0/Q8_0 matmul weights
-    // interleaved or regrouped for the AVX2 kernel (when it is in use), so the goldens check
-    // that path: the Q8_0 output matrix (or tied embedding) and Q5_0 projections interleaved.
+    // Opened as `modu run`/`serve` open it: a private copy with the Q5_0/Q8_0/Q4_K/Q6_K matmul
+    // weights interleaved or regrouped for the AVX2 kernels (when they are in use), so the
+    // goldens check that path: the Q8_0 output matrix (or tied embedding), the Q5_0
+    // projections and the K-quant feed-forward weights interleaved.
     let file = Arc::new(
         GgufFile::open_resident_with(&path, modu_engine::layers::regroup_for_inference)
             .expect("open model"),
@@ -51,10 +52,14 @@ fn check_model(model_name: &str, golden_file: &str) {
                         == modu_kernels::Layout::Interleaved8
             })
         };
-        assert!(
-            interleaved(modu_gguf::GgmlType::Q5_0) && interleaved(modu_gguf::GgmlType::Q8_0),
-            "{model_name}: Q5_0 and Q8_0 weights were not interleaved"
-        );
+        use modu_gguf::GgmlType as T;
+        for ty in [T::Q5_0, T::Q8_0, T::Q4_K, T::Q6_K] {
+            assert!(
+                interleaved(ty),
+                "{model_name}: no {} weight was interleaved",
+                ty.name()
+            );
+        }
     }
     let tok = Tokenizer::from_gguf(&file).expect("tokenizer");
     let model = load_model(file.clone()).expect("load model");

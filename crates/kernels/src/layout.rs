@@ -21,14 +21,20 @@
 //! `qh'`, whose bit `j / 4` is element `j`'s), so the byte shuffle of ggml's layout goes.
 //! Measured: the decode kernel +25–35 % (one core, in cache, and two cores from DRAM).
 //!
-//! # The interleaved layout ([`Layout::Interleaved8`], Q5_0 and Q8_0)
+//! # The interleaved layout ([`Layout::Interleaved8`], Q5_0, Q8_0, Q4_K and Q6_K)
 //! Rows are taken eight at a time (the row count must be a multiple of 8); the group's blocks
 //! at the same position `b` are stored together, for `b = 0, 1, …`, then the next group:
 //!
 //! ```text
 //! Q5_0, 176 bytes: [d of rows 0..8: 8 × f16][qs: 4 × 32 bytes][qh: 32 bytes]
 //! Q8_0, 272 bytes: [d of rows 0..8: 8 × f16][qs: 8 × 32 bytes]
+//! Q4_K, 1152 bytes: [d: 8 × f16][dmin: 8 × f16][scales: 3 × 32 bytes][qs: 32 × 32 bytes]
+//! Q6_K, 1680 bytes: [d: 8 × f16][scales: 16 × 8 bytes][ql: 32 × 32 bytes][qh: 16 × 32 bytes]
 //! ```
+//!
+//! For the K-quants, quant vector `k` (0..64) holds elements `4k..4k+4` of each row, row `i`
+//! in bytes `4i..4i+4`, split into nibbles (and Q6_K's high two bits) across the chunks as
+//! [`interleave_block_q4k`] and [`interleave_block_q6k`] describe.
 //!
 //! Quant vector `j` (32 bytes) holds the 4-byte chunk `j` of each of the eight rows' `qs`, row
 //! `i` in bytes `4i..4i+4`. For Q8_0 those are elements `4j..4j+4`; for Q5_0 (two nibbles per
@@ -65,21 +71,26 @@ pub(crate) const INTERLEAVE: usize = 8;
 /// Bytes of one interleaved block group (eight rows' blocks at one position).
 pub(crate) fn interleaved_block_bytes(ty: GgmlType) -> Option<usize> {
     match ty {
-        GgmlType::Q5_0 | GgmlType::Q8_0 => Some(INTERLEAVE * ty.type_size()),
+        GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K => {
+            Some(INTERLEAVE * ty.type_size())
+        }
         _ => None,
     }
 }
 
 /// The layout the kernels in use read a `rows × cols` matrix of `ty` fastest in, for weights
-/// rewritten once at load time: [`Layout::Interleaved8`] for Q5_0 and Q8_0 with a multiple of 8
-/// rows, [`Layout::Grouped8`] for other Q5_0 matrices, both only with the AVX2 kernels (not
-/// forced to scalar); otherwise ggml's. Every kernel entry point accepts every layout.
+/// rewritten once at load time: [`Layout::Interleaved8`] for Q5_0, Q8_0, Q4_K and Q6_K with a
+/// multiple of 8 rows, [`Layout::Grouped8`] for other Q5_0 matrices, both only with the AVX2
+/// kernels (not forced to scalar); otherwise ggml's. Every kernel entry point accepts every
+/// layout.
 pub fn inference_layout(ty: GgmlType, rows: usize, cols: usize) -> Layout {
-    if !crate::dispatch::use_avx2() || cols % 32 != 0 || cols == 0 {
+    if !crate::dispatch::use_avx2() || cols == 0 || cols % ty.block_size() != 0 {
         return Layout::Ggml;
     }
     match ty {
-        GgmlType::Q5_0 | GgmlType::Q8_0 if rows % INTERLEAVE == 0 && rows > 0 => {
+        GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
+            if rows % INTERLEAVE == 0 && rows > 0 =>
+        {
             Layout::Interleaved8
         }
         GgmlType::Q5_0 => Layout::Grouped8,
@@ -137,25 +148,25 @@ struct InterleavedType {
     qh: Option<usize>,
 }
 
-fn interleaved_type(ty: GgmlType) -> Result<InterleavedType, KernelError> {
-    match ty {
-        GgmlType::Q5_0 => Ok(InterleavedType {
+fn interleaved_type(ty: GgmlType) -> Option<InterleavedType> {
+    Some(match ty {
+        GgmlType::Q5_0 => InterleavedType {
             block: 22,
             qs: 16,
             qh: Some(2),
-        }),
-        GgmlType::Q8_0 => Ok(InterleavedType {
+        },
+        GgmlType::Q8_0 => InterleavedType {
             block: 34,
             qs: 32,
             qh: None,
-        }),
-        other => Err(KernelError::UnsupportedType(other)),
-    }
+        },
+        _ => return None,
+    })
 }
 
 /// Interleaves the blocks at one position of eight rows: `src[i]` is row `i`'s ggml block,
 /// `dst` the group's interleaved block ([`interleaved_block_bytes`]).
-fn interleave_block(t: &InterleavedType, src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
+fn interleave_block_q32(t: &InterleavedType, src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
     let qs0 = t.block - t.qs;
     for (i, b) in src.iter().enumerate() {
         dst[2 * i..2 * i + 2].copy_from_slice(&b[0..2]);
@@ -182,9 +193,9 @@ fn interleave_block(t: &InterleavedType, src: [&[u8]; INTERLEAVE], dst: &mut [u8
     }
 }
 
-/// The inverse of [`interleave_block`] for one row: row `i`'s ggml block from the group's
+/// The inverse of [`interleave_block_q32`] for one row: row `i`'s ggml block from the group's
 /// interleaved block `src` into `dst` (one ggml block).
-fn deinterleave_block_row(t: &InterleavedType, src: &[u8], i: usize, dst: &mut [u8]) {
+fn deinterleave_block_row_q32(t: &InterleavedType, src: &[u8], i: usize, dst: &mut [u8]) {
     let qs0 = t.block - t.qs;
     let q = &src[2 * INTERLEAVE..];
     dst[0..2].copy_from_slice(&src[2 * i..2 * i + 2]);
@@ -203,21 +214,165 @@ fn deinterleave_block_row(t: &InterleavedType, src: &[u8], i: usize, dst: &mut [
     }
 }
 
+/// A block type of the interleaved layout and how its blocks are rearranged.
+enum Kind {
+    /// Q5_0 and Q8_0.
+    Q32(InterleavedType),
+    Q4K,
+    Q6K,
+}
+
+impl Kind {
+    fn of(ty: GgmlType) -> Result<Kind, KernelError> {
+        match ty {
+            GgmlType::Q4_K => Ok(Kind::Q4K),
+            GgmlType::Q6_K => Ok(Kind::Q6K),
+            other => interleaved_type(other)
+                .map(Kind::Q32)
+                .ok_or(KernelError::UnsupportedType(other)),
+        }
+    }
+
+    /// Interleaves the blocks at one position of eight rows: `src[i]` is row `i`'s ggml block,
+    /// `dst` the group's interleaved block ([`interleaved_block_bytes`]).
+    fn interleave(&self, src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
+        match self {
+            Kind::Q32(t) => interleave_block_q32(t, src, dst),
+            Kind::Q4K => interleave_block_q4k(src, dst),
+            Kind::Q6K => interleave_block_q6k(src, dst),
+        }
+    }
+
+    /// The inverse of [`Kind::interleave`] for one row: row `i`'s ggml block from the group's
+    /// interleaved block `src` into `dst` (one ggml block).
+    fn row(&self, src: &[u8], i: usize, dst: &mut [u8]) {
+        match self {
+            Kind::Q32(t) => deinterleave_block_row_q32(t, src, i, dst),
+            Kind::Q4K => deinterleave_block_row_q4k(src, i, dst),
+            Kind::Q6K => deinterleave_block_row_q6k(src, i, dst),
+        }
+    }
+}
+
+/// Where the 4-bit quant of element `e` (0..256) sits in a ggml Q4_K block's `qs` (offset 16):
+/// byte and shift. Elements `64c..64c+32` are the low nibbles of `qs[32c..32c+32]`, the next 32
+/// the high nibbles.
+fn q4k_ggml_nibble(e: usize) -> (usize, u32) {
+    (16 + 32 * (e / 64) + e % 32, 4 * ((e % 64) / 32) as u32)
+}
+
+/// Where element `e` of row `i` sits in an interleaved Q4_K / Q6_K quant vector: vector
+/// `e / 4`, byte `4i + e % 4` of it.
+fn vector_byte(e: usize, i: usize) -> (usize, usize) {
+    (e / 4, 4 * i + e % 4)
+}
+
+/// Q4_K, 1152 bytes per group: `[d: 8 × f16][dmin: 8 × f16][scales: 3 × 32 bytes][qs: 32 ×
+/// 32 bytes]`. The scales are each row's 12 packed bytes as three little-endian words, word
+/// `w` of row `i` at `32 + 32w + 4i` (so that one vector holds one word of all eight rows and
+/// the unpacking is lane-wise). Quant vector `k` (elements `4k..4k+4` of every row, see
+/// [`vector_byte`]) is the low (`k < 32`) or high nibble of chunk `k % 32`.
+fn interleave_block_q4k(src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
+    dst.fill(0);
+    for (i, b) in src.iter().enumerate() {
+        dst[2 * i..2 * i + 2].copy_from_slice(&b[0..2]);
+        dst[16 + 2 * i..16 + 2 * i + 2].copy_from_slice(&b[2..4]);
+        for w in 0..3 {
+            dst[32 + 32 * w + 4 * i..32 + 32 * w + 4 * i + 4]
+                .copy_from_slice(&b[4 + 4 * w..8 + 4 * w]);
+        }
+        for e in 0..256 {
+            let (byte, shift) = q4k_ggml_nibble(e);
+            let q = (b[byte] >> shift) & 0x0F;
+            let (k, p) = vector_byte(e, i);
+            dst[128 + 32 * (k % 32) + p] |= q << (4 * (k / 32));
+        }
+    }
+}
+
+fn deinterleave_block_row_q4k(src: &[u8], i: usize, dst: &mut [u8]) {
+    dst.fill(0);
+    dst[0..2].copy_from_slice(&src[2 * i..2 * i + 2]);
+    dst[2..4].copy_from_slice(&src[16 + 2 * i..16 + 2 * i + 2]);
+    for w in 0..3 {
+        dst[4 + 4 * w..8 + 4 * w].copy_from_slice(&src[32 + 32 * w + 4 * i..36 + 32 * w + 4 * i]);
+    }
+    for e in 0..256 {
+        let (k, p) = vector_byte(e, i);
+        let q = (src[128 + 32 * (k % 32) + p] >> (4 * (k / 32))) & 0x0F;
+        let (byte, shift) = q4k_ggml_nibble(e);
+        dst[byte] |= q << shift;
+    }
+}
+
+/// Where the low four and the high two bits of element `e` (0..256) sit in a ggml Q6_K block:
+/// `(ql byte, shift, qh byte, shift)`. Per half of 128 elements, element `32m + l` of the half
+/// has its low bits in `ql[64h + l + 32(m % 2)]` (nibble `m / 2`) and its high bits at bits
+/// `2m..2m+2` of `qh[32h + l]`.
+fn q6k_ggml_bits(e: usize) -> (usize, u32, usize, u32) {
+    let (h, m, l) = (e / 128, (e % 128) / 32, e % 32);
+    (
+        64 * h + l + 32 * (m % 2),
+        4 * (m / 2) as u32,
+        128 + 32 * h + l,
+        2 * m as u32,
+    )
+}
+
+/// Q6_K, 1680 bytes per group: `[d: 8 × f16][scales: 16 × 8 bytes][ql: 32 × 32 bytes][qh: 16 ×
+/// 32 bytes]`, the scale of sub-block `j` of row `i` at `16 + 8j + i`. Quant vector `k`
+/// ([`vector_byte`]) has its low four bits in nibble `k / 32` of `ql` chunk `k % 32` and its
+/// high two bits at bits `2(k / 16)` of `qh` chunk `k % 16`: a sub-block (16 elements) is
+/// vectors `4j..4j+4`.
+fn interleave_block_q6k(src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
+    dst.fill(0);
+    for (i, b) in src.iter().enumerate() {
+        dst[2 * i..2 * i + 2].copy_from_slice(&b[208..210]);
+        for j in 0..16 {
+            dst[16 + 8 * j + i] = b[192 + j];
+        }
+        for e in 0..256 {
+            let (lb, ls, hb, hs) = q6k_ggml_bits(e);
+            let lo = (b[lb] >> ls) & 0x0F;
+            let hi = (b[hb] >> hs) & 0x03;
+            let (k, p) = vector_byte(e, i);
+            dst[144 + 32 * (k % 32) + p] |= lo << (4 * (k / 32));
+            dst[1168 + 32 * (k % 16) + p] |= hi << (2 * (k / 16));
+        }
+    }
+}
+
+fn deinterleave_block_row_q6k(src: &[u8], i: usize, dst: &mut [u8]) {
+    dst.fill(0);
+    dst[208..210].copy_from_slice(&src[2 * i..2 * i + 2]);
+    for j in 0..16 {
+        dst[192 + j] = src[16 + 8 * j + i];
+    }
+    for e in 0..256 {
+        let (k, p) = vector_byte(e, i);
+        let lo = (src[144 + 32 * (k % 32) + p] >> (4 * (k / 32))) & 0x0F;
+        let hi = (src[1168 + 32 * (k % 16) + p] >> (2 * (k / 16))) & 0x03;
+        let (lb, ls, hb, hs) = q6k_ggml_bits(e);
+        dst[lb] |= lo << ls;
+        dst[hb] |= hi << hs;
+    }
+}
+
 /// Rewrites `data` (whole rows of `cols` elements, ggml layout, a multiple of 8 rows) into
 /// [`Layout::Interleaved8`], in place, one group of eight rows at a time.
 pub fn interleave_rows(ty: GgmlType, cols: usize, data: &mut [u8]) -> Result<(), KernelError> {
-    let t = interleaved_type(ty)?;
+    let kind = Kind::of(ty)?;
     let rb = checked_rows(ty, cols, data.len())?;
     check_groups(rb, data.len())?;
-    let nb = cols / 32;
+    let (nb, block) = (cols / ty.block_size(), ty.type_size());
     let mut group = vec![0u8; INTERLEAVE * rb];
     for dst in data.chunks_exact_mut(INTERLEAVE * rb) {
         group.copy_from_slice(dst);
         for b in 0..nb {
             let src: [&[u8]; INTERLEAVE] =
-                std::array::from_fn(|i| &group[i * rb + b * t.block..i * rb + (b + 1) * t.block]);
-            let n = INTERLEAVE * t.block;
-            interleave_block(&t, src, &mut dst[b * n..(b + 1) * n]);
+                std::array::from_fn(|i| &group[i * rb + b * block..i * rb + (b + 1) * block]);
+            let n = INTERLEAVE * block;
+            kind.interleave(src, &mut dst[b * n..(b + 1) * n]);
         }
     }
     Ok(())
@@ -230,7 +385,7 @@ pub fn deinterleave_rows(
     src: &[u8],
     dst: &mut [u8],
 ) -> Result<(), KernelError> {
-    let t = interleaved_type(ty)?;
+    let kind = Kind::of(ty)?;
     let rb = checked_rows(ty, cols, src.len())?;
     check_groups(rb, src.len())?;
     if dst.len() != src.len() {
@@ -241,16 +396,19 @@ pub fn deinterleave_rows(
             unit: "bytes",
         });
     }
-    let nb = cols / 32;
-    let n = INTERLEAVE * t.block;
+    let (nb, block) = (cols / ty.block_size(), ty.type_size());
+    let n = INTERLEAVE * block;
     for (s, d) in src
         .chunks_exact(INTERLEAVE * rb)
         .zip(dst.chunks_exact_mut(INTERLEAVE * rb))
     {
         for (i, row) in d.chunks_exact_mut(rb).enumerate() {
             for b in 0..nb {
-                let blk = &mut row[b * t.block..(b + 1) * t.block];
-                deinterleave_block_row(&t, &s[b * n..(b + 1) * n], i, blk);
+                kind.row(
+                    &s[b * n..(b + 1) * n],
+                    i,
+                    &mut row[b * block..(b + 1) * block],
+                );
             }
         }
     }
@@ -266,7 +424,7 @@ pub fn interleaved_row(
     r: usize,
     dst: &mut [u8],
 ) -> Result<(), KernelError> {
-    let t = interleaved_type(ty)?;
+    let kind = Kind::of(ty)?;
     let rb = checked_rows(ty, cols, src.len())?;
     check_groups(rb, src.len())?;
     if dst.len() != rb {
@@ -287,10 +445,11 @@ pub fn interleaved_row(
     }
     let g = r / INTERLEAVE;
     let group = &src[g * INTERLEAVE * rb..(g + 1) * INTERLEAVE * rb];
-    let n = INTERLEAVE * t.block;
-    for b in 0..cols / 32 {
-        let blk = &mut dst[b * t.block..(b + 1) * t.block];
-        deinterleave_block_row(&t, &group[b * n..(b + 1) * n], r % INTERLEAVE, blk);
+    let (nb, block) = (cols / ty.block_size(), ty.type_size());
+    let n = INTERLEAVE * block;
+    for b in 0..nb {
+        let blk = &mut dst[b * block..(b + 1) * block];
+        kind.row(&group[b * n..(b + 1) * n], r % INTERLEAVE, blk);
     }
     Ok(())
 }
@@ -457,17 +616,24 @@ mod tests {
     #[test]
     fn interleave_then_deinterleave_is_the_identity_and_rows_come_back() {
         let mut rng = Rng::new(12);
-        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
-            for (rows, cols) in [(8, 32), (16, 7 * 32), (24, 28 * 32)] {
+        for ty in [
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            let bs = ty.block_size();
+            for (rows, cols) in [(8, bs), (16, 7 * bs), (24, 28 * 32usize.max(bs))] {
                 let src = random_row(ty, rows * cols, &mut rng);
                 let mut il = src.clone();
                 interleave_rows(ty, cols, &mut il).unwrap();
                 assert_eq!(il.len(), src.len());
                 assert_ne!(il, src, "interleaving must move bytes");
-                // The group's first eight bytes pairs are the eight rows' first scales.
+                // The group's first eight byte pairs are the eight rows' first scales `d`.
                 let rb = row_bytes(ty, cols).unwrap();
+                let d = if ty == GgmlType::Q6_K { 208 } else { 0 };
                 for i in 0..8 {
-                    assert_eq!(il[2 * i..2 * i + 2], src[i * rb..i * rb + 2]);
+                    assert_eq!(il[2 * i..2 * i + 2], src[i * rb + d..i * rb + d + 2]);
                 }
                 let mut back = vec![0u8; il.len()];
                 deinterleave_rows(ty, cols, &il, &mut back).unwrap();
@@ -504,7 +670,8 @@ mod tests {
 
     #[test]
     fn other_types_and_ragged_data_are_rejected() {
-        assert!(interleave_rows(GgmlType::Q4_K, 256, &mut vec![0u8; 8 * 144]).is_err());
+        assert!(interleave_rows(GgmlType::Q5_K, 256, &mut vec![0u8; 8 * 176]).is_err());
+        assert!(interleave_rows(GgmlType::Q4_K, 256, &mut vec![0u8; 7 * 144]).is_err());
         // Seven rows are not a whole group.
         assert!(interleave_rows(GgmlType::Q8_0, 32, &mut vec![0u8; 7 * 34]).is_err());
         assert!(interleaved_row(GgmlType::Q8_0, 32, &[0u8; 8 * 34], 8, &mut [0u8; 34]).is_err());

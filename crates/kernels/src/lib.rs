@@ -39,6 +39,8 @@ pub mod pool;
 mod q32;
 #[cfg(target_arch = "x86_64")]
 mod q32x8;
+#[cfg(target_arch = "x86_64")]
+mod qk8;
 pub mod quantize;
 pub mod scalar;
 #[doc(hidden)]

@@ -237,6 +237,9 @@ pub fn matmul_quantized(
         if let Some(r) = q32_x86(w, a, y) {
             return r;
         }
+        if let Some(r) = qk8_x86(w, a, y) {
+            return r;
+        }
     }
     if w.layout != Layout::Ggml {
         // Only the AVX2 kernel reads regrouped rows (loaders regroup only for it); any other
@@ -467,29 +470,14 @@ fn q32_x86(
             "activation rows",
             "values",
         )?;
-        let rows = w.rows;
-        if rows == 0 || n_tokens == 0 {
+        if w.rows == 0 || n_tokens == 0 {
             return Ok(());
         }
-        let row_bytes = row_bytes(w.ty, w.cols)?;
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = row_chunk(rows, n_tokens, row_bytes);
-        let n_chunks = rows.div_ceil(chunk);
-        let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows * n_tokens >= 64 * 1024;
         // SAFETY: the caller checked AVX2/FMA/F16C.
         let prep = unsafe { q32::prepare::<W>(v) };
         let out = OutPtr(y.as_mut_ptr());
         let (out, prep) = (&out, &prep);
-        let job = |ci: usize| {
-            let r0 = ci * chunk;
-            kernel(r0, (r0 + chunk).min(rows), prep, out.0)
-        };
-        if parallel {
-            crate::pool::for_each(n_chunks, job);
-        } else {
-            (0..n_chunks).for_each(job);
-        }
-        Ok(())
+        par_groups(w, n_tokens, |r0, r1| kernel(r0, r1, prep, out.0))
     }
     fn go<M: Q32Rows>(
         w: &QMatrix,
@@ -552,6 +540,78 @@ fn q32_x86(
         }
         _ => return None,
     })
+}
+
+/// Runs `f(r0, r1)` over chunks of whole 8-row groups covering `0..w.rows` ([`row_chunk`]), in
+/// parallel when worth it.
+#[cfg(target_arch = "x86_64")]
+fn par_groups(
+    w: &QMatrix,
+    n_tokens: usize,
+    f: impl Fn(usize, usize) + Sync,
+) -> Result<(), KernelError> {
+    let rows = w.rows;
+    let row_bytes = row_bytes(w.ty, w.cols)?;
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = row_chunk(rows, n_tokens, row_bytes);
+    let n_chunks = rows.div_ceil(chunk);
+    let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows * n_tokens >= 64 * 1024;
+    let job = |ci: usize| {
+        let r0 = ci * chunk;
+        f(r0, (r0 + chunk).min(rows))
+    };
+    if parallel {
+        crate::pool::for_each(n_chunks, job);
+    } else {
+        (0..n_chunks).for_each(job);
+    }
+    Ok(())
+}
+
+/// The kernels of [`crate::qk8`] for interleaved Q4_K and Q6_K weights, every token count
+/// (AVX2 only); `None` for other types and layouts.
+#[cfg(target_arch = "x86_64")]
+fn qk8_x86(
+    w: &QMatrix,
+    a: &QuantizedActivations,
+    y: &mut [f32],
+) -> Option<Result<(), KernelError>> {
+    use crate::qk8;
+    type Kernel = unsafe fn(&[u8], usize, usize, usize, &[BlockQ8K], usize, *mut f32, usize);
+    let kernel: Kernel = match (w.ty, w.layout) {
+        (GgmlType::Q4_K, Layout::Interleaved8) => qk8::rows_q4k,
+        (GgmlType::Q6_K, Layout::Interleaved8) => qk8::rows_q6k,
+        _ => return None,
+    };
+    let ActivationData::Q8K(v) = &a.data else {
+        return None;
+    };
+    let n_tokens = a.n_tokens;
+    let mut run = || {
+        check_lengths(
+            w,
+            v.len() * 256,
+            n_tokens,
+            y.len(),
+            "activation rows",
+            "values",
+        )?;
+        if w.rows == 0 || n_tokens == 0 {
+            return Ok(());
+        }
+        let (rows, nb) = (w.rows, w.cols / 256);
+        let out = OutPtr(y.as_mut_ptr());
+        let out = &out;
+        par_groups(w, n_tokens, |r0, r1| {
+            // SAFETY: AVX2 checked by the caller; w.data holds rows / 8 groups of nb
+            // interleaved super-blocks (validated: rows is a multiple of 8, the length is
+            // rows × row bytes), r0 and r1 are multiples of 8 (whole groups), v holds
+            // n_tokens * nb blocks (checked above); out points to n_tokens * rows outputs and
+            // chunks are disjoint.
+            unsafe { kernel(w.data, nb, r0, r1, v, n_tokens, out.0, rows) }
+        })
+    };
+    Some(run())
 }
 
 /// Rows per parallel task of the 32-element block kernels: whole 8-row groups, about 8 tasks

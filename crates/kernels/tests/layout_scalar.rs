@@ -1,7 +1,7 @@
 //! With the scalar kernels forced (`MODU_KERNELS=scalar`, read once per process, so this file
-//! holds a single test), a matrix in the regrouped Q5_0 or interleaved Q5_0/Q8_0 layout still multiplies and
-//! dequantizes exactly as in ggml's layout: only the AVX2 kernel reads it natively, every other
-//! path converts it back.
+//! holds a single test), a matrix in the regrouped Q5_0 or interleaved Q5_0/Q8_0/Q4_K/Q6_K
+//! layout still multiplies and dequantizes exactly as in ggml's layout: only the AVX2 kernels
+//! read it natively, every other path converts it back.
 
 use modu_kernels::testutil::{random_row, Rng};
 use modu_kernels::*;
@@ -34,15 +34,20 @@ fn grouped_q5_0_on_the_scalar_path_matches_ggml_layout() {
         wg.dequantize_row(rows - 1, &mut b).unwrap();
         assert_eq!(a, b);
     }
-    // Interleaved Q5_0 and Q8_0 (a multiple of 8 rows) likewise.
+    // Interleaved Q5_0, Q8_0, Q4_K and Q6_K (a multiple of 8 rows) likewise.
     assert_eq!(
         layout::inference_layout(GgmlType::Q8_0, 16, 64),
         Layout::Ggml,
         "loaders must not interleave for scalar"
     );
-    for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
+    for ty in [
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
         for (rows, nblk) in [(8usize, 3usize), (16, 28)] {
-            let cols = nblk * 32;
+            let cols = nblk * ty.block_size();
             let data = random_row(ty, rows * cols, &mut rng);
             let mut il = data.clone();
             layout::interleave_rows(ty, cols, &mut il).unwrap();
@@ -66,8 +71,10 @@ fn grouped_q5_0_on_the_scalar_path_matches_ggml_layout() {
     // A grouped layout is only defined for Q5_0.
     let q8 = vec![0u8; 34];
     assert!(QMatrix::with_layout(GgmlType::Q8_0, 1, 32, &q8, Layout::Grouped8).is_err());
-    // An interleaved layout needs whole groups of eight rows, of Q5_0 or Q8_0.
+    // An interleaved layout needs whole groups of eight rows, of Q5_0, Q8_0, Q4_K or Q6_K.
     assert!(QMatrix::with_layout(GgmlType::Q8_0, 1, 32, &q8, Layout::Interleaved8).is_err());
     let q4 = vec![0u8; 8 * 18];
     assert!(QMatrix::with_layout(GgmlType::Q4_0, 8, 32, &q4, Layout::Interleaved8).is_err());
+    let q5k = vec![0u8; 8 * 176];
+    assert!(QMatrix::with_layout(GgmlType::Q5_K, 8, 256, &q5k, Layout::Interleaved8).is_err());
 }
