@@ -34,7 +34,7 @@
 //!
 //! For the K-quants, quant vector `k` (0..64) holds elements `4k..4k+4` of each row, row `i`
 //! in bytes `4i..4i+4`, split into nibbles (and Q6_K's high two bits) across the chunks as
-//! [`interleave_block_q4k`] and [`interleave_block_q6k`] describe.
+//! `interleave_block_q4k` and `interleave_block_q6k` describe.
 //!
 //! Quant vector `j` (32 bytes) holds the 4-byte chunk `j` of each of the eight rows' `qs`, row
 //! `i` in bytes `4i..4i+4`. For Q8_0 those are elements `4j..4j+4`; for Q5_0 (two nibbles per
