@@ -51,6 +51,7 @@
 
 use crate::blocks::{as_blocks, BlockQ5_0};
 use crate::{row_bytes, GgmlType, KernelError};
+use rayon::prelude::*;
 
 /// How a weight matrix's rows are arranged in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -254,24 +255,31 @@ impl Kind {
     }
 }
 
-/// Where the 4-bit quant of element `e` (0..256) sits in a ggml Q4_K block's `qs` (offset 16):
-/// byte and shift. Elements `64c..64c+32` are the low nibbles of `qs[32c..32c+32]`, the next 32
-/// the high nibbles.
-fn q4k_ggml_nibble(e: usize) -> (usize, u32) {
+/// Where the 4-bit quants of elements `4k..4k+4` (`k` < 64) sit in a ggml Q4_K block: four
+/// consecutive bytes of `qs` (offset 16), from this one, and the nibble's shift. Elements
+/// `64c..64c+32` are the low nibbles of `qs[32c..32c+32]`, the next 32 the high nibbles.
+fn q4k_ggml_word(k: usize) -> (usize, u32) {
+    let e = 4 * k;
     (16 + 32 * (e / 64) + e % 32, 4 * ((e % 64) / 32) as u32)
 }
 
-/// Where element `e` of row `i` sits in an interleaved Q4_K / Q6_K quant vector: vector
-/// `e / 4`, byte `4i + e % 4` of it.
-fn vector_byte(e: usize, i: usize) -> (usize, usize) {
-    (e / 4, 4 * i + e % 4)
+fn word(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("four bytes"))
 }
+
+fn or_word(b: &mut [u8], at: usize, v: u32) {
+    let w = word(b, at) | v;
+    b[at..at + 4].copy_from_slice(&w.to_le_bytes());
+}
+
+const NIBBLES: u32 = 0x0F0F_0F0F;
+const CRUMBS: u32 = 0x0303_0303;
 
 /// Q4_K, 1152 bytes per group: `[d: 8 × f16][dmin: 8 × f16][scales: 3 × 32 bytes][qs: 32 ×
 /// 32 bytes]`. The scales are each row's 12 packed bytes as three little-endian words, word
 /// `w` of row `i` at `32 + 32w + 4i` (so that one vector holds one word of all eight rows and
-/// the unpacking is lane-wise). Quant vector `k` (elements `4k..4k+4` of every row, see
-/// [`vector_byte`]) is the low (`k < 32`) or high nibble of chunk `k % 32`.
+/// the unpacking is lane-wise). Quant vector `k` (elements `4k..4k+4` of every row, row `i` in
+/// bytes `4i..4i+4`) is the low (`k < 32`) or high nibble of chunk `k % 32`.
 fn interleave_block_q4k(src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
     dst.fill(0);
     for (i, b) in src.iter().enumerate() {
@@ -281,11 +289,10 @@ fn interleave_block_q4k(src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
             dst[32 + 32 * w + 4 * i..32 + 32 * w + 4 * i + 4]
                 .copy_from_slice(&b[4 + 4 * w..8 + 4 * w]);
         }
-        for e in 0..256 {
-            let (byte, shift) = q4k_ggml_nibble(e);
-            let q = (b[byte] >> shift) & 0x0F;
-            let (k, p) = vector_byte(e, i);
-            dst[128 + 32 * (k % 32) + p] |= q << (4 * (k / 32));
+        for k in 0..64 {
+            let (at, shift) = q4k_ggml_word(k);
+            let q = (word(b, at) >> shift) & NIBBLES;
+            or_word(dst, 128 + 32 * (k % 32) + 4 * i, q << (4 * (k / 32)));
         }
     }
 }
@@ -297,19 +304,19 @@ fn deinterleave_block_row_q4k(src: &[u8], i: usize, dst: &mut [u8]) {
     for w in 0..3 {
         dst[4 + 4 * w..8 + 4 * w].copy_from_slice(&src[32 + 32 * w + 4 * i..36 + 32 * w + 4 * i]);
     }
-    for e in 0..256 {
-        let (k, p) = vector_byte(e, i);
-        let q = (src[128 + 32 * (k % 32) + p] >> (4 * (k / 32))) & 0x0F;
-        let (byte, shift) = q4k_ggml_nibble(e);
-        dst[byte] |= q << shift;
+    for k in 0..64 {
+        let q = (word(src, 128 + 32 * (k % 32) + 4 * i) >> (4 * (k / 32))) & NIBBLES;
+        let (at, shift) = q4k_ggml_word(k);
+        or_word(dst, at, q << shift);
     }
 }
 
-/// Where the low four and the high two bits of element `e` (0..256) sit in a ggml Q6_K block:
-/// `(ql byte, shift, qh byte, shift)`. Per half of 128 elements, element `32m + l` of the half
-/// has its low bits in `ql[64h + l + 32(m % 2)]` (nibble `m / 2`) and its high bits at bits
-/// `2m..2m+2` of `qh[32h + l]`.
-fn q6k_ggml_bits(e: usize) -> (usize, u32, usize, u32) {
+/// Where the low four and the high two bits of elements `4k..4k+4` (`k` < 64) sit in a ggml
+/// Q6_K block: `(ql byte, shift, qh byte, shift)`, four consecutive bytes from each. Per half
+/// of 128 elements, element `32m + l` of the half has its low bits in `ql[64h + l + 32(m % 2)]`
+/// (nibble `m / 2`) and its high bits at bits `2m..2m+2` of `qh[32h + l]`.
+fn q6k_ggml_words(k: usize) -> (usize, u32, usize, u32) {
+    let e = 4 * k;
     let (h, m, l) = (e / 128, (e % 128) / 32, e % 32);
     (
         64 * h + l + 32 * (m % 2),
@@ -320,9 +327,9 @@ fn q6k_ggml_bits(e: usize) -> (usize, u32, usize, u32) {
 }
 
 /// Q6_K, 1680 bytes per group: `[d: 8 × f16][scales: 16 × 8 bytes][ql: 32 × 32 bytes][qh: 16 ×
-/// 32 bytes]`, the scale of sub-block `j` of row `i` at `16 + 8j + i`. Quant vector `k`
-/// ([`vector_byte`]) has its low four bits in nibble `k / 32` of `ql` chunk `k % 32` and its
-/// high two bits at bits `2(k / 16)` of `qh` chunk `k % 16`: a sub-block (16 elements) is
+/// 32 bytes]`, the scale of sub-block `j` of row `i` at `16 + 8j + i`. Quant vector `k` (row
+/// `i` in bytes `4i..4i+4`) has its low four bits in nibble `k / 32` of `ql` chunk `k % 32` and
+/// its high two bits at bits `2(k / 16)` of `qh` chunk `k % 16`: a sub-block (16 elements) is
 /// vectors `4j..4j+4`.
 fn interleave_block_q6k(src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
     dst.fill(0);
@@ -331,13 +338,12 @@ fn interleave_block_q6k(src: [&[u8]; INTERLEAVE], dst: &mut [u8]) {
         for j in 0..16 {
             dst[16 + 8 * j + i] = b[192 + j];
         }
-        for e in 0..256 {
-            let (lb, ls, hb, hs) = q6k_ggml_bits(e);
-            let lo = (b[lb] >> ls) & 0x0F;
-            let hi = (b[hb] >> hs) & 0x03;
-            let (k, p) = vector_byte(e, i);
-            dst[144 + 32 * (k % 32) + p] |= lo << (4 * (k / 32));
-            dst[1168 + 32 * (k % 16) + p] |= hi << (2 * (k / 16));
+        for k in 0..64 {
+            let (lb, ls, hb, hs) = q6k_ggml_words(k);
+            let lo = (word(b, lb) >> ls) & NIBBLES;
+            let hi = (word(b, hb) >> hs) & CRUMBS;
+            or_word(dst, 144 + 32 * (k % 32) + 4 * i, lo << (4 * (k / 32)));
+            or_word(dst, 1168 + 32 * (k % 16) + 4 * i, hi << (2 * (k / 16)));
         }
     }
 }
@@ -348,13 +354,12 @@ fn deinterleave_block_row_q6k(src: &[u8], i: usize, dst: &mut [u8]) {
     for j in 0..16 {
         dst[192 + j] = src[16 + 8 * j + i];
     }
-    for e in 0..256 {
-        let (k, p) = vector_byte(e, i);
-        let lo = (src[144 + 32 * (k % 32) + p] >> (4 * (k / 32))) & 0x0F;
-        let hi = (src[1168 + 32 * (k % 16) + p] >> (2 * (k / 16))) & 0x03;
-        let (lb, ls, hb, hs) = q6k_ggml_bits(e);
-        dst[lb] |= lo << ls;
-        dst[hb] |= hi << hs;
+    for k in 0..64 {
+        let lo = (word(src, 144 + 32 * (k % 32) + 4 * i) >> (4 * (k / 32))) & NIBBLES;
+        let hi = (word(src, 1168 + 32 * (k % 16) + 4 * i) >> (2 * (k / 16))) & CRUMBS;
+        let (lb, ls, hb, hs) = q6k_ggml_words(k);
+        or_word(dst, lb, lo << ls);
+        or_word(dst, hb, hi << hs);
     }
 }
 
@@ -365,16 +370,19 @@ pub fn interleave_rows(ty: GgmlType, cols: usize, data: &mut [u8]) -> Result<(),
     let rb = checked_rows(ty, cols, data.len())?;
     check_groups(rb, data.len())?;
     let (nb, block) = (cols / ty.block_size(), ty.type_size());
-    let mut group = vec![0u8; INTERLEAVE * rb];
-    for dst in data.chunks_exact_mut(INTERLEAVE * rb) {
-        group.copy_from_slice(dst);
-        for b in 0..nb {
-            let src: [&[u8]; INTERLEAVE] =
-                std::array::from_fn(|i| &group[i * rb + b * block..i * rb + (b + 1) * block]);
-            let n = INTERLEAVE * block;
-            kind.interleave(src, &mut dst[b * n..(b + 1) * n]);
-        }
-    }
+    // Groups in parallel: a load rewrites hundreds of MB this way.
+    data.par_chunks_exact_mut(INTERLEAVE * rb).for_each_init(
+        || vec![0u8; INTERLEAVE * rb],
+        |group, dst| {
+            group.copy_from_slice(dst);
+            for b in 0..nb {
+                let src: [&[u8]; INTERLEAVE] =
+                    std::array::from_fn(|i| &group[i * rb + b * block..i * rb + (b + 1) * block]);
+                let n = INTERLEAVE * block;
+                kind.interleave(src, &mut dst[b * n..(b + 1) * n]);
+            }
+        },
+    );
     Ok(())
 }
 
