@@ -374,3 +374,13 @@ mod tests {
         }
     }
 }
+
+/// SwiGLU's product in place (see [`scalar::silu_mul`]; the same bits on every path).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C.
+        return unsafe { crate::x86::silu_mul(gate, up) };
+    }
+    scalar::silu_mul(gate, up)
+}

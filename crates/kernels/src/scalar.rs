@@ -580,3 +580,92 @@ pub fn vec_dot_f16_ggml(x: &[f16], y: &[f16]) -> f32 {
     }
     sum as f32
 }
+
+// ---------------------------------------------------------------------------------------------
+// Activation functions
+// ---------------------------------------------------------------------------------------------
+
+/// Inputs of [`exp_f32`] are clamped to this range, so that `2^n` stays a normal f32.
+pub const EXP_MIN: f32 = -87.0;
+pub const EXP_MAX: f32 = 88.0;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split in two (Cody and Waite): `n·LN2_HI` is exact for the `n` that occur.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// `e^r ≈ 1 + r + r²·P(r)` on `|r| <= ln2 / 2`: P's coefficients, highest degree first (the
+/// minimax polynomial of Cephes' `expf`).
+pub(crate) const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5.000_000_1e-1,
+];
+
+/// `e^x` in f32, within 2 ulp of the exact value for `x` in [`EXP_MIN`, `EXP_MAX`] (clamped
+/// outside). Every step is an IEEE operation with one rounding (`mul_add` is a fused
+/// multiply-add), so the AVX2 version, which does the same steps, gives the same bits.
+#[inline]
+pub fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let n = (x * LOG2E).round_ties_even();
+    let r = (-n).mul_add(LN2_HI, x);
+    let r = (-n).mul_add(LN2_LO, r);
+    let mut p = EXP_P[0];
+    for &c in &EXP_P[1..] {
+        p = p.mul_add(r, c);
+    }
+    let e = (p * r).mul_add(r, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// SwiGLU's product in place: `gate[i] = gate[i] / (1 + e^-gate[i]) · up[i]` (SiLU of the gate
+/// times the up projection), over the shorter of the two slices.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp_f32(-*g)) * u;
+    }
+}
+
+#[cfg(test)]
+mod activation_tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_and_clamps() {
+        let mut worst = 0f64;
+        let mut x = EXP_MIN;
+        while x <= EXP_MAX {
+            let got = exp_f32(x) as f64;
+            let want = (x as f64).exp();
+            // One ulp of the exact value (an f32 has a 24-bit significand).
+            let ulp = 2f64.powi(want.log2().floor() as i32 - 23);
+            worst = worst.max((got - want).abs() / ulp);
+            x += 0.000_77;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-1000.0), exp_f32(EXP_MIN));
+        assert_eq!(exp_f32(1000.0), exp_f32(EXP_MAX));
+        assert!(exp_f32(EXP_MAX).is_finite() && exp_f32(EXP_MIN) > 0.0);
+    }
+
+    #[test]
+    fn silu_mul_is_silu_times_up() {
+        let mut g = [0.0f32, 1.0, -1.0, 4.0, -20.0, 30.0];
+        let u = [2.0f32, 0.5, 1.0, -1.0, 1.0, 1.0];
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&x, &y)| x as f64 / (1.0 + (-x as f64).exp()) * y as f64)
+            .collect();
+        silu_mul(&mut g, &u);
+        for (a, b) in g.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-6 * b.abs().max(1e-6),
+                "{a} vs {b}"
+            );
+        }
+    }
+}

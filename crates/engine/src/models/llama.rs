@@ -14,8 +14,8 @@ use super::{embed_tokens, projection_shapes, select_rows, Hparams, Logits, Model
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    add_inplace, attend_batch, forward_many_lora, gated_inplace, plan_batch, rms_norm, silu,
-    AttnShape, Linear, Rope, RopeStyle, TensorLoader, Weight,
+    add_inplace, attend_batch, forward_many_lora, plan_batch, rms_norm, swiglu_inplace, AttnShape,
+    Linear, Rope, RopeStyle, TensorLoader, Weight,
 };
 use crate::lora::{BaseShapes, BatchLora, ModuleRef, Proj};
 
@@ -245,7 +245,7 @@ impl Model for Llama {
                 &mut [&mut gate, &mut up],
                 lora.as_mut().map(|l| (l, il, &[Proj::Gate, Proj::Up][..])),
             )?;
-            gated_inplace(&mut gate, &up, silu);
+            swiglu_inplace(&mut gate, &up);
             b.w_down.forward_lora(
                 f,
                 &gate,
