@@ -342,6 +342,16 @@ pub fn matvec_f16_ggml(w: &[f16], x: &[f16], out: &mut [f32]) {
     }
 }
 
+/// SwiGLU's product in place (see [`scalar::silu_mul`]; the same bits on every path).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C.
+        return unsafe { crate::x86::silu_mul(gate, up) };
+    }
+    scalar::silu_mul(gate, up)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,14 +383,4 @@ mod tests {
             }
         }
     }
-}
-
-/// SwiGLU's product in place (see [`scalar::silu_mul`]; the same bits on every path).
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C.
-        return unsafe { crate::x86::silu_mul(gate, up) };
-    }
-    scalar::silu_mul(gate, up)
 }

@@ -593,14 +593,14 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 pub(crate) const LN2_HI: f32 = 0.693_359_4;
 pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
 /// `e^r ≈ 1 + r + r²·P(r)` on `|r| <= ln2 / 2`: P's coefficients, highest degree first (the
-/// minimax polynomial of Cephes' `expf`).
+/// minimax polynomial of Cephes' `expf`, whose constant term rounds to 0.5 in f32).
 pub(crate) const EXP_P: [f32; 6] = [
     1.987_569_1e-4,
     1.398_199_9e-3,
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    0.5,
 ];
 
 /// `e^x` in f32, within 2 ulp of the exact value for `x` in [`EXP_MIN`, `EXP_MAX`] (clamped
