@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Serving throughput side by side: llama.cpp's llama-server vs modu serve on the same GGUF file,
 # the same thread count and the same load generator (`modu bench serve`: N concurrent streaming
-# clients × M tokens, greedy, ignore_eos, a distinct prompt per request).
+# clients × M tokens, greedy, ignore_eos, a distinct prompt per request). "agg" is all tokens
+# over the wall time (prompts' prefill included); "decode" sums each client's rate from its
+# first to its last token (prefill and the wait for a first token left out).
 #
 # Rounds alternate between the two servers (a fresh server process per round). With -l K both
 # servers get the same K random rank-R LoRA adapters (written by modu as GGUF-LoRA files, which
@@ -84,13 +86,24 @@ def load(engine):
             by.setdefault(row["clients"], []).append(row)
     return by
 ll, mo = load("llama"), load("modu")
-print("| clients | llama-server agg tok/s | modu agg tok/s | ratio | llama TTFT p50 ms | modu TTFT p50 ms | llama ITL p50 ms | modu ITL p50 ms |")
-print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| clients | llama-server agg tok/s | modu agg tok/s | ratio | llama decode tok/s | modu decode tok/s | ratio | llama TTFT p50 ms | modu TTFT p50 ms | llama ITL p50 ms | modu ITL p50 ms |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for c in sorted(mo):
     med = lambda rows, k: statistics.median(r[k] for r in rows)
     a, b = med(ll[c], "agg_tps"), med(mo[c], "agg_tps")
-    print(f"| {c} | {a:.1f} | {b:.1f} | {b / a:.2f} | {med(ll[c], 'ttft_p50_ms'):.0f} | "
-          f"{med(mo[c], 'ttft_p50_ms'):.0f} | {med(ll[c], 'itl_p50_ms'):.1f} | {med(mo[c], 'itl_p50_ms'):.1f} |")
+    da, db = med(ll[c], "decode_tps"), med(mo[c], "decode_tps")
+    print(f"| {c} | {a:.1f} | {b:.1f} | {b / a:.2f} | {da:.1f} | {db:.1f} | {db / da:.2f} | "
+          f"{med(ll[c], 'ttft_p50_ms'):.0f} | {med(mo[c], 'ttft_p50_ms'):.0f} | "
+          f"{med(ll[c], 'itl_p50_ms'):.1f} | {med(mo[c], 'itl_p50_ms'):.1f} |")
+# Each engine against its own single stream (the first client count), per round pairs' medians.
+base = min(mo)
+for c in sorted(mo):
+    if c == base:
+        continue
+    for name, e in (("llama-server", ll), ("modu", mo)):
+        agg = statistics.median(r["agg_tps"] for r in e[c]) / statistics.median(r["agg_tps"] for r in e[base])
+        dec = statistics.median(r["decode_tps"] for r in e[c]) / statistics.median(r["decode_tps"] for r in e[base])
+        print(f"{name}: {c} clients / {base}: agg {agg:.2f}x, decode {dec:.2f}x")
 errs = sum(r["errors"] for e in (ll, mo) for rows in e.values() for r in rows)
 if errs:
     print(f"WARNING: {errs} failed requests")

@@ -173,6 +173,10 @@ struct Level {
     requests: usize,
     tokens: usize,
     wall: Duration,
+    /// Aggregate decode rate: per client, the tokens after each first one over the time from
+    /// first to last token (summed over its requests), added up over the clients. Unlike
+    /// `tokens / wall` it leaves out the prompts' prefill and the wait for a first token.
+    decode_tps: f64,
     ttft: Vec<f64>,
     itl: Vec<f64>,
     errors: Vec<String>,
@@ -359,10 +363,21 @@ fn run_level(
         requests: 0,
         tokens: 0,
         wall,
+        decode_tps: 0.0,
         ttft: Vec::new(),
         itl: Vec::new(),
         errors: Vec::new(),
     };
+    for client in &results {
+        let (mut n, mut t) = (0usize, 0f64);
+        for s in client.iter().flatten() {
+            n += s.tokens.saturating_sub(1);
+            t += s.gaps.iter().map(Duration::as_secs_f64).sum::<f64>();
+        }
+        if t > 0.0 {
+            level.decode_tps += n as f64 / t;
+        }
+    }
     for r in results.into_iter().flatten() {
         match r {
             Ok(s) => {
@@ -467,9 +482,9 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
             }
         );
         println!(
-            "| clients | requests | tokens | wall s | agg tok/s | per-stream tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
+            "| clients | requests | tokens | wall s | agg tok/s | decode tok/s | per-stream tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     let mut rows = Vec::new();
     for &c in &a.clients {
@@ -486,6 +501,7 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
             "tokens": l.tokens,
             "wall_s": l.wall.as_secs_f64(),
             "agg_tps": agg,
+            "decode_tps": l.decode_tps,
             "per_stream_tps": 1e3 / itl50,
             "ttft_p50_ms": percentile(&mut l.ttft, 50.0),
             "ttft_p99_ms": percentile(&mut l.ttft, 99.0),
@@ -496,12 +512,13 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
             rows.push(row);
         } else {
             println!(
-                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
                 l.clients,
                 l.requests,
                 l.tokens,
                 l.wall.as_secs_f64(),
                 agg,
+                l.decode_tps,
                 row["per_stream_tps"].as_f64().unwrap_or(f64::NAN),
                 row["ttft_p50_ms"].as_f64().unwrap_or(f64::NAN),
                 row["ttft_p99_ms"].as_f64().unwrap_or(f64::NAN),
