@@ -34,7 +34,6 @@ mod dispatch;
 mod gemm;
 pub mod layout;
 mod matmul;
-#[cfg(target_arch = "x86_64")]
 pub mod pool;
 mod q32;
 #[cfg(target_arch = "x86_64")]

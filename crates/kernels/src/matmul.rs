@@ -18,7 +18,6 @@ use crate::{row_bytes, KernelError, Layout, QMatrix};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use modu_gguf::GgmlType;
-use rayon::prelude::*;
 
 /// The activation type a weight type is multiplied with (as in llama.cpp): Q8_0 for
 /// Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, and the weight's own type for
@@ -112,9 +111,9 @@ impl QuantizedActivations {
                 return;
             }
             if n_tokens > 1 && cols >= 1024 {
-                v.par_chunks_mut(nb)
-                    .zip(x.par_chunks(cols))
-                    .for_each(|(o, xr)| f(xr, o));
+                // On the matmul's own pool: waking rayon's sleeping threads here cost more
+                // than the quantization, once per layer.
+                crate::pool::for_each_chunk_mut(v, nb, |t, o| f(&x[t * cols..(t + 1) * cols], o));
             } else {
                 v.chunks_mut(nb)
                     .zip(x.chunks(cols))
