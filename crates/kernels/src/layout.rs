@@ -61,7 +61,7 @@ pub enum Layout {
     Ggml,
     /// Q5_0 rows regrouped by [`group_rows`] (see the [module docs](self)).
     Grouped8,
-    /// Q5_0 or Q8_0 rows interleaved eight at a time by [`interleave_rows`] (see the
+    /// Q5_0, Q8_0, Q4_K or Q6_K rows interleaved eight at a time by [`interleave_rows`] (see the
     /// [module docs](self)).
     Interleaved8,
 }

@@ -4,8 +4,9 @@
 //! one dot product per (weight row, token), parallel over chunks of weight rows. Inside a chunk
 //! all tokens are processed, so each weight chunk is read from memory once per call.
 //!
-//! On AVX2 the 32-element block types (Q4_0, Q5_0, Q8_0) use [`crate::q32`] for every token
-//! count, and Q4_K/Q6_K the tiled GEMM of [`crate::gemm`] from [`GEMM_MIN_TOKENS`] tokens on.
+//! On AVX2 the 32-element block types (Q4_0, Q5_0, Q8_0) use [`crate::q32`] (or, interleaved,
+//! [`crate::q32x8`]) for every token count; Q4_K/Q6_K use [`crate::qk8`] for every token count
+//! when interleaved, else the tiled GEMM of [`crate::gemm`] from [`GEMM_MIN_TOKENS`] tokens on.
 //! Every path gives each (row, token) output the same bits as the per-row dot kernel, so a
 //! token's result never depends on the batch it is in.
 //!
@@ -387,8 +388,8 @@ fn run<W: RowView, A: Sync>(
     Ok(())
 }
 
-/// From this many tokens on, Q4_K and Q6_K use the tiled GEMM of [`crate::gemm`]
-/// (bit-identical to the dot kernels, so the threshold only affects speed).
+/// From this many tokens on, Q4_K and Q6_K in ggml's layout use the tiled GEMM of
+/// [`crate::gemm`] (bit-identical to the dot kernels, so the threshold only affects speed).
 #[cfg(target_arch = "x86_64")]
 const GEMM_MIN_TOKENS: usize = 4;
 
