@@ -453,8 +453,8 @@ fn q32_x86(
     let ActivationData::Q8_0(v) = &a.data else {
         return None;
     };
-    /// Checks the shapes, prepares the activations and runs `kernel(r0, r1, prep, out)` over
-    /// chunks of whole 8-row groups, in parallel when worth it.
+    /// Prepares the activations and runs `kernel(r0, r1, prep, out)` through [`par_groups`]
+    /// (which checks the shapes).
     fn drive<W: q32::Q32Block>(
         w: &QMatrix,
         v: &[BlockQ8_0],
@@ -462,22 +462,12 @@ fn q32_x86(
         y: &mut [f32],
         kernel: impl Fn(usize, usize, &q32::Prepared, *mut f32) + Sync,
     ) -> Result<(), KernelError> {
-        check_lengths(
-            w,
-            v.len() * 32,
-            n_tokens,
-            y.len(),
-            "activation rows",
-            "values",
-        )?;
-        if w.rows == 0 || n_tokens == 0 {
-            return Ok(());
-        }
         // SAFETY: the caller checked AVX2/FMA/F16C.
         let prep = unsafe { q32::prepare::<W>(v) };
-        let out = OutPtr(y.as_mut_ptr());
-        let (out, prep) = (&out, &prep);
-        par_groups(w, n_tokens, |r0, r1| kernel(r0, r1, prep, out.0))
+        let prep = &prep;
+        par_groups(w, v.len() * 32, n_tokens, y, |r0, r1, out| {
+            kernel(r0, r1, prep, out)
+        })
     }
     fn go<M: Q32Rows>(
         w: &QMatrix,
@@ -542,23 +532,39 @@ fn q32_x86(
     })
 }
 
-/// Runs `f(r0, r1)` over chunks of whole 8-row groups covering `0..w.rows` ([`row_chunk`]), in
-/// parallel when worth it.
+/// Checks the lengths (`act_values` activation values for `y`), then runs `f(r0, r1, out)` over
+/// chunks of whole 8-row groups covering `0..w.rows` ([`row_chunk`]), in parallel when worth it;
+/// `out` is `y`'s pointer, and every chunk writes only its rows of it.
 #[cfg(target_arch = "x86_64")]
 fn par_groups(
     w: &QMatrix,
+    act_values: usize,
     n_tokens: usize,
-    f: impl Fn(usize, usize) + Sync,
+    y: &mut [f32],
+    f: impl Fn(usize, usize, *mut f32) + Sync,
 ) -> Result<(), KernelError> {
+    check_lengths(
+        w,
+        act_values,
+        n_tokens,
+        y.len(),
+        "activation rows",
+        "values",
+    )?;
     let rows = w.rows;
+    if rows == 0 || n_tokens == 0 {
+        return Ok(());
+    }
     let row_bytes = row_bytes(w.ty, w.cols)?;
     let threads = rayon::current_num_threads().max(1);
     let chunk = row_chunk(rows, n_tokens, row_bytes);
     let n_chunks = rows.div_ceil(chunk);
     let parallel = threads > 1 && n_chunks > 1 && row_bytes * rows * n_tokens >= 64 * 1024;
+    let out = OutPtr(y.as_mut_ptr());
+    let out = &out;
     let job = |ci: usize| {
         let r0 = ci * chunk;
-        f(r0, (r0 + chunk).min(rows))
+        f(r0, (r0 + chunk).min(rows), out.0)
     };
     if parallel {
         crate::pool::for_each(n_chunks, job);
@@ -579,39 +585,21 @@ fn qk8_x86(
     use crate::qk8;
     type Kernel = unsafe fn(&[u8], usize, usize, usize, &[BlockQ8K], usize, *mut f32, usize);
     let kernel: Kernel = match (w.ty, w.layout) {
-        (GgmlType::Q4_K, Layout::Interleaved8) => qk8::rows_q4k,
-        (GgmlType::Q6_K, Layout::Interleaved8) => qk8::rows_q6k,
+        (GgmlType::Q4_K, Layout::Interleaved8) => qk8::rows::<qk8::DecQ4K>,
+        (GgmlType::Q6_K, Layout::Interleaved8) => qk8::rows::<qk8::DecQ6K>,
         _ => return None,
     };
     let ActivationData::Q8K(v) = &a.data else {
         return None;
     };
-    let n_tokens = a.n_tokens;
-    let mut run = || {
-        check_lengths(
-            w,
-            v.len() * 256,
-            n_tokens,
-            y.len(),
-            "activation rows",
-            "values",
-        )?;
-        if w.rows == 0 || n_tokens == 0 {
-            return Ok(());
-        }
-        let (rows, nb) = (w.rows, w.cols / 256);
-        let out = OutPtr(y.as_mut_ptr());
-        let out = &out;
-        par_groups(w, n_tokens, |r0, r1| {
-            // SAFETY: AVX2 checked by the caller; w.data holds rows / 8 groups of nb
-            // interleaved super-blocks (validated: rows is a multiple of 8, the length is
-            // rows × row bytes), r0 and r1 are multiples of 8 (whole groups), v holds
-            // n_tokens * nb blocks (checked above); out points to n_tokens * rows outputs and
-            // chunks are disjoint.
-            unsafe { kernel(w.data, nb, r0, r1, v, n_tokens, out.0, rows) }
-        })
-    };
-    Some(run())
+    let (n_tokens, rows, nb) = (a.n_tokens, w.rows, w.cols / 256);
+    Some(par_groups(w, v.len() * 256, n_tokens, y, |r0, r1, out| {
+        // SAFETY: AVX2 checked by the caller; w.data holds rows / 8 groups of nb interleaved
+        // super-blocks (validated: rows is a multiple of 8, the length is rows × row bytes),
+        // r0 and r1 are multiples of 8 (whole groups), v holds n_tokens * nb blocks (checked
+        // by par_groups); out points to n_tokens * rows outputs and chunks are disjoint.
+        unsafe { kernel(w.data, nb, r0, r1, v, n_tokens, out, rows) }
+    }))
 }
 
 /// Rows per parallel task of the 32-element block kernels: whole 8-row groups, about 8 tasks

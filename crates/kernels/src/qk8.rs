@@ -66,7 +66,7 @@ unsafe fn prefetch(p: *const u8, bytes: usize) {
 }
 
 /// A Q6_K block group ready to multiply.
-struct DecQ6K {
+pub(crate) struct DecQ6K {
     /// Unsigned quants (0..=63), vector `k` = elements `4k..4k+4` of the eight rows.
     q: [__m256i; 64],
     /// Sub-block `j`'s scale of each row, as an i16 pair per lane (for `madd`).
@@ -157,7 +157,7 @@ unsafe fn dot_q6k(dec: &DecQ6K, y: &BlockQ8K) -> __m256i {
 }
 
 /// A Q4_K block group ready to multiply.
-struct DecQ4K {
+pub(crate) struct DecQ4K {
     /// Unsigned quants (0..=15), vector `k` = elements `4k..4k+4` of the eight rows.
     q: [__m256i; 64],
     /// Sub-block `g`'s scale of each row, as an i16 pair per lane.
@@ -166,6 +166,8 @@ struct DecQ4K {
     mp: [__m256i; 4],
     dw: __m256,
     dmin: __m256,
+    /// [`q4k_picks`], made once.
+    picks: [__m256i; 6],
 }
 
 /// `vpshufb` mask putting byte `b` of every 32-bit lane into both i16 halves of the lane
@@ -193,7 +195,8 @@ unsafe fn lane_pick(b: i8, pair: bool) -> __m256i {
 /// The CPU must support AVX2, FMA and F16C; `p` points to [`Q4K_GROUP`] readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_q4k(p: *const u8, dec: &mut DecQ4K, picks: &[__m256i; 6]) {
+unsafe fn decode_q4k(p: *const u8, dec: &mut DecQ4K) {
+    let picks = dec.picks;
     // SAFETY (all loads): inside the group's 1152 bytes: d 0..16, dmin 16..32, scale words
     // 32..128, quants 128..1152; the unaligned load intrinsics accept any address.
     dec.dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
@@ -282,17 +285,138 @@ unsafe fn dot_q4k(dec: &DecQ4K, y: &BlockQ8K) -> ([__m256i; 8], __m256i) {
     (part, m)
 }
 
-/// Outputs of Q6_K weight rows `r0..r1` (multiples of 8) of an interleaved matrix for all
-/// `n_tokens` activation rows; `y[t * rows + r]` receives token `t`'s result for row `r`.
+/// A K-quant type of this module: its decoded block group (also the decode scratch) and what
+/// one token accumulates over a row group's super-blocks.
+pub(crate) trait KGroup {
+    /// Bytes of one interleaved block group (eight rows, one super-block).
+    const BYTES: usize;
+    /// One token's accumulator for a group of eight rows.
+    type Acc: Copy;
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    unsafe fn new() -> Self;
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    unsafe fn zero() -> Self::Acc;
+    /// Decodes the block group at `p`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `p` points to `BYTES` readable bytes.
+    unsafe fn decode(&mut self, p: *const u8);
+    /// Adds the decoded super-block times `y` (the token's block at the same position).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    unsafe fn accumulate(&self, y: &BlockQ8K, acc: &mut Self::Acc);
+    /// The eight rows' outputs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    unsafe fn result(acc: &Self::Acc) -> __m256;
+}
+
+impl KGroup for DecQ6K {
+    const BYTES: usize = Q6K_GROUP;
+    type Acc = __m256;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn new() -> Self {
+        DecQ6K {
+            q: [_mm256_setzero_si256(); 64],
+            sv: [_mm256_setzero_si256(); 16],
+            sp: [_mm256_setzero_si256(); 8],
+            dw: _mm256_setzero_ps(),
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode(&mut self, p: *const u8) {
+        decode_q6k(p, self)
+    }
+    /// `acc = (d_y·d_w)·isum + acc`, one FMA per super-block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn accumulate(&self, y: &BlockQ8K, acc: &mut __m256) {
+        let isum = dot_q6k(self, y);
+        let d = _mm256_mul_ps(_mm256_set1_ps(y.d), self.dw);
+        *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), *acc);
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn result(acc: &__m256) -> __m256 {
+        *acc
+    }
+}
+
+impl KGroup for DecQ4K {
+    const BYTES: usize = Q4K_GROUP;
+    /// The eight float partials and the mins sum.
+    type Acc = ([__m256; 8], __m256);
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn new() -> Self {
+        DecQ4K {
+            q: [_mm256_setzero_si256(); 64],
+            sv: [_mm256_setzero_si256(); 8],
+            mp: [_mm256_setzero_si256(); 4],
+            dw: _mm256_setzero_ps(),
+            dmin: _mm256_setzero_ps(),
+            picks: q4k_picks(),
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn zero() -> Self::Acc {
+        ([_mm256_setzero_ps(); 8], _mm256_setzero_ps())
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode(&mut self, p: *const u8) {
+        decode_q4k(p, self)
+    }
+    /// Per partial `acc = (d_y·d_w)·part + acc`; `mins += (d_y·dmin_w)·msum`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn accumulate(&self, y: &BlockQ8K, (acc, mins): &mut Self::Acc) {
+        let (part, msum) = dot_q4k(self, y);
+        let dy = _mm256_set1_ps(y.d);
+        let d = _mm256_mul_ps(dy, self.dw);
+        for l in 0..8 {
+            acc[l] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(part[l]), acc[l]);
+        }
+        let dm = _mm256_mul_ps(dy, self.dmin);
+        *mins = _mm256_add_ps(*mins, _mm256_mul_ps(dm, _mm256_cvtepi32_ps(msum)));
+    }
+    /// `hsum_ps`'s order, ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)), less the mins.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn result((a, mins): &Self::Acc) -> __m256 {
+        let s = _mm256_add_ps(
+            _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+            _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])),
+        );
+        _mm256_sub_ps(s, *mins)
+    }
+}
+
+/// Outputs of weight rows `r0..r1` (multiples of 8) of an interleaved Q4_K (`K = DecQ4K`) or
+/// Q6_K (`K = DecQ6K`) matrix for all `n_tokens` activation rows; `y[t * rows + r]` receives
+/// token `t`'s result for row `r`. Each group of eight rows is decoded super-block by
+/// super-block, once per tile of [`TOKEN_TILE`] tokens.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. `data` holds whole groups of eight rows of `nb`
-/// super-blocks in the interleaved Q6_K layout, at least `r1` rows; `r0 < r1`, both multiples
-/// of 8; `act.len() == n_tokens * nb`; `y` points to `n_tokens * rows` writable f32 with
+/// super-blocks in `K`'s interleaved layout, at least `r1` rows; `r0 < r1`, both multiples of
+/// 8; `act.len() == n_tokens * nb`; `y` points to `n_tokens * rows` writable f32 with
 /// `r1 <= rows`, and no other thread accesses rows `r0..r1`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn rows_q6k(
+pub(crate) unsafe fn rows<K: KGroup>(
     data: &[u8],
     nb: usize,
     r0: usize,
@@ -303,16 +427,11 @@ pub(crate) unsafe fn rows_q6k(
     rows: usize,
 ) {
     debug_assert!(r0 < r1 && r0 % INTERLEAVE == 0 && r1 % INTERLEAVE == 0);
-    debug_assert!(data.len() >= r1 / INTERLEAVE * nb * Q6K_GROUP);
+    debug_assert!(data.len() >= r1 / INTERLEAVE * nb * K::BYTES);
     debug_assert!(act.len() == n_tokens * nb);
-    let group_bytes = nb * Q6K_GROUP;
-    let mut dec = DecQ6K {
-        q: [_mm256_setzero_si256(); 64],
-        sv: [_mm256_setzero_si256(); 16],
-        sp: [_mm256_setzero_si256(); 8],
-        dw: _mm256_setzero_ps(),
-    };
-    let mut acc = [_mm256_setzero_ps(); TOKEN_TILE];
+    let group_bytes = nb * K::BYTES;
+    let mut dec = K::new();
+    let mut acc = [K::zero(); TOKEN_TILE];
     for g in (r0..r1).step_by(INTERLEAVE) {
         // SAFETY: group g / 8 lies inside data (r1 <= the matrix's rows).
         let base = data.as_ptr().add(g / INTERLEAVE * group_bytes);
@@ -320,101 +439,22 @@ pub(crate) unsafe fn rows_q6k(
         while t0 < n_tokens {
             let t1 = (t0 + TOKEN_TILE).min(n_tokens);
             for a in &mut acc[..t1 - t0] {
-                *a = _mm256_setzero_ps();
+                *a = K::zero();
             }
             for b in 0..nb {
-                let p = base.add(b * Q6K_GROUP);
-                prefetch(p, Q6K_GROUP);
+                let p = base.add(b * K::BYTES);
+                prefetch(p, K::BYTES);
                 // SAFETY: block group b of this row group lies inside data.
-                decode_q6k(p, &mut dec);
+                dec.decode(p);
                 for t in t0..t1 {
-                    // SAFETY: t < n_tokens, so t * nb + b < act.len().
+                    // SAFETY: t < n_tokens, so t * nb + b < act.len(); t - t0 < TOKEN_TILE.
                     let blk = act.get_unchecked(t * nb + b);
-                    let isum = dot_q6k(&dec, blk);
-                    let d = _mm256_mul_ps(_mm256_set1_ps(blk.d), dec.dw);
-                    let a = acc.get_unchecked_mut(t - t0);
-                    *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), *a);
+                    dec.accumulate(blk, acc.get_unchecked_mut(t - t0));
                 }
             }
             for t in t0..t1 {
                 // SAFETY: t < n_tokens and rows g..g + 8 <= rows, owned by this task.
-                _mm256_storeu_ps(y.add(t * rows + g), acc[t - t0]);
-            }
-            t0 = t1;
-        }
-    }
-}
-
-/// As [`rows_q6k`] for Q4_K.
-///
-/// # Safety
-/// As [`rows_q6k`], with `data` in the interleaved Q4_K layout.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn rows_q4k(
-    data: &[u8],
-    nb: usize,
-    r0: usize,
-    r1: usize,
-    act: &[BlockQ8K],
-    n_tokens: usize,
-    y: *mut f32,
-    rows: usize,
-) {
-    debug_assert!(r0 < r1 && r0 % INTERLEAVE == 0 && r1 % INTERLEAVE == 0);
-    debug_assert!(data.len() >= r1 / INTERLEAVE * nb * Q4K_GROUP);
-    debug_assert!(act.len() == n_tokens * nb);
-    let group_bytes = nb * Q4K_GROUP;
-    let picks = q4k_picks();
-    let mut dec = DecQ4K {
-        q: [_mm256_setzero_si256(); 64],
-        sv: [_mm256_setzero_si256(); 8],
-        mp: [_mm256_setzero_si256(); 4],
-        dw: _mm256_setzero_ps(),
-        dmin: _mm256_setzero_ps(),
-    };
-    // Per token of a tile: the eight float partials and the mins sum.
-    let mut acc = [[_mm256_setzero_ps(); 8]; TOKEN_TILE];
-    let mut mins = [_mm256_setzero_ps(); TOKEN_TILE];
-    for g in (r0..r1).step_by(INTERLEAVE) {
-        // SAFETY: group g / 8 lies inside data (r1 <= the matrix's rows).
-        let base = data.as_ptr().add(g / INTERLEAVE * group_bytes);
-        let mut t0 = 0;
-        while t0 < n_tokens {
-            let t1 = (t0 + TOKEN_TILE).min(n_tokens);
-            for t in 0..t1 - t0 {
-                acc[t] = [_mm256_setzero_ps(); 8];
-                mins[t] = _mm256_setzero_ps();
-            }
-            for b in 0..nb {
-                let p = base.add(b * Q4K_GROUP);
-                prefetch(p, Q4K_GROUP);
-                // SAFETY: block group b of this row group lies inside data.
-                decode_q4k(p, &mut dec, &picks);
-                for t in t0..t1 {
-                    // SAFETY: t < n_tokens, so t * nb + b < act.len().
-                    let blk = act.get_unchecked(t * nb + b);
-                    let (part, msum) = dot_q4k(&dec, blk);
-                    let dy = _mm256_set1_ps(blk.d);
-                    let d = _mm256_mul_ps(dy, dec.dw);
-                    let a = acc.get_unchecked_mut(t - t0);
-                    for l in 0..8 {
-                        a[l] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(part[l]), a[l]);
-                    }
-                    let dm = _mm256_mul_ps(dy, dec.dmin);
-                    let m = mins.get_unchecked_mut(t - t0);
-                    *m = _mm256_add_ps(*m, _mm256_mul_ps(dm, _mm256_cvtepi32_ps(msum)));
-                }
-            }
-            for t in t0..t1 {
-                let a = &acc[t - t0];
-                // `hsum_ps`'s order: ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)).
-                let s = _mm256_add_ps(
-                    _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
-                    _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])),
-                );
-                // SAFETY: t < n_tokens and rows g..g + 8 <= rows, owned by this task.
-                _mm256_storeu_ps(y.add(t * rows + g), _mm256_sub_ps(s, mins[t - t0]));
+                _mm256_storeu_ps(y.add(t * rows + g), K::result(&acc[t - t0]));
             }
             t0 = t1;
         }
