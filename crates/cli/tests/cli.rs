@@ -15,6 +15,9 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
+#[path = "../../../tests/lora_fixture.rs"]
+mod lora_fixture;
+
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
 const GEMMA: &str = "gemma-3-270m";
 /// llama.cpp's top-2 margin below which our argmax may legitimately differ.
@@ -1175,13 +1178,9 @@ fn bench_modules_registers_modules_while_streaming() {
 // ---------------------------------------------------------------------------------------------
 // LoRA modules: `modu run --module`, `modu module info|merge`
 
-/// The shared LoRA goldens (../shared/golden/lora beside the repository; see tests/golden/README.md).
+/// The LoRA test adapters (tests/golden/lora; PEFT twins per tests/lora_fixture.rs).
 fn shared_lora(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/golden/lora")
-        .join(name);
-    assert!(p.exists(), "LoRA golden data missing: {}", p.display());
-    p.to_str().unwrap().to_string()
+    lora_fixture::lora(name).to_str().unwrap().to_string()
 }
 
 fn run_ids(extra: &[&str], prompt: &str, n: &str) -> (Vec<u32>, Vec<u32>) {

@@ -1,5 +1,5 @@
 //! `modu module list` against a running `modu serve` with a module registered at start (a
-//! Korean name, the golden LoRA adapter from `../shared/golden/lora`), and against an address
+//! Korean name, the golden LoRA adapter from `tests/golden/lora`), and against an address
 //! where nothing listens.
 
 use std::io::{BufRead, BufReader};
@@ -8,19 +8,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "../../../tests/lora_fixture.rs"]
+mod lora_fixture;
 use common::{modu, Server};
 
 use serde_json::Value;
 
 fn lora_a() -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/lora/lora-a.gguf");
-    assert!(
-        p.exists(),
-        "LoRA golden data missing: {} (it lives in ../shared/golden/lora beside the repository)",
-        p.display()
-    );
-    p
+    lora_fixture::lora("lora-a.gguf")
 }
 
 #[test]

@@ -38,6 +38,7 @@ use modu_gguf::{GgmlType, GgufFile, GgufWriter, Value};
 use crate::layers::Segment;
 
 pub mod merge;
+mod peft_write;
 
 /// Largest supported rank of one adapted projection (the batched path keeps a rank vector on
 /// the stack).

@@ -131,13 +131,9 @@ fn qwen_gguf_to_hf_and_back() {
     // Tokenizer: identical ids on Korean and English text.
     let t0 = Tokenizer::from_gguf(&src).unwrap();
     let t1 = Tokenizer::from_gguf(&g).unwrap();
-    let data = Path::new("/work/shared/data/eval");
-    let mut text: String =
-        std::fs::read_to_string(data.join("ko_constitution/constitution_ko.txt"))
-            .map(|s| s.chars().take(1500).collect())
-            .unwrap_or_else(|_| {
-                "대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다.".into()
-            });
+    let ko = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/constitution_ko_head.txt");
+    let mut text = std::fs::read_to_string(&ko)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", ko.display()));
     text.push_str("\nThe quick brown fox, 1234 <|im_start|>user\n  tabs\tand  spaces 🙂\n");
     let ids0 = t0.encode(&text, true, true).unwrap();
     assert_eq!(t1.encode(&text, true, true).unwrap(), ids0);

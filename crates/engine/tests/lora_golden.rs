@@ -6,11 +6,13 @@
 //! argmax wherever the top two are not near a tie (teacher-forced), free-running continuations
 //! parting only at a near tie, and top-10 probabilities close.
 //!
-//! The adapters themselves (8.8 MB each, twice per format) are not copied into the repository:
-//! they are read from `../shared/golden/lora` beside the repository (where CI has them), and the
-//! test fails loudly if they are absent.
+//! The GGUF adapters are in the repository (tests/golden/lora); the PEFT twins come from
+//! `../shared/golden/lora` when it is beside the repository, else modu writes them from the GGUF
+//! files (tests/lora_fixture.rs).
 
 mod common;
+#[path = "../../../tests/lora_fixture.rs"]
+mod lora_fixture;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,15 +22,7 @@ use modu_gguf::GgufFile;
 use serde_json::Value;
 
 fn shared_lora(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/golden/lora")
-        .join(name);
-    assert!(
-        p.exists(),
-        "LoRA golden data missing: {} (the adapters live in ../shared/golden/lora beside the repository)",
-        p.display()
-    );
-    p
+    lora_fixture::lora(name)
 }
 
 fn softmax(logits: &[f32]) -> Vec<f64> {
@@ -308,4 +302,23 @@ fn module_kld_is_zero_at_scale_zero_and_grows_with_scale() {
     );
     assert!(one.kld_mean > 1e-4, "scale 1 KLD {}", one.kld_mean);
     assert!(two.kld_mean > one.kld_mean);
+}
+
+/// modu's PEFT writer gives back exactly the adapter it was handed (the fixture PEFT twins are
+/// written by it when `../shared` is absent, so it must be exact).
+#[test]
+fn peft_writer_round_trips_the_gguf_adapter() {
+    let gguf = LoraAdapter::open(shared_lora("lora-b.gguf"), None).unwrap();
+    let dir = std::env::temp_dir().join(format!("modu-peft-roundtrip-{}", std::process::id()));
+    gguf.write_peft_dir(&dir, "test-base").unwrap();
+    let peft = LoraAdapter::open(&dir, None).unwrap();
+    assert_eq!(peft.n_tensors(), gguf.n_tensors());
+    assert_eq!((peft.rank(), peft.alpha()), (gguf.rank(), gguf.alpha()));
+    for (il, p, t) in gguf.iter() {
+        let u = peft.tensor(il, p).expect("every tensor written");
+        assert_eq!((u.n_in, u.n_out), (t.n_in, t.n_out));
+        assert!(u.a() == t.a() && u.b() == t.b(), "layer {il} {p} differs");
+        assert_eq!(u.effective_scale(0.5), t.effective_scale(0.5));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -155,13 +155,8 @@ fn quantize_file_recipe_metadata_values() {
 }
 
 fn eval_text() -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/eval/en_sotu/sotu_2000_2021.txt");
-    let alt = PathBuf::from("/work/shared/data/eval/en_sotu/sotu_2000_2021.txt");
-    let t = std::fs::read_to_string(&p)
-        .or_else(|_| std::fs::read_to_string(&alt))
-        .expect("eval text (../shared/data/eval relative to the repository)");
-    t.chars().take(2000).collect()
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/sotu_head.txt");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
 
 #[test]

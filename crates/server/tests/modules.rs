@@ -5,6 +5,8 @@
 //! bad module requests are clear 4xx errors.
 
 mod common;
+#[path = "../../../tests/lora_fixture.rs"]
+mod lora_fixture;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -18,16 +20,6 @@ use serde_json::{json, Value};
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
 /// Tokens compared per golden case (the goldens have 32; fewer keeps the test quick).
 const N: usize = 16;
-
-fn golden_dir() -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/lora");
-    assert!(
-        d.join("lora-a.gguf").exists(),
-        "LoRA golden adapters missing: {} (they live in ../shared/golden/lora beside the repository)",
-        d.display()
-    );
-    d
-}
 
 fn qwen() -> (Arc<GgufFile>, ServedModel) {
     let path = modu_hub::resolve(QWEN, &modu_hub::NoProgress).expect("fetching qwen");
@@ -53,14 +45,13 @@ fn server() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| {
         let (file, served) = qwen();
-        let g = golden_dir();
-        let config = ServeConfig {
+            let config = ServeConfig {
             port: 0,
             parallel: 4,
             ctx: 256,
             modules: vec![
-                ("a".into(), g.join("lora-a.gguf")),
-                ("b".into(), g.join("peft-lora-b")),
+                ("a".into(), lora_fixture::lora("lora-a.gguf")),
+                ("b".into(), lora_fixture::lora("peft-lora-b")),
             ],
             ..ServeConfig::default()
         };
@@ -147,12 +138,11 @@ fn golden_adapter_settings_in_one_mixed_batch_equal_solo_runs() {
         }
     }
     assert_eq!(picked.len(), 4, "settings: a0, a1, a0_half, a0_a1");
-    let g = golden_dir();
     let (_, served) = qwen();
     let shapes = served.model.module_shapes();
     let adapters = [
-        Arc::new(modu_engine::LoraAdapter::open(g.join("lora-a.gguf"), Some(shapes)).unwrap()),
-        Arc::new(modu_engine::LoraAdapter::open(g.join("peft-lora-b"), Some(shapes)).unwrap()),
+        Arc::new(modu_engine::LoraAdapter::open(lora_fixture::lora("lora-a.gguf"), Some(shapes)).unwrap()),
+        Arc::new(modu_engine::LoraAdapter::open(lora_fixture::lora("peft-lora-b"), Some(shapes)).unwrap()),
     ];
     let jobs: Vec<(Vec<u32>, Vec<f64>)> = picked
         .iter()
@@ -242,7 +232,6 @@ fn model_name_selects_a_module_and_prefixes_are_not_shared_across_modules() {
 #[test]
 fn modules_load_and_unload_at_run_time_without_disturbing_requests_in_flight() {
     let s = server();
-    let g = golden_dir();
     let prompt = s
         .tok
         .encode("Write a haiku about the sea.", false, true)
@@ -250,7 +239,7 @@ fn modules_load_and_unload_at_run_time_without_disturbing_requests_in_flight() {
     let (st, body) = post(
         &s.base,
         "/v1/modules",
-        &json!({"name": "c", "path": g.join("lora-a.gguf")}).to_string(),
+        &json!({"name": "c", "path": lora_fixture::lora("lora-a.gguf")}).to_string(),
     );
     assert_eq!(st, 200, "{body}");
     let loaded = json(&body);
@@ -295,7 +284,6 @@ fn modules_load_and_unload_at_run_time_without_disturbing_requests_in_flight() {
 #[test]
 fn bad_module_requests_are_clear_errors() {
     let s = server();
-    let g = golden_dir();
     let model_path = modu_hub::resolve(QWEN, &modu_hub::NoProgress).unwrap();
     let cases: Vec<(&str, String, u16, &str)> = vec![
         (
@@ -306,13 +294,13 @@ fn bad_module_requests_are_clear_errors() {
         ),
         (
             "/v1/modules",
-            json!({"name": "bad name!", "path": g.join("lora-a.gguf")}).to_string(),
+            json!({"name": "bad name!", "path": lora_fixture::lora("lora-a.gguf")}).to_string(),
             400,
             "invalid module name",
         ),
         (
             "/v1/modules",
-            json!({"name": QWEN, "path": g.join("lora-a.gguf")}).to_string(),
+            json!({"name": QWEN, "path": lora_fixture::lora("lora-a.gguf")}).to_string(),
             400,
             "base model",
         ),
