@@ -25,7 +25,11 @@ pub fn lora(name: &str) -> PathBuf {
         return generated_peft(stem);
     }
     let p = repo().join("tests/golden/lora").join(name);
-    assert!(p.is_file(), "LoRA fixture missing from the repository: {}", p.display());
+    assert!(
+        p.is_file(),
+        "LoRA fixture missing from the repository: {}",
+        p.display()
+    );
     p
 }
 

@@ -215,6 +215,7 @@ fn start_in_process(
     parallel: usize,
     max_queue: usize,
     modules: Vec<(String, std::path::PathBuf)>,
+    module_dirs: Vec<std::path::PathBuf>,
 ) -> Result<modu_server::ServerHandle> {
     let (id, aliases) = modu_server::model_names(spec, l.model.info().name.as_deref());
     let config = modu_server::ServeConfig {
@@ -224,6 +225,7 @@ fn start_in_process(
         max_queue,
         ctx: l.ctx,
         modules,
+        module_dirs,
         ..Default::default()
     };
     let served = modu_server::ServedModel {
@@ -437,7 +439,14 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
                 pick = ModulePick::Names(modules.iter().map(|m| m.0.clone()).collect());
             }
             let parallel = a.parallel.unwrap_or(max_clients).max(1);
-            let h = start_in_process(&a.model.model, l, parallel, max_clients * 2, modules)?;
+            let h = start_in_process(
+                &a.model.model,
+                l,
+                parallel,
+                max_clients * 2,
+                modules,
+                Vec::new(),
+            )?;
             let base = format!("http://{}", h.addr);
             own = Some(h);
             base
@@ -600,7 +609,7 @@ pub fn bench_modules(a: ModulesBenchArgs) -> Result<()> {
         .iter()
         .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
-    let h = start_in_process(&a.model.model, l, 2, 64, Vec::new())?;
+    let h = start_in_process(&a.model.model, l, 2, 64, Vec::new(), vec![tmp.clone()])?;
     let base = format!("http://{}", h.addr);
     let agent = ureq::AgentBuilder::new().build();
     let none = ModulePick::None;

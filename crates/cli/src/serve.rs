@@ -51,6 +51,34 @@ pub struct ServeArgs {
     /// recently used) and re-read on demand. Default: no limit.
     #[arg(long)]
     pub module_mem: Option<usize>,
+    /// Directory that `POST /v1/modules` may load module files from (symbolic links are
+    /// resolved first); repeatable. Without one, modules can only be registered at start.
+    #[arg(long = "module-dir", value_name = "DIR")]
+    pub module_dirs: Vec<std::path::PathBuf>,
+    /// Without API keys: a Host name requests may carry besides loopback names (a guard
+    /// against DNS rebinding); repeatable.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// Most open client connections; more are closed on accept.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (also the longest idle keep-alive).
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds a client has to send a request's body.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// On SIGTERM / ctrl-c: seconds in-flight requests may take to finish before they are
+    /// cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_timeout: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> Result<std::time::Duration> {
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        anyhow::bail!("--{flag} must be a number of seconds in (0, 86400], got {v}");
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -73,6 +101,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             std::path::PathBuf::from(path.trim()),
         ));
     }
+    let limits = modu_server::HttpLimits {
+        max_connections: a.max_connections.max(1),
+        header_timeout: seconds("header-timeout", a.header_timeout)?,
+        body_timeout: seconds("body-timeout", a.body_timeout)?,
+        drain_timeout: seconds("drain-timeout", a.drain_timeout)?,
+    };
+    for d in &a.module_dirs {
+        if !d.is_dir() {
+            anyhow::bail!("--module-dir {}: not a directory", d.display());
+        }
+    }
     let l = load(&a.model)?;
     let (id, aliases) = model_names(&a.model.model, l.model.info().name.as_deref());
     let config = ServeConfig {
@@ -88,6 +127,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         services,
         modules,
         module_mem: a.module_mem.unwrap_or(0) << 20,
+        module_dirs: a.module_dirs.clone(),
+        allowed_hosts: a.allowed_hosts.clone(),
+        limits,
     };
     let served = ServedModel {
         model: l.model,

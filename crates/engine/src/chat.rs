@@ -99,6 +99,9 @@ const GEMMA: &str = "{%- set ns = namespace(system='') -%}\n\
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Byte ranges of the message contents in a rendered prompt ([`ChatTemplate::render_with_spans`]).
+pub type ContentSpans = Vec<(usize, usize)>;
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -219,6 +222,74 @@ impl ChatTemplate {
                 message: describe(&e),
             }
         })
+    }
+
+    /// [`ChatTemplate::render`], plus the byte range of each message's content in the result
+    /// when the template wrote every content verbatim (or trimmed, as Gemma's does), so that a
+    /// tokenizer can treat exactly those ranges as text (see
+    /// `Tokenizer::encode_with_literal_spans`). `None` when the contents cannot be located
+    /// exactly (a template that transforms them otherwise).
+    ///
+    /// The ranges come from a second render in which each content is a unique marker: the
+    /// markers' positions are where the template put the contents, and substituting the
+    /// contents back must reproduce the real render byte for byte, or no ranges are claimed.
+    pub fn render_with_spans(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<(String, Option<ContentSpans>), ChatTemplateError> {
+        let text = self.render(messages, add_generation_prompt, bos_token, eos_token)?;
+        const OPEN: char = '\u{E000}';
+        const CLOSE: char = '\u{E001}';
+        let clash = |t: &str| t.contains(OPEN) || t.contains(CLOSE);
+        if messages.iter().any(|m| clash(&m.content)) || clash(bos_token) || clash(eos_token) {
+            return Ok((text, None));
+        }
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage::new(m.role.clone(), format!("{OPEN}{i}{CLOSE}")))
+            .collect();
+        let Ok(skeleton) = self.render(&marked, add_generation_prompt, bos_token, eos_token) else {
+            return Ok((text, None));
+        };
+        for trimmed in [false, true] {
+            let mut out = String::with_capacity(text.len());
+            let mut spans = Vec::with_capacity(messages.len());
+            let mut rest = skeleton.as_str();
+            let mut ok = true;
+            while let Some(a) = rest.find(OPEN) {
+                let Some(len) = rest[a..].find(CLOSE) else {
+                    ok = false;
+                    break;
+                };
+                let Some(m) = rest[a + OPEN.len_utf8()..a + len]
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| messages.get(i))
+                else {
+                    ok = false;
+                    break;
+                };
+                out.push_str(&rest[..a]);
+                let content = if trimmed {
+                    m.content.trim()
+                } else {
+                    m.content.as_str()
+                };
+                spans.push((out.len(), out.len() + content.len()));
+                out.push_str(content);
+                rest = &rest[a + len + CLOSE.len_utf8()..];
+            }
+            out.push_str(rest);
+            if ok && out == text {
+                spans.retain(|(a, b)| a < b);
+                return Ok((text, Some(spans)));
+            }
+        }
+        Ok((text, None))
     }
 
     /// The template source.

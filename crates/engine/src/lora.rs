@@ -489,13 +489,11 @@ impl LoraAdapter {
         if fname == "adapter_model.safetensors" || fname == "adapter_config.json" {
             return Self::from_peft_dir(path.parent().unwrap_or(Path::new(".")), base);
         }
-        let mut magic = [0u8; 4];
-        let is_gguf = std::fs::File::open(path)
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-            .map(|_| &magic == b"GGUF")
-            .unwrap_or(false);
+        let bytes = read_regular(path)?;
+        let is_gguf = bytes.starts_with(b"GGUF");
         if is_gguf || path.extension().is_some_and(|e| e == "gguf") {
-            let file = GgufFile::open(path).map_err(|source| LoraError::Gguf {
+            // From memory (not mapped), for the same reason as PEFT files.
+            let file = GgufFile::from_bytes(bytes).map_err(|source| LoraError::Gguf {
                 path: path.to_path_buf(),
                 source,
             })?;
@@ -665,10 +663,11 @@ impl LoraAdapter {
     pub fn from_peft_dir(dir: &Path, base: Option<&BaseShapes>) -> Result<Self, LoraError> {
         let cfg_path = dir.join("adapter_config.json");
         let st_path = dir.join("adapter_model.safetensors");
-        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|source| LoraError::Io {
-            path: cfg_path.clone(),
-            source,
-        })?;
+        let cfg_text =
+            String::from_utf8(read_regular(&cfg_path)?).map_err(|_| LoraError::BadConfig {
+                path: cfg_path.clone(),
+                reason: "not UTF-8".into(),
+            })?;
         let bad = |reason: String| LoraError::BadConfig {
             path: cfg_path.clone(),
             reason,
@@ -743,17 +742,9 @@ impl LoraAdapter {
             .and_then(|v| v.as_str())
             .map(str::to_string);
 
-        let file = std::fs::File::open(&st_path).map_err(|source| LoraError::Io {
-            path: st_path.clone(),
-            source,
-        })?;
-        // SAFETY: the map is read-only and private to this call; the adapter file is not expected
-        // to change while it is being read (the same assumption every mmap-based loader makes),
-        // and every value is copied out (converted to f16) before the map is dropped.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| LoraError::Io {
-            path: st_path.clone(),
-            source,
-        })?;
+        // Read into memory, not mapped: a file truncated or rewritten while the server reads
+        // it then gives a validation error instead of a SIGBUS.
+        let map = read_regular(&st_path)?;
         let st_err = |reason: String| LoraError::Safetensors {
             path: st_path.clone(),
             reason,
@@ -1185,6 +1176,47 @@ impl LoraAdapter {
         }
         Ok(w)
     }
+}
+
+/// Largest adapter file read (a rank-1024 adapter of every projection of a 7B model is
+/// ~2.5 GiB in f16).
+const MAX_ADAPTER_FILE: u64 = 8 << 30;
+
+/// Read a whole adapter file, refusing anything but a regular file (a FIFO or device would
+/// block or never end) and files beyond [`MAX_ADAPTER_FILE`].
+fn read_regular(path: &Path) -> Result<Vec<u8>, LoraError> {
+    let io = |source| LoraError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(LoraError::Unsupported(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_ADAPTER_FILE {
+        return Err(LoraError::Unsupported(format!(
+            "{}: {} bytes is larger than any adapter modu reads ({MAX_ADAPTER_FILE})",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut f, MAX_ADAPTER_FILE + 1),
+        &mut buf,
+    )
+    .map_err(io)?;
+    if buf.len() as u64 > MAX_ADAPTER_FILE {
+        return Err(LoraError::Unsupported(format!(
+            "{}: grew while being read",
+            path.display()
+        )));
+    }
+    Ok(buf)
 }
 
 pub(crate) fn f16_bytes(v: &[f16]) -> Vec<u8> {

@@ -131,9 +131,10 @@ fn qwen_gguf_to_hf_and_back() {
     // Tokenizer: identical ids on Korean and English text.
     let t0 = Tokenizer::from_gguf(&src).unwrap();
     let t1 = Tokenizer::from_gguf(&g).unwrap();
-    let ko = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/constitution_ko_head.txt");
-    let mut text = std::fs::read_to_string(&ko)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", ko.display()));
+    let ko =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/constitution_ko_head.txt");
+    let mut text =
+        std::fs::read_to_string(&ko).unwrap_or_else(|e| panic!("reading {}: {e}", ko.display()));
     text.push_str("\nThe quick brown fox, 1234 <|im_start|>user\n  tabs\tand  spaces 🙂\n");
     let ids0 = t0.encode(&text, true, true).unwrap();
     assert_eq!(t1.encode(&text, true, true).unwrap(), ids0);

@@ -180,7 +180,7 @@ function metricValue(text, name) {
 async function refreshMetrics() {
   let text;
   try {
-    const r = await fetch("/metrics");
+    const r = await fetch("/metrics", { headers: headers(false) });
     text = await r.text();
   } catch (_) { return; }
   const tokens = metricValue(text, "modu_generation_tokens_total");

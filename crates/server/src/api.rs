@@ -138,6 +138,12 @@ pub struct CompletionRequest {
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// Most stop strings OpenAI allows.
 pub const MAX_STOPS: usize = 4;
+/// Longest stop string, in bytes (matching is linear in it, but the held-back text is not).
+pub const MAX_STOP_BYTES: usize = 512;
+/// Longest `model` (and `lora[].name`) accepted.
+pub const MAX_MODEL_NAME: usize = 256;
+/// Most entries of a request's `lora` list.
+pub const MAX_LORA_ENTRIES: usize = 16;
 
 impl Common {
     pub fn wants_stream(&self) -> bool {
@@ -240,6 +246,15 @@ impl Common {
                 format!(
                     "at most {MAX_STOPS} stop sequences are allowed, got {}",
                     stop.len()
+                ),
+            ));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "stop sequences may be at most {MAX_STOP_BYTES} bytes, got one of {}",
+                    long.len()
                 ),
             ));
         }

@@ -2,12 +2,18 @@
 //! tokenizes them and streams results; the engine side ([`scheduler`]) owns the model on its own
 //! thread and runs every admitted request in one continuously batched loop.
 
+mod accounting;
 pub mod api;
+mod auth;
 pub mod error;
 pub mod fair;
+mod http;
 pub mod metrics;
 pub mod modules;
 pub mod prefix_cache;
+mod prepare;
+mod respond;
+mod routes;
 pub mod scheduler;
 pub mod server;
 pub mod services;
@@ -15,5 +21,6 @@ pub mod usage;
 
 pub use error::{ApiError, ServerError};
 pub use server::{
-    check_bind_address, model_names, serve, start, ServeConfig, ServedModel, ServerHandle,
+    check_bind_address, model_names, serve, start, HttpLimits, ServeConfig, ServedModel,
+    ServerHandle,
 };

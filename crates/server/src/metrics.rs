@@ -109,6 +109,15 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     /// Sequences cancelled because their client went away.
     pub cancelled: AtomicU64,
+    /// Usage rows that could not be written after retries (each also logged with its request
+    /// id).
+    pub usage_write_failures: AtomicU64,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Open client connections.
+    pub connections_open: AtomicU64,
+    /// 1 while the scheduler thread runs; 0 once it has died (then `/health` fails).
+    pub scheduler_alive: AtomicU64,
     /// Requests accepted but not yet running.
     pub queue_depth: AtomicU64,
     /// Sequences in the running batch.
@@ -248,9 +257,33 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "modu_connections_refused_total",
+            "Connections closed at once because the connection cap was reached.",
+            &self.connections_refused,
+        );
+        counter(
+            &mut out,
+            "modu_usage_write_failures_total",
+            "Usage records that could not be written after retries.",
+            &self.usage_write_failures,
+        );
+        counter(
+            &mut out,
             "modu_batch_steps_total",
             "Batched forward steps run.",
             &self.steps,
+        );
+        gauge(
+            &mut out,
+            "modu_connections_open",
+            "Open client connections.",
+            &self.connections_open,
+        );
+        gauge(
+            &mut out,
+            "modu_scheduler_alive",
+            "1 while the scheduler thread runs.",
+            &self.scheduler_alive,
         );
         gauge(
             &mut out,

@@ -28,6 +28,8 @@ pub enum ModuleError {
     BaseName(String),
     #[error("no module named {0:?} is registered")]
     NotFound(String),
+    #[error("{0}")]
+    OutsideDirs(String),
     #[error("module {name:?}: {source}")]
     Load {
         name: String,
@@ -77,6 +79,8 @@ pub struct ModuleRegistry {
     inner: Mutex<Inner>,
     generations: AtomicU64,
     evictions: AtomicU64,
+    /// Canonical directories run-time loads may read from.
+    dirs: Vec<PathBuf>,
 }
 
 /// A module picked for a request: the generation it runs with.
@@ -114,6 +118,37 @@ impl ModuleRegistry {
             }),
             generations: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            dirs: Vec::new(),
+        }
+    }
+
+    /// Restrict run-time loads ([`ModuleRegistry::check_dir`]) to these directories.
+    pub fn set_dirs(&mut self, dirs: &[PathBuf]) -> std::io::Result<()> {
+        self.dirs = dirs
+            .iter()
+            .map(std::fs::canonicalize)
+            .collect::<std::io::Result<_>>()?;
+        Ok(())
+    }
+
+    /// The canonical form of `path` if it lies inside one of the module directories (symbolic
+    /// links resolved first, so none leads outside). Without directories, run-time loading is
+    /// off.
+    pub fn check_dir(&self, path: &Path) -> Result<PathBuf, ModuleError> {
+        if self.dirs.is_empty() {
+            return Err(ModuleError::OutsideDirs(
+                "loading modules at run time is off: start the server with --module-dir DIR".into(),
+            ));
+        }
+        let real = std::fs::canonicalize(path)
+            .map_err(|e| ModuleError::OutsideDirs(format!("{}: {e}", path.display())))?;
+        if self.dirs.iter().any(|d| real.starts_with(d)) {
+            Ok(real)
+        } else {
+            Err(ModuleError::OutsideDirs(format!(
+                "{} is outside the module directories (--module-dir)",
+                path.display()
+            )))
         }
     }
 

@@ -70,6 +70,17 @@ pub struct SeqStats {
     pub energy_j: Option<f64>,
 }
 
+/// What a sequence whose client went away had used when the scheduler dropped it: sent on
+/// [`SeqRequest::cancelled`] so that the request is still accounted (status `cancelled`).
+#[derive(Debug, Clone, Default)]
+pub struct Cancelled {
+    pub prompt_tokens: usize,
+    /// Tokens generated (and sent towards the client) before the sequence was dropped.
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+    pub stats: SeqStats,
+}
+
 /// The service a request is accounted to and scheduled for.
 #[derive(Debug, Clone)]
 pub struct ServiceTag {
@@ -103,7 +114,9 @@ pub struct SeqRequest {
     /// Identifies `modules` (generations and scales; 0 for the base model): cached prompt
     /// prefixes are only shared between requests with the same key, since the modules change
     /// the keys and values.
-    pub module_key: u64,
+    pub cache_key: u64,
+    /// Told what the sequence had used if it is dropped because `events` closed.
+    pub cancelled: UnboundedSender<Cancelled>,
 }
 
 /// Scheduler settings.
@@ -127,6 +140,9 @@ pub struct SchedulerConfig {
 enum Command {
     Submit(Box<SeqRequest>),
     Shutdown,
+    /// Make the scheduler thread panic outside the forward pass (tests of what a dead
+    /// scheduler does to the server).
+    Crash,
 }
 
 /// Submission refused.
@@ -146,9 +162,41 @@ pub struct SchedulerHandle {
     in_system: Arc<AtomicUsize>,
     max_queue: usize,
     parallel: usize,
+    /// Becomes true when the scheduler thread has ended, for whatever reason.
+    exited: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Marks the scheduler as gone when its thread ends, by return or by panic.
+struct ExitGuard {
+    exited: tokio::sync::watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.metrics.scheduler_alive.store(0, Ordering::SeqCst);
+        let _ = self.exited.send(true);
+    }
 }
 
 impl SchedulerHandle {
+    /// Whether the scheduler thread still runs.
+    pub fn alive(&self) -> bool {
+        !*self.exited.borrow()
+    }
+
+    /// Resolves once the scheduler thread has ended.
+    pub async fn exited(&self) {
+        let mut rx = self.exited.clone();
+        let _ = rx.wait_for(|&gone| gone).await;
+    }
+
+    #[doc(hidden)]
+    /// Test hook: make the scheduler thread panic (outside any forward pass).
+    pub fn crash_for_tests(&self) {
+        let _ = self.tx.send(Command::Crash);
+    }
+
     /// Queue a request, unless `parallel` are running and `max_queue` are already waiting.
     pub fn submit(&self, req: SeqRequest) -> Result<(), SubmitError> {
         let cap = self.max_queue + self.parallel;
@@ -186,15 +234,23 @@ pub fn spawn(
 ) -> std::io::Result<(SchedulerHandle, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let in_system = Arc::new(AtomicUsize::new(0));
+    let (exited_tx, exited_rx) = tokio::sync::watch::channel(false);
     let handle = SchedulerHandle {
         tx,
         in_system: in_system.clone(),
         max_queue: config.max_queue,
         parallel: config.parallel.max(1),
+        exited: exited_rx,
+    };
+    metrics.scheduler_alive.store(1, Ordering::SeqCst);
+    let guard = ExitGuard {
+        exited: exited_tx,
+        metrics: metrics.clone(),
     };
     let join = std::thread::Builder::new()
         .name("modu-scheduler".into())
         .spawn(move || {
+            let _guard = guard;
             let probe = model.new_cache(config.ctx);
             let kv_mem = if config.kv_mem == 0 {
                 config.parallel.max(1) * config.ctx.div_ceil(KV_BLOCK) * probe.block_bytes()
@@ -261,7 +317,20 @@ struct Seq<'t> {
     /// Set during a step for a sequence that leaves the batch at its end.
     leave: Leave,
     modules: Vec<ModuleRef>,
-    module_key: u64,
+    cache_key: u64,
+    cancelled: UnboundedSender<Cancelled>,
+}
+
+impl Seq<'_> {
+    /// Report what this sequence used to its request's accounting (its client is gone).
+    fn report_cancelled(&self) {
+        let _ = self.cancelled.send(Cancelled {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated,
+            cached_tokens: self.cached,
+            stats: self.stats.clone(),
+        });
+    }
 }
 
 struct Scheduler<'m> {
@@ -289,6 +358,7 @@ impl<'m> Scheduler<'m> {
             if self.queue.is_empty() && self.running.is_empty() && self.preempted.is_empty() {
                 match rx.recv() {
                     Ok(Command::Submit(r)) => self.enqueue(r),
+                    Ok(Command::Crash) => panic!("scheduler crash requested (test hook)"),
                     Ok(Command::Shutdown) | Err(_) => break,
                 }
             }
@@ -296,6 +366,7 @@ impl<'m> Scheduler<'m> {
             loop {
                 match rx.try_recv() {
                     Ok(Command::Submit(r)) => self.enqueue(r),
+                    Ok(Command::Crash) => panic!("scheduler crash requested (test hook)"),
                     Ok(Command::Shutdown) => {
                         stop = true;
                         break;
@@ -369,21 +440,41 @@ impl<'m> Scheduler<'m> {
     /// prompts that share its prefix.
     fn retire(&mut self, s: Seq<'m>) {
         self.prefix
-            .insert(&s.history[..s.fed], &s.cache, s.module_key);
+            .insert(&s.history[..s.fed], &s.cache, s.cache_key);
     }
 
     /// Cancel sequences whose client has gone (the receiver was dropped), freeing their caches.
     fn drop_abandoned(&mut self) {
         let before_q = self.queue.len();
-        self.queue.retain(|r| !r.events.is_closed());
+        self.queue.retain(|r| {
+            if !r.events.is_closed() {
+                return true;
+            }
+            let _ = r.cancelled.send(Cancelled {
+                prompt_tokens: r.prompt.len(),
+                stats: SeqStats {
+                    queued: r.arrived.elapsed(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+            false
+        });
         let before_p = self.preempted.len();
-        self.preempted.retain(|s| !s.events.is_closed());
+        self.preempted.retain(|s| {
+            let closed = s.events.is_closed();
+            if closed {
+                s.report_cancelled();
+            }
+            !closed
+        });
         let gone_q = before_q - self.queue.len() + before_p - self.preempted.len();
         let before_r = self.running.len();
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].events.is_closed() {
                 let s = self.running.remove(i);
+                s.report_cancelled();
                 self.retire(s);
             } else {
                 i += 1;
@@ -424,7 +515,7 @@ impl<'m> Scheduler<'m> {
         while self.running.len() < self.config.parallel.max(1) {
             if let Some(s) = self.preempted.front() {
                 let history = s.history.clone();
-                let key = s.module_key;
+                let key = s.cache_key;
                 let (mut cache, cached) = self.lookup_prefix(&history, key);
                 if !self.claim(&mut cache, history.len() - cached) {
                     break;
@@ -461,7 +552,7 @@ impl<'m> Scheduler<'m> {
                 continue;
             }
             let prompt = r.prompt.clone();
-            let key = r.module_key;
+            let key = r.cache_key;
             let (mut cache, cached) = self.lookup_prefix(&prompt, key);
             if !self.claim(&mut cache, prompt.len() - cached) {
                 break;
@@ -499,15 +590,16 @@ impl<'m> Scheduler<'m> {
                 last_token: None,
                 leave: Leave::Stay,
                 modules: r.modules,
-                module_key: r.module_key,
+                cache_key: r.cache_key,
+                cancelled: r.cancelled,
             });
         }
     }
 
     /// A cache for `tokens` starting from the longest cached prefix (never all of them: the
     /// last token must run to give logits), and how many positions it already holds.
-    fn lookup_prefix(&mut self, tokens: &[u32], module_key: u64) -> (KvCache, usize) {
-        match self.prefix.lookup(tokens, tokens.len() - 1, module_key) {
+    fn lookup_prefix(&mut self, tokens: &[u32], cache_key: u64) -> (KvCache, usize) {
+        match self.prefix.lookup(tokens, tokens.len() - 1, cache_key) {
             Some(hit) => (hit.cache, hit.tokens),
             None => (self.new_cache(), 0),
         }
@@ -749,6 +841,7 @@ fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metric
         {
             // The client is gone: drop the sequence (and its cache) now.
             metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            s.report_cancelled();
             return true;
         }
         if hit {

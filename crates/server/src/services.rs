@@ -158,6 +158,9 @@ pub struct FileConfig {
     pub machine: MachineConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[metrics] key_hashes`: keys that may read `/metrics` and nothing else (for scrapers).
+    #[serde(default)]
+    pub metrics: AdminConfig,
     /// Services by name, in file order.
     #[serde(default)]
     pub services: OrderedServices,
@@ -201,6 +204,8 @@ pub struct ServicesConfig {
     /// In file order.
     pub services: Vec<(String, ServiceConfig)>,
     pub admin_key_hashes: Vec<String>,
+    /// Keys that may only scrape `/metrics`.
+    pub metrics_key_hashes: Vec<String>,
     pub machine: MachineConfig,
     pub database: Option<PathBuf>,
     /// `[modules]`: name → adapter path.
@@ -219,6 +224,7 @@ impl ServicesConfig {
                 },
             )],
             admin_key_hashes: vec![],
+            metrics_key_hashes: vec![],
             machine: MachineConfig::default(),
             database: None,
             modules: vec![],
@@ -294,7 +300,8 @@ impl ServicesConfig {
         let all_hashes = services
             .iter()
             .flat_map(|(n, s)| s.key_hashes.iter().map(move |h| (n.as_str(), h)))
-            .chain(file.admin.key_hashes.iter().map(|h| ("admin", h)));
+            .chain(file.admin.key_hashes.iter().map(|h| ("admin", h)))
+            .chain(file.metrics.key_hashes.iter().map(|h| ("metrics", h)));
         let mut seen = HashMap::new();
         for (owner, h) in all_hashes {
             if parse_hash(h).is_none() {
@@ -320,6 +327,7 @@ impl ServicesConfig {
         Ok(ServicesConfig {
             services,
             admin_key_hashes: file.admin.key_hashes,
+            metrics_key_hashes: file.metrics.key_hashes,
             machine: file.machine,
             database: file.database,
             modules: file.modules.into_iter().collect(),
@@ -329,6 +337,7 @@ impl ServicesConfig {
     /// Whether requests must carry a key (any key is configured).
     pub fn auth_enabled(&self) -> bool {
         !self.admin_key_hashes.is_empty()
+            || !self.metrics_key_hashes.is_empty()
             || self.services.iter().any(|(_, s)| !s.key_hashes.is_empty())
     }
 }
@@ -353,6 +362,8 @@ fn parse_hash(h: &str) -> Option<&str> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     Admin,
+    /// A key that may read `/metrics` only.
+    Metrics,
     Service(usize),
 }
 
@@ -429,6 +440,9 @@ impl Services {
         }
         for h in &c.admin_key_hashes {
             by_hash.insert(h.to_ascii_lowercase(), Caller::Admin);
+        }
+        for h in &c.metrics_key_hashes {
+            by_hash.insert(h.to_ascii_lowercase(), Caller::Metrics);
         }
         Services {
             list: c
@@ -534,45 +548,7 @@ impl Services {
                 });
             }
         }
-        if let Some(tpm) = l.tokens_per_minute {
-            if prompt_tokens > tpm {
-                // Waiting would not help; say so rather than send the client into a retry loop.
-                return Err(Refusal::Limited {
-                    message: format!(
-                        "the prompt has {prompt_tokens} tokens, more than the service `{}`'s \
-                         limit of {tpm} tokens per minute",
-                        s.name
-                    ),
-                    retry_after: 60,
-                });
-            }
-            let used: u64 = w.tokens.iter().map(|&(_, n)| n).sum();
-            if used + prompt_tokens > tpm {
-                // Wait until enough old tokens leave the window; a request that alone exceeds
-                // the limit waits a whole minute after the window empties.
-                let mut freed = 0;
-                let mut at = now;
-                for &(t, n) in &w.tokens {
-                    freed += n;
-                    at = t;
-                    if used - freed + prompt_tokens <= tpm {
-                        break;
-                    }
-                }
-                return Err(Refusal::Limited {
-                    message: format!(
-                        "the service `{}` is over its limit of {tpm} tokens per minute \
-                         ({used} used, this prompt has {prompt_tokens})",
-                        s.name
-                    ),
-                    retry_after: if w.tokens.is_empty() {
-                        60
-                    } else {
-                        secs_until_expiry(at, now)
-                    },
-                });
-            }
-        }
+        tpm_check(s, &w, now, prompt_tokens)?;
         if let Some(max) = l.max_concurrent {
             let mut cur = s.active.load(Ordering::SeqCst);
             loop {
@@ -597,8 +573,24 @@ impl Services {
             s.active.fetch_add(1, Ordering::SeqCst);
         }
         w.requests.push_back(now);
-        w.tokens.push_back((now, prompt_tokens));
+        if prompt_tokens > 0 {
+            w.tokens.push_back((now, prompt_tokens));
+        }
         Ok(ActiveGuard(s.active.clone()))
+    }
+
+    /// After [`Services::admit`] with no prompt tokens (before the prompt was tokenized): count
+    /// the prompt's tokens, or refuse it (429) if they do not fit the tokens-per-minute window.
+    pub fn charge_prompt(&self, i: usize, prompt_tokens: u64) -> Result<(), Refusal> {
+        let s = &self.list[i];
+        let now = Instant::now();
+        let mut w = s.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.trim(now);
+        tpm_check(s, &w, now, prompt_tokens)?;
+        if prompt_tokens > 0 {
+            w.tokens.push_back((now, prompt_tokens));
+        }
+        Ok(())
     }
 
     /// Count generated tokens against service `i`'s tokens-per-minute window.
@@ -616,6 +608,51 @@ impl Services {
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.list.iter().position(|s| s.name == name)
     }
+}
+
+/// 429 unless `prompt_tokens` more fit service `s`'s tokens-per-minute window now.
+fn tpm_check(s: &Service, w: &Window, now: Instant, prompt_tokens: u64) -> Result<(), Refusal> {
+    let l = &s.config.limits;
+    if let Some(tpm) = l.tokens_per_minute {
+        if prompt_tokens > tpm {
+            // Waiting would not help; say so rather than send the client into a retry loop.
+            return Err(Refusal::Limited {
+                message: format!(
+                    "the prompt has {prompt_tokens} tokens, more than the service `{}`'s \
+                     limit of {tpm} tokens per minute",
+                    s.name
+                ),
+                retry_after: 60,
+            });
+        }
+        let used: u64 = w.tokens.iter().map(|&(_, n)| n).sum();
+        if used + prompt_tokens > tpm {
+            // Wait until enough old tokens leave the window; a request that alone exceeds
+            // the limit waits a whole minute after the window empties.
+            let mut freed = 0;
+            let mut at = now;
+            for &(t, n) in &w.tokens {
+                freed += n;
+                at = t;
+                if used - freed + prompt_tokens <= tpm {
+                    break;
+                }
+            }
+            return Err(Refusal::Limited {
+                message: format!(
+                    "the service `{}` is over its limit of {tpm} tokens per minute \
+                     ({used} used, this prompt has {prompt_tokens})",
+                    s.name
+                ),
+                retry_after: if w.tokens.is_empty() {
+                    60
+                } else {
+                    secs_until_expiry(at, now)
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

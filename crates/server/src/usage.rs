@@ -106,7 +106,7 @@ impl UsageDb {
     /// Open (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<UsageDb, UsageError> {
         let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(std::time::Duration::from_millis(250))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;

@@ -365,6 +365,7 @@ fn disconnect_cancels_and_a_full_queue_gets_429() {
     let s = open_stream(&addr, 400);
     assert_eq!(metric(&base, "modu_running_sequences"), 1.0);
     let r = ureq::post(&format!("{base}/v1/completions"))
+        .set("Content-Type", "application/json")
         .send_string(r#"{"prompt":"hi","max_tokens":2}"#);
     match r {
         Err(ureq::Error::Status(429, resp)) => {

@@ -21,6 +21,34 @@ const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
 /// Tokens compared per golden case (the goldens have 32; fewer keeps the test quick).
 const N: usize = 16;
 
+/// Where run-time loads may read: the fixtures, the model cache (for the "not an adapter"
+/// case) and a scratch directory holding a FIFO.
+fn module_dirs() -> Vec<PathBuf> {
+    let model = modu_hub::resolve(QWEN, &modu_hub::NoProgress).unwrap();
+    vec![
+        lora_fixture::lora("lora-a.gguf")
+            .parent()
+            .unwrap()
+            .to_path_buf(),
+        model.parent().unwrap().to_path_buf(),
+        scratch(),
+    ]
+}
+
+fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("modu-module-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let fifo = d.join("fifo.gguf");
+    if !fifo.exists() {
+        let ok = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mkfifo failed");
+    }
+    d
+}
+
 fn qwen() -> (Arc<GgufFile>, ServedModel) {
     let path = modu_hub::resolve(QWEN, &modu_hub::NoProgress).expect("fetching qwen");
     let file = Arc::new(GgufFile::open(&path).unwrap());
@@ -45,7 +73,7 @@ fn server() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| {
         let (file, served) = qwen();
-            let config = ServeConfig {
+        let config = ServeConfig {
             port: 0,
             parallel: 4,
             ctx: 256,
@@ -53,6 +81,7 @@ fn server() -> &'static Server {
                 ("a".into(), lora_fixture::lora("lora-a.gguf")),
                 ("b".into(), lora_fixture::lora("peft-lora-b")),
             ],
+            module_dirs: module_dirs(),
             ..ServeConfig::default()
         };
         let h = modu_server::start(served, config, false).expect("starting the server");
@@ -141,8 +170,14 @@ fn golden_adapter_settings_in_one_mixed_batch_equal_solo_runs() {
     let (_, served) = qwen();
     let shapes = served.model.module_shapes();
     let adapters = [
-        Arc::new(modu_engine::LoraAdapter::open(lora_fixture::lora("lora-a.gguf"), Some(shapes)).unwrap()),
-        Arc::new(modu_engine::LoraAdapter::open(lora_fixture::lora("peft-lora-b"), Some(shapes)).unwrap()),
+        Arc::new(
+            modu_engine::LoraAdapter::open(lora_fixture::lora("lora-a.gguf"), Some(shapes))
+                .unwrap(),
+        ),
+        Arc::new(
+            modu_engine::LoraAdapter::open(lora_fixture::lora("peft-lora-b"), Some(shapes))
+                .unwrap(),
+        ),
     ];
     let jobs: Vec<(Vec<u32>, Vec<f64>)> = picked
         .iter()
@@ -289,8 +324,28 @@ fn bad_module_requests_are_clear_errors() {
         (
             "/v1/modules",
             json!({"name": "x", "path": "/nonexistent/adapter.gguf"}).to_string(),
-            400,
+            403,
             "nonexistent",
+        ),
+        (
+            "/v1/modules",
+            json!({"name": "x", "path": "/etc/hostname"}).to_string(),
+            403,
+            "outside the module directories",
+        ),
+        (
+            "/v1/modules",
+            json!({"name": "x", "path": scratch().join("fifo.gguf")}).to_string(),
+            400,
+            "not a regular file",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "model": "a", "lora_scale": 10,
+                   "lora": [{"name": "a", "scale": 10}]})
+            .to_string(),
+            400,
+            "add up to 20",
         ),
         (
             "/v1/modules",

@@ -217,7 +217,8 @@ fn submit(h: &SchedulerHandle, prompt: Vec<u32>, max_tokens: usize) -> Unbounded
         arrived: Instant::now(),
         service: Default::default(),
         modules: Vec::new(),
-        module_key: 0,
+        cache_key: 0,
+        cancelled: tokio::sync::mpsc::unbounded_channel().0,
     })
     .unwrap();
     rx
@@ -362,7 +363,8 @@ fn full_queue_refuses_submissions() {
         arrived: Instant::now(),
         service: Default::default(),
         modules: Vec::new(),
-        module_key: 0,
+        cache_key: 0,
+        cancelled: tokio::sync::mpsc::unbounded_channel().0,
     });
     assert_eq!(r.err(), Some(SubmitError::QueueFull));
     for rx in rxs {
@@ -439,7 +441,8 @@ fn submit_as(
             priority,
         },
         modules: Vec::new(),
-        module_key: 0,
+        cache_key: 0,
+        cancelled: tokio::sync::mpsc::unbounded_channel().0,
     })
     .unwrap();
     rx

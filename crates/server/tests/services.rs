@@ -346,7 +346,7 @@ fn usage_is_recorded_and_isolated_between_services() {
 #[test]
 fn metrics_are_labelled_by_service_and_module() {
     assert_eq!(chat(Some(SEARCH), None, 1).0, 200);
-    let (_, _, text) = call("GET", "/metrics", None, None);
+    let (_, _, text) = call("GET", "/metrics", Some(ADMIN), None);
     let line = text
         .lines()
         .find(|l| {
@@ -359,7 +359,7 @@ fn metrics_are_labelled_by_service_and_module() {
     assert!(text.contains("modu_service_request_duration_seconds_bucket{service=\"검색\",module=\"gemma-3-270m\",le=\"+Inf\"}"));
     // 번역's refused request is an error of the module it asked for.
     let _ = chat(Some(TRANSLATE), Some("gemma-3-270m"), 1);
-    let (_, _, text) = call("GET", "/metrics", None, None);
+    let (_, _, text) = call("GET", "/metrics", Some(ADMIN), None);
     assert!(text.contains("modu_service_errors_total{service=\"번역\",module=\"gemma-3-270m\"} "));
 }
 

@@ -51,14 +51,21 @@ impl LoraAdapter {
             let b: Vec<f16> = if fix == 1.0 {
                 t.b().to_vec()
             } else {
-                t.b().iter().map(|v| f16::from_f32(v.to_f32() * fix)).collect()
+                t.b()
+                    .iter()
+                    .map(|v| f16::from_f32(v.to_f32() * fix))
+                    .collect()
             };
             blobs.push((
                 format!("{stem}.lora_A.weight"),
                 vec![t.rank, t.n_in],
                 f16_bytes(t.a()),
             ));
-            blobs.push((format!("{stem}.lora_B.weight"), vec![t.n_out, t.rank], f16_bytes(&b)));
+            blobs.push((
+                format!("{stem}.lora_B.weight"),
+                vec![t.n_out, t.rank],
+                f16_bytes(&b),
+            ));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = blobs
             .iter()
@@ -84,11 +91,12 @@ impl LoraAdapter {
         });
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let st_path = dir.join("adapter_model.safetensors");
-        safetensors::tensor::serialize_to_file(views, &None, &st_path)
-            .map_err(|e| LoraError::Safetensors {
+        safetensors::tensor::serialize_to_file(views, &None, &st_path).map_err(|e| {
+            LoraError::Safetensors {
                 path: st_path.clone(),
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         let cfg_path = dir.join("adapter_config.json");
         let text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
         std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;

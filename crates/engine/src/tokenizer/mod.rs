@@ -658,6 +658,39 @@ impl Tokenizer {
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
         let fragments = self.partition(text, parse_special);
+        self.encode_fragments(text, &fragments, add_special)
+    }
+
+    /// Tokenizes `text` with control tokens parsed except inside the `literal` byte ranges,
+    /// where text that spells one stays text (a control token overlapping a range is not
+    /// matched). This is how a rendered chat prompt is tokenized: the template's own control
+    /// tokens count, while message contents (the ranges) can never forge one.
+    pub fn encode_with_literal_spans(
+        &self,
+        text: &str,
+        add_special: bool,
+        literal: &[(usize, usize)],
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let ok = |a: usize, b: usize| !literal.iter().any(|&(s, e)| a < e && s < b);
+        let fragments = self.partition_where(text, true, &ok);
+        self.encode_fragments(text, &fragments, add_special)
+    }
+
+    /// The first control token (`<|im_start|>`, `<start_of_turn>` …) whose text occurs in
+    /// `text`, if any.
+    pub fn find_control_text(&self, text: &str) -> Option<u32> {
+        self.special_by_len.iter().copied().find(|&id| {
+            self.types[id as usize].is_control_like()
+                && text.contains(self.tokens[id as usize].as_str())
+        })
+    }
+
+    fn encode_fragments(
+        &self,
+        text: &str,
+        fragments: &[Fragment],
+        add_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.push(self.bos.ok_or(TokenizerError::MissingSpecialToken("BOS"))?);
@@ -665,7 +698,7 @@ impl Tokenizer {
         match self.kind {
             VocabKind::BytePairBpe => {
                 let bpe = self.bpe.as_ref().expect("BPE model present");
-                for frag in &fragments {
+                for frag in fragments {
                     match *frag {
                         Fragment::Text(s, e) => {
                             bpe.encode(&text[s..e], &self.token_to_id, &mut out)
@@ -678,7 +711,7 @@ impl Tokenizer {
                 // The first text fragment (and any right after a special token) gets the `▁`
                 // prefix when the model asks for one.
                 let mut prev_special = true;
-                for frag in &fragments {
+                for frag in fragments {
                     match *frag {
                         Fragment::Text(s, e) => {
                             let mut piece = String::with_capacity(e - s + 3);
@@ -706,13 +739,26 @@ impl Tokenizer {
 
     /// Splits `text` on special tokens (see [`Tokenizer::encode`]).
     fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+        self.partition_where(text, parse_special, &|_, _| true)
+    }
+
+    /// [`Tokenizer::partition`] where, with `parse_control`, a control-like token spelled at
+    /// bytes `[start, end)` is a token only when `control_ok(start, end)`; elsewhere it stays
+    /// ordinary text.
+    fn partition_where(
+        &self,
+        text: &str,
+        parse_control: bool,
+        control_ok: &dyn Fn(usize, usize) -> bool,
+    ) -> Vec<Fragment> {
         let mut frags = Vec::new();
         if text.is_empty() {
             return frags;
         }
         frags.push(Fragment::Text(0, text.len()));
         for &id in &self.special_by_len {
-            if !parse_special && self.types[id as usize].is_control_like() {
+            let control = self.types[id as usize].is_control_like();
+            if control && !parse_control {
                 continue;
             }
             let needle = self.tokens[id as usize].as_str();
@@ -725,13 +771,21 @@ impl Tokenizer {
                     next.push(frag);
                     continue;
                 };
-                while let Some(pos) = text[s..e].find(needle) {
-                    let m = s + pos;
+                // `s`: start of the text not yet emitted; `from`: where the search goes on
+                // (past occurrences left as text).
+                let mut from = s;
+                while let Some(pos) = text[from..e].find(needle) {
+                    let m = from + pos;
+                    if control && !control_ok(m, m + needle.len()) {
+                        from = m + text[m..].chars().next().map_or(1, char::len_utf8);
+                        continue;
+                    }
                     if m > s {
                         next.push(Fragment::Text(s, m));
                     }
                     next.push(Fragment::Token(id));
                     s = m + needle.len();
+                    from = s;
                 }
                 if s < e {
                     next.push(Fragment::Text(s, e));
