@@ -663,11 +663,29 @@ impl LoraAdapter {
     pub fn from_peft_dir(dir: &Path, base: Option<&BaseShapes>) -> Result<Self, LoraError> {
         let cfg_path = dir.join("adapter_config.json");
         let st_path = dir.join("adapter_model.safetensors");
-        let cfg_text =
-            String::from_utf8(read_regular(&cfg_path)?).map_err(|_| LoraError::BadConfig {
-                path: cfg_path.clone(),
-                reason: "not UTF-8".into(),
-            })?;
+        let cfg_bytes = read_regular(&cfg_path)?;
+        // Read into memory, not mapped: a file truncated or rewritten while the server reads
+        // it then gives a validation error instead of a SIGBUS.
+        let map = read_regular(&st_path)?;
+        let mut ad = Self::from_peft_bytes(dir, &cfg_bytes, &map, base)?;
+        ad.source = Some(dir.to_path_buf());
+        Ok(ad)
+    }
+
+    /// A PEFT adapter from the contents of its two files (`dir` names it in messages and
+    /// gives its default name).
+    pub fn from_peft_bytes(
+        dir: &Path,
+        cfg_bytes: &[u8],
+        map: &[u8],
+        base: Option<&BaseShapes>,
+    ) -> Result<Self, LoraError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let st_path = dir.join("adapter_model.safetensors");
+        let cfg_text = std::str::from_utf8(cfg_bytes).map_err(|_| LoraError::BadConfig {
+            path: cfg_path.clone(),
+            reason: "not UTF-8".into(),
+        })?;
         let bad = |reason: String| LoraError::BadConfig {
             path: cfg_path.clone(),
             reason,
@@ -742,9 +760,6 @@ impl LoraAdapter {
             .and_then(|v| v.as_str())
             .map(str::to_string);
 
-        // Read into memory, not mapped: a file truncated or rewritten while the server reads
-        // it then gives a validation error instead of a SIGBUS.
-        let map = read_regular(&st_path)?;
         let st_err = |reason: String| LoraError::Safetensors {
             path: st_path.clone(),
             reason,

@@ -222,6 +222,9 @@ pub struct Tokenizer {
     /// Control, user-defined and unknown tokens, longest text first (ties: lower id first): the
     /// order in which the input is partitioned on them.
     special_by_len: Vec<u32>,
+    /// Finds, in one pass, which of `special_by_len` (pattern `k` is `special_by_len[k]`) occur
+    /// in a text, so partitioning costs O(text) instead of O(text × special tokens).
+    special_finder: Option<aho_corasick::AhoCorasick>,
     bpe: Option<bpe::BpeModel>,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -570,6 +573,11 @@ impl Tokenizer {
                 .then(a.cmp(&b))
         });
 
+        let special_finder = aho_corasick::AhoCorasick::new(
+            special_by_len.iter().map(|&i| tokens[i as usize].as_str()),
+        )
+        .ok();
+
         let byte_tokens: Vec<Option<u32>> = (0..=255u8)
             .map(|b| {
                 token_to_id
@@ -624,6 +632,7 @@ impl Tokenizer {
             token_to_id,
             piece_bytes,
             piece_offsets,
+            special_finder,
             special_by_len,
             bpe,
             bos,
@@ -679,10 +688,20 @@ impl Tokenizer {
     /// The first control token (`<|im_start|>`, `<start_of_turn>` …) whose text occurs in
     /// `text`, if any.
     pub fn find_control_text(&self, text: &str) -> Option<u32> {
-        self.special_by_len.iter().copied().find(|&id| {
-            self.types[id as usize].is_control_like()
-                && text.contains(self.tokens[id as usize].as_str())
-        })
+        let control = |id: u32| {
+            self.types[id as usize].is_control_like() && !self.tokens[id as usize].is_empty()
+        };
+        match &self.special_finder {
+            Some(f) => f
+                .find_overlapping_iter(text)
+                .map(|m| self.special_by_len[m.pattern().as_usize()])
+                .find(|&id| control(id)),
+            None => self
+                .special_by_len
+                .iter()
+                .copied()
+                .find(|&id| control(id) && text.contains(self.tokens[id as usize].as_str())),
+        }
     }
 
     fn encode_fragments(
@@ -756,13 +775,24 @@ impl Tokenizer {
             return frags;
         }
         frags.push(Fragment::Text(0, text.len()));
-        for &id in &self.special_by_len {
+        let present: Option<Vec<bool>> = self.special_finder.as_ref().map(|f| {
+            let mut p = vec![false; self.special_by_len.len()];
+            for m in f.find_overlapping_iter(text) {
+                p[m.pattern().as_usize()] = true;
+            }
+            p
+        });
+        for (k, &id) in self.special_by_len.iter().enumerate() {
             let control = self.types[id as usize].is_control_like();
             if control && !parse_control {
                 continue;
             }
             let needle = self.tokens[id as usize].as_str();
-            if !text.contains(needle) {
+            let occurs = match &present {
+                Some(p) => p[k],
+                None => text.contains(needle),
+            };
+            if needle.is_empty() || !occurs {
                 continue;
             }
             let mut next = Vec::with_capacity(frags.len() + 2);
