@@ -691,7 +691,7 @@ impl LoraAdapter {
             reason,
         };
         let cfg: serde_json::Value =
-            serde_json::from_str(&cfg_text).map_err(|e| bad(format!("not JSON: {e}")))?;
+            serde_json::from_str(cfg_text).map_err(|e| bad(format!("not JSON: {e}")))?;
         let obj = cfg
             .as_object()
             .ok_or_else(|| bad("not a JSON object".into()))?;
@@ -764,7 +764,7 @@ impl LoraAdapter {
             path: st_path.clone(),
             reason,
         };
-        let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| st_err(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(map).map_err(|e| st_err(e.to_string()))?;
         let mut halves: HashMap<(usize, Proj), [Option<NamedView>; 2]> = HashMap::new();
         for (name, view) in st.tensors() {
             let (layer, proj, which) = parse_hf_name(&name)
