@@ -75,6 +75,52 @@ pub struct ServeBenchArgs {
     /// sends `"lora": [{"id": c mod N, "scale": 1}]` (the others at scale 0).
     #[arg(long)]
     pub llama_lora: Option<usize>,
+    /// Constrained decoding: client `c` sends its own JSON schema (`response_format`), one that
+    /// no output completes within -n tokens, so lengths match an unconstrained run. The grammar
+    /// mask's p50/p99 time (from the server's /metrics) is reported too.
+    #[arg(long)]
+    pub structured: bool,
+}
+
+/// Client `c`'s schema for --structured: its own property names and bounds, and at least 48
+/// list items (far more than -n tokens can hold, so the grammar never ends first).
+fn bench_schema(c: usize) -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            format!("title_{c}"): {"type": "string", "maxLength": 40},
+            "items": {"type": "array", "minItems": 48, "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 16},
+                    format!("qty_{c}"): {"type": "integer", "minimum": 0, "maximum": 99 + c},
+                    "tag": {"enum": ["a", "b", format!("c{c}")]}
+                },
+                "required": ["name", format!("qty_{c}"), "tag"],
+                "additionalProperties": false
+            }}
+        },
+        "required": [format!("title_{c}"), "items"],
+        "additionalProperties": false
+    })
+}
+
+/// The grammar-mask time quantiles (p50, p99, in µs) a modu server reports at /metrics.
+fn mask_quantiles(agent: &ureq::Agent, base: &str) -> Option<(f64, f64)> {
+    let text = agent
+        .get(&format!("{base}/metrics"))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()?;
+    let q = |label: &str| -> Option<f64> {
+        let prefix = format!("modu_grammar_mask_seconds{{quantile=\"{label}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|s| s * 1e6)
+    };
+    Some((q("0.5")?, q("0.99")?))
 }
 
 /// What a request adds to pick its module.
@@ -239,6 +285,7 @@ fn start_in_process(
 }
 
 /// Send one streaming completion and time its chunks.
+#[allow(clippy::too_many_arguments)]
 fn one_request(
     agent: &ureq::Agent,
     base: &str,
@@ -247,6 +294,7 @@ fn one_request(
     n: usize,
     pick: (&ModulePick, usize),
     key: Option<&str>,
+    structured: bool,
 ) -> Result<Sample> {
     let mut body = json!({
         "model": model,
@@ -258,6 +306,10 @@ fn one_request(
         "stream_options": {"include_usage": true},
     });
     pick.0.apply(pick.1, &mut body);
+    if structured {
+        body["response_format"] = json!({"type": "json_schema",
+            "json_schema": {"name": format!("bench_{}", pick.1), "schema": bench_schema(pick.1)}});
+    }
     let start = Instant::now();
     let mut req = agent.post(&format!("{base}/v1/completions"));
     if let Some(k) = key {
@@ -344,6 +396,7 @@ fn run_level(
                             a.n_gen,
                             (pick, c),
                             key,
+                            a.structured,
                         ));
                         r += 1;
                     }
@@ -477,13 +530,15 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         4,
         (&pick, 0),
         a.api_keys.first().map(|k| k.as_str()),
+        a.structured,
     )
     .with_context(|| format!("warm-up request to {base}"))?;
     if !a.json {
         println!(
-            "target: {target}; {} tokens per request, {} round(s) per client; modules: {}",
+            "target: {target}; {} tokens per request, {} round(s) per client; constrained: {}; modules: {}",
             a.n_gen,
             a.rounds,
+            if a.structured { "a JSON schema per client" } else { "no" },
             match &pick {
                 ModulePick::None => "none".to_string(),
                 ModulePick::Names(n) => format!("{} by name", n.len()),
@@ -496,6 +551,7 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     let mut rows = Vec::new();
+    let mut mask_lines: Vec<String> = Vec::new();
     for &c in &a.clients {
         let mut l = run_level(&base, &model, &pick, &a, c);
         let agg = l.tokens as f64 / l.wall.as_secs_f64();
@@ -516,7 +572,18 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
             "ttft_p99_ms": percentile(&mut l.ttft, 99.0),
             "itl_p50_ms": itl50,
             "itl_p99_ms": percentile(&mut l.itl, 99.0),
+            "structured": a.structured,
         });
+        let mut row = row;
+        if a.structured {
+            if let Some((p50, p99)) = mask_quantiles(&agent, &base) {
+                row["mask_p50_us"] = json!(p50);
+                row["mask_p99_us"] = json!(p99);
+                mask_lines.push(format!(
+                    "grammar mask ({c} clients, recent masks): p50 {p50:.0} µs, p99 {p99:.0} µs"
+                ));
+            }
+        }
         if a.json {
             rows.push(row);
         } else {
@@ -541,6 +608,10 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        for l in &mask_lines {
+            println!("{l}");
+        }
     }
     if let Some(h) = own {
         h.stop().context("stopping the server")?;
@@ -614,7 +685,7 @@ pub fn bench_modules(a: ModulesBenchArgs) -> Result<()> {
     let agent = ureq::AgentBuilder::new().build();
     let none = ModulePick::None;
     // Warm up, then a baseline stream with nothing else going on.
-    one_request(&agent, &base, "", "Hello", 4, (&none, 0), None)?;
+    one_request(&agent, &base, "", "Hello", 4, (&none, 0), None, false)?;
     let quiet = one_request(
         &agent,
         &base,
@@ -623,6 +694,7 @@ pub fn bench_modules(a: ModulesBenchArgs) -> Result<()> {
         a.n_gen,
         (&none, 0),
         None,
+        false,
     )?;
     let rss0 = rss_bytes();
     // The same stream while every module is loaded through the HTTP API.
@@ -636,6 +708,7 @@ pub fn bench_modules(a: ModulesBenchArgs) -> Result<()> {
                 a.n_gen,
                 (&none, 0),
                 None,
+                false,
             )
         });
         // Let the stream start first.

@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use modu_engine::chat::{ChatMessage, ChatTemplate};
-use modu_engine::generate::{generate_with, GenerateParams};
-use modu_engine::{load_model, Model, SamplingParams, Tokenizer};
+use modu_engine::generate::{generate_constrained, generate_with, GenerateParams};
+use modu_engine::{load_model, Grammar, GrammarEngine, Model, SamplingParams, Tokenizer};
 use modu_gguf::GgufFile;
 
 #[derive(Args, Clone)]
@@ -118,6 +118,48 @@ pub struct RunArgs {
     /// (default 1); repeat to sum several.
     #[arg(long = "module", value_name = "PATH[=SCALE]")]
     pub modules: Vec<String>,
+    /// Constrain the output to JSON that validates against this JSON schema file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["grammar", "regex", "json_object"])]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the output to any JSON object.
+    #[arg(long, conflicts_with_all = ["grammar", "regex"])]
+    pub json_object: bool,
+    /// Constrain the output to this Lark grammar file (llguidance's Lark dialect).
+    #[arg(long, value_name = "FILE", conflicts_with = "regex")]
+    pub grammar: Option<PathBuf>,
+    /// Constrain the output to match this regular expression.
+    #[arg(long, value_name = "REGEX", allow_hyphen_values = true)]
+    pub regex: Option<String>,
+}
+
+impl RunArgs {
+    /// The grammar the output must follow, from --json-schema, --json-object, --grammar or
+    /// --regex, and what to call it in errors.
+    fn grammar(&self) -> Result<Option<(Grammar, String)>> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        Ok(if let Some(p) = &self.json_schema {
+            let text = read(p)?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", p.display()))?;
+            Some((
+                Grammar::JsonSchema(schema),
+                format!("the JSON schema in {}", p.display()),
+            ))
+        } else if self.json_object {
+            Some((Grammar::JsonObject, "--json-object".into()))
+        } else if let Some(p) = &self.grammar {
+            Some((
+                Grammar::Lark(read(p)?),
+                format!("the grammar in {}", p.display()),
+            ))
+        } else {
+            self.regex
+                .clone()
+                .map(|r| (Grammar::Regex(r), "the --regex".into()))
+        })
+    }
 }
 
 #[derive(Args)]
@@ -269,6 +311,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             .with_context(|| format!("reading prompt file {}", f.display()))?,
         (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
     };
+    // Constraint files are read before the model loads, so a bad one fails at once.
+    let grammar = a.grammar()?;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -303,14 +347,26 @@ pub fn run(a: RunArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let json = a.json;
     // On a worker of the global pool (see `on_pool`).
+    let constraint = match grammar {
+        Some((g, what)) => {
+            let engine = Arc::new(GrammarEngine::new(&l.tokenizer)?);
+            Some(
+                engine
+                    .compile(&g)
+                    .with_context(|| format!("{what} cannot be used"))?,
+            )
+        }
+        None => None,
+    };
     let gen = on_pool(|| {
-        generate_with(
+        generate_constrained(
             l.model.as_ref(),
             &l.tokenizer,
             &mut cache,
             &ids,
             &params,
             &modules,
+            constraint,
             |piece, _| {
                 first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
                 if !json {

@@ -80,8 +80,10 @@ fn chat(base: &str, key: &str, stream: bool) -> (u16, String) {
     let r = ureq::post(&format!("{base}/v1/chat/completions"))
         .set("Authorization", &format!("Bearer {key}"))
         .send_json(
+            // ignore_eos: a sampled end-of-generation token must not shorten the 4 tokens
+            // the records are checked against.
             json!({"messages": [{"role": "user", "content": "안녕하세요"}],
-                          "max_tokens": 4, "stream": stream}),
+                          "max_tokens": 4, "stream": stream, "ignore_eos": true}),
         );
     match r {
         Ok(r) => (r.status(), r.into_string().unwrap()),

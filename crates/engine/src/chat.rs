@@ -11,7 +11,7 @@
 //!   `strftime_now(fmt)` (UTC), and a `tojson` that formats like Python's `json.dumps`
 //!   (`", "`/`": "` separators, non-ASCII kept, no HTML escaping), as Hugging Face defines it;
 //! * variables `messages` (list of `{role, content}`), `add_generation_prompt`, `bos_token`,
-//!   `eos_token`, and `tools` = none.
+//!   `eos_token`, and `tools` (none, or the request's function definitions).
 //!
 //! Models without a template (e.g. the Gemma 3 270M base model) get a built-in one chosen by
 //! architecture, matching llama.cpp's built-in formats: Gemma's turn markers for `gemma*`
@@ -31,6 +31,10 @@ pub struct ChatMessage {
     /// `system`, `user`, `assistant` (or whatever roles the template knows).
     pub role: String,
     pub content: String,
+    /// An assistant message's calls, OpenAI-shaped (`[{id, type, function: {name, arguments}}]`
+    /// with `arguments` a JSON object, as Hugging Face templates expect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
 }
 
 impl ChatMessage {
@@ -38,7 +42,25 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
         }
+    }
+}
+
+/// A JSON value as a template value (objects keep their key order).
+fn json_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(u)) => Value::from(u),
+            _ => Value::from(n.as_f64().unwrap_or(0.0)),
+        },
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(a) => Value::from(a.iter().map(json_value).collect::<Vec<Value>>()),
+        J::Object(m) => Value::from_pairs(m.iter().map(|(k, x)| (k.as_str(), json_value(x)))),
     }
 }
 
@@ -199,6 +221,25 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String, ChatTemplateError> {
+        self.render_tools(messages, None, add_generation_prompt, bos_token, eos_token)
+    }
+
+    /// Whether the template renders a `tools` list itself (else callers describe the tools in
+    /// a system message of their own).
+    pub fn supports_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// [`ChatTemplate::render`] with the function definitions of an OpenAI `tools` list
+    /// (`[{type: "function", function: {name, description, parameters}}]`) as `tools`.
+    pub fn render_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatTemplateError> {
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -206,12 +247,21 @@ impl ChatTemplate {
         let ctx = minijinja::context! {
             messages => messages
                 .iter()
-                .map(|m| Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
+                .map(|m| {
+                    let mut pairs = vec![
+                        ("role", Value::from(m.role.as_str())),
+                        ("content", Value::from(m.content.as_str())),
+                    ];
+                    if let Some(calls) = &m.tool_calls {
+                        pairs.push(("tool_calls", json_value(calls)));
+                    }
+                    Value::from_pairs(pairs)
+                })
                 .collect::<Vec<Value>>(),
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token,
             eos_token => eos_token,
-            tools => Value::from(()),
+            tools => tools.map(json_value).unwrap_or(Value::from(())),
         };
         tmpl.render(ctx).map_err(|e| {
             if let Some(msg) = raised_message(&e) {
@@ -236,11 +286,13 @@ impl ChatTemplate {
     pub fn render_with_spans(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
         bos_token: &str,
         eos_token: &str,
     ) -> Result<(String, Option<ContentSpans>), ChatTemplateError> {
-        let text = self.render(messages, add_generation_prompt, bos_token, eos_token)?;
+        let text =
+            self.render_tools(messages, tools, add_generation_prompt, bos_token, eos_token)?;
         const OPEN: char = '\u{E000}';
         const CLOSE: char = '\u{E001}';
         let clash = |t: &str| t.contains(OPEN) || t.contains(CLOSE);
@@ -250,9 +302,19 @@ impl ChatTemplate {
         let marked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| ChatMessage::new(m.role.clone(), format!("{OPEN}{i}{CLOSE}")))
+            // Empty contents stay empty: templates test them (`if message.content`).
+            .map(|(i, m)| ChatMessage {
+                content: if m.content.is_empty() {
+                    String::new()
+                } else {
+                    format!("{OPEN}{i}{CLOSE}")
+                },
+                ..m.clone()
+            })
             .collect();
-        let Ok(skeleton) = self.render(&marked, add_generation_prompt, bos_token, eos_token) else {
+        let Ok(skeleton) =
+            self.render_tools(&marked, tools, add_generation_prompt, bos_token, eos_token)
+        else {
             return Ok((text, None));
         };
         for trimmed in [false, true] {

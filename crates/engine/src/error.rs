@@ -20,6 +20,8 @@ pub enum ModelError {
         expected: Vec<u64>,
         got: Vec<u64>,
     },
+    #[error("grammar: {0}")]
+    Grammar(#[from] crate::constrain::GrammarError),
     #[error("kernel: {0}")]
     Kernel(String),
     #[error("context full: {have} cached + {adding} new tokens exceeds the context size {max}")]

@@ -5,6 +5,7 @@
 
 use std::ops::ControlFlow;
 
+use crate::constrain::Constraint;
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::lora::ModuleRef;
@@ -219,6 +220,25 @@ pub fn generate_with(
     prompt: &[u32],
     params: &GenerateParams,
     modules: &[ModuleRef],
+    on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
+) -> Result<Generation, ModelError> {
+    generate_constrained(
+        model, tokenizer, cache, prompt, params, modules, None, on_text,
+    )
+}
+
+/// [`generate_with`] under a grammar: each token is sampled from the logits with the
+/// constraint's mask applied (log-probabilities stay those of the unmasked distribution), and
+/// generation ends once the grammar is complete.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_constrained(
+    model: &dyn Model,
+    tokenizer: &Tokenizer,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    params: &GenerateParams,
+    modules: &[ModuleRef],
+    mut constraint: Option<Constraint>,
     mut on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
 ) -> Result<Generation, ModelError> {
     let mods: &[&[ModuleRef]] = if modules.is_empty() { &[] } else { &[modules] };
@@ -244,8 +264,22 @@ pub fn generate_with(
     };
     let mut finish = FinishReason::Length;
     while out.tokens.len() < params.max_tokens {
+        let raw = constraint.as_ref().map(|_| logits.clone());
+        let mut grammar_done = false;
+        if let Some(c) = constraint.as_mut() {
+            let mask = c.mask().map_err(ModelError::Grammar)?;
+            mask.apply(&mut logits);
+            grammar_done = mask.finished;
+        }
         let id = sampler.sample(&logits, &history);
-        let (logprob, top) = top_logprobs(&logits, id, params.logprobs.unwrap_or(0));
+        if let Some(c) = constraint.as_mut() {
+            c.advance(id);
+        }
+        let (logprob, top) = top_logprobs(
+            raw.as_deref().unwrap_or(&logits),
+            id,
+            params.logprobs.unwrap_or(0),
+        );
         let tok = GeneratedToken {
             id,
             piece: String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned(),
@@ -253,7 +287,7 @@ pub fn generate_with(
             top,
         };
         history.push(id);
-        let eog = !params.ignore_eos && tokenizer.is_eog(id);
+        let eog = (grammar_done || !params.ignore_eos) && tokenizer.is_eog(id);
         if eog {
             out.tokens.push(tok);
             finish = FinishReason::Eos;

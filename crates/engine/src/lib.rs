@@ -4,6 +4,7 @@
 //! token.
 
 pub mod chat;
+pub mod constrain;
 pub mod error;
 pub mod eval;
 pub mod generate;
@@ -18,6 +19,7 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
+pub use constrain::{Constraint, Grammar, GrammarEngine, GrammarError, TokenMask};
 pub use error::ModelError;
 pub use kv_cache::{KvCache, KvPool, KV_BLOCK};
 pub use lora::{AdapterFormat, BaseShapes, LoraAdapter, LoraError, ModuleRef, Proj};

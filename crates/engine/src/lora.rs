@@ -1198,13 +1198,23 @@ impl LoraAdapter {
 const MAX_ADAPTER_FILE: u64 = 8 << 30;
 
 /// Read a whole adapter file, refusing anything but a regular file (a FIFO or device would
-/// block or never end) and files beyond [`MAX_ADAPTER_FILE`].
+/// block or never end) and files beyond [`MAX_ADAPTER_FILE`]. The check is made on the opened
+/// file itself (opened non-blocking, so opening a FIFO cannot hang), so the path cannot be
+/// swapped for something else between the check and the read.
 fn read_regular(path: &Path) -> Result<Vec<u8>, LoraError> {
     let io = |source| LoraError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.custom_flags(libc::O_NONBLOCK);
+    }
+    let mut f = open.open(path).map_err(io)?;
+    let meta = f.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(LoraError::Unsupported(format!(
             "{}: not a regular file",
@@ -1218,7 +1228,6 @@ fn read_regular(path: &Path) -> Result<Vec<u8>, LoraError> {
             meta.len()
         )));
     }
-    let mut f = std::fs::File::open(path).map_err(io)?;
     let mut buf = Vec::with_capacity(meta.len() as usize);
     std::io::Read::read_to_end(
         &mut std::io::Read::take(&mut f, MAX_ADAPTER_FILE + 1),

@@ -1,6 +1,7 @@
-//! The OpenAI request bodies and their checks. Fields are parsed leniently where OpenAI is
-//! (unknown fields are ignored, `null` means absent) and strictly where a wrong value would
-//! silently change the output (bad sampling values and unsupported options are refused).
+//! The OpenAI request bodies and their checks. `null` means absent, as with OpenAI; a field that
+//! modu does not implement is refused with a 400 naming it, except the few in
+//! [`IGNORED_FIELDS`] that cannot change the output. Bad values that would silently change the
+//! output (sampling, unsupported options) are refused too.
 
 use modu_engine::generate::GenerateParams;
 use modu_engine::SamplingParams;
@@ -64,6 +65,16 @@ pub struct Common {
     /// Further modules applied together with the one `model` names, each with its scale.
     #[serde(default)]
     pub lora: Option<Vec<LoraSpec>>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`; parsed by
+    /// `structured::output_grammar` for precise errors.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
+    /// Extension (as in vLLM and llama.cpp): a Lark grammar the output must follow.
+    #[serde(default)]
+    pub grammar: Option<serde_json::Value>,
+    /// Extension: a regular expression the whole output must match.
+    #[serde(default)]
+    pub regex: Option<serde_json::Value>,
 }
 
 /// One entry of a request's `lora` list.
@@ -97,6 +108,15 @@ pub struct Message {
     /// A string or a list of parts; parsed by [`Message::content`] for a precise error.
     #[serde(default)]
     pub content: Option<serde_json::Value>,
+    /// An assistant message's calls (`[{id, type, function: {name, arguments}}]`).
+    #[serde(default)]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool message's answer to call `tool_call_id` (templates do not show it).
+    #[serde(default)]
+    pub tool_call_id: Option<serde_json::Value>,
+    /// A participant's name (shown by no template here; accepted as OpenAI does).
+    #[serde(default)]
+    pub name: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,8 +126,18 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
+    /// Function definitions the model may call; parsed by `tools::ToolPlan::parse`.
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub common: Common,
+    /// Every other field: refused unless listed in [`IGNORED_FIELDS`].
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `prompt`: a string, a list holding one string, or token ids.
@@ -132,6 +162,42 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     #[serde(flatten)]
     pub common: Common,
+    /// Every other field: refused unless listed in [`IGNORED_FIELDS`].
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// OpenAI request fields that are accepted and ignored because they cannot change the output:
+/// end-user and bookkeeping tags, OpenAI-side storage and routing hints.
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
+/// Refuse the fields modu does not implement (a `null` value counts as absent).
+pub fn check_other_fields(
+    other: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ApiError> {
+    for (name, value) in other {
+        if value.is_null() || IGNORED_FIELDS.contains(&name.as_str()) {
+            continue;
+        }
+        let shown: String = name.chars().take(64).collect();
+        let hint = match name.as_str() {
+            "functions" | "function_call" => " (use `tools` and `tool_choice`)",
+            "logit_bias" if value.as_object().is_some_and(|m| m.is_empty()) => continue,
+            _ => "",
+        };
+        return Err(ApiError::invalid(
+            &shown,
+            format!("the parameter `{shown}` is not supported by this server{hint}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Most alternatives per token OpenAI allows.

@@ -91,6 +91,14 @@ impl<T> FairQueue<T> {
         }
     }
 
+    /// The services with requests waiting, with their priorities.
+    pub fn waiting(&self) -> impl Iterator<Item = (&Arc<str>, u32)> {
+        self.lanes
+            .iter()
+            .filter(|l| !l.items.is_empty())
+            .map(|l| (&l.name, l.priority))
+    }
+
     pub fn len(&self) -> usize {
         self.lanes.iter().map(|l| l.items.len()).sum()
     }

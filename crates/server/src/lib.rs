@@ -15,8 +15,11 @@ mod prepare;
 mod respond;
 mod routes;
 pub mod scheduler;
+mod seq;
 pub mod server;
 pub mod services;
+mod structured;
+mod tools;
 pub mod usage;
 
 pub use error::{ApiError, ServerError};

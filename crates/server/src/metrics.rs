@@ -72,6 +72,65 @@ impl Histogram {
     }
 }
 
+/// The most recent grammar-mask computation times, for quantiles (a Prometheus summary): a
+/// mask takes microseconds to a millisecond, far below the latency histograms' buckets.
+#[derive(Default)]
+pub struct MaskTimes {
+    recent: std::sync::Mutex<std::collections::VecDeque<f32>>,
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+/// Masks kept for the quantiles.
+const MASK_WINDOW: usize = 1 << 16;
+
+impl MaskTimes {
+    pub fn observe(&self, d: Duration) {
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == MASK_WINDOW {
+            r.pop_front();
+        }
+        r.push_back(d.as_secs_f32());
+    }
+
+    /// The `q` quantiles (0–1, nearest rank) of the recent masks, in seconds.
+    pub fn quantiles(&self, qs: &[f64]) -> Vec<f64> {
+        let mut v: Vec<f32> = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        v.sort_by(f32::total_cmp);
+        qs.iter()
+            .map(|q| {
+                if v.is_empty() {
+                    return f64::NAN;
+                }
+                let rank = (q * v.len() as f64).ceil().max(1.0) as usize;
+                v[rank.min(v.len()) - 1] as f64
+            })
+            .collect()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+        let qs = [0.5, 0.9, 0.99];
+        for (q, v) in qs.iter().zip(self.quantiles(&qs)) {
+            let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
+        }
+        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "{name}_sum {sum}\n{name}_count {}",
+            self.count.load(Relaxed)
+        );
+    }
+}
+
 /// Counters of one (service, module) pair.
 #[derive(Default)]
 pub struct ServiceStats {
@@ -109,6 +168,13 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     /// Sequences cancelled because their client went away.
     pub cancelled: AtomicU64,
+    /// Times a constrained sequence's grammar mask was not ready when its logits were (it sat
+    /// out a step instead of stalling the batch).
+    pub mask_waits: AtomicU64,
+    /// Sequences preempted to give a service below its share of the batch a slot.
+    pub share_preemptions: AtomicU64,
+    /// Time to compute each grammar mask (consuming the previous token included).
+    pub mask_times: MaskTimes,
     /// Usage rows that could not be written after retries (each also logged with its request
     /// id).
     pub usage_write_failures: AtomicU64,
@@ -254,6 +320,23 @@ impl Metrics {
             "modu_cancelled_total",
             "Sequences cancelled because the client disconnected.",
             &self.cancelled,
+        );
+        counter(
+            &mut out,
+            "modu_grammar_mask_waits_total",
+            "Steps a constrained sequence sat out because its grammar mask was not ready.",
+            &self.mask_waits,
+        );
+        counter(
+            &mut out,
+            "modu_share_preemptions_total",
+            "Sequences preempted so that a service below its share of the batch could run.",
+            &self.share_preemptions,
+        );
+        self.mask_times.render(
+            &mut out,
+            "modu_grammar_mask_seconds",
+            "Time to compute a grammar mask (structured output), over the most recent masks.",
         );
         counter(
             &mut out,

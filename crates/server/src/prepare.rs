@@ -13,7 +13,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::api::{check_logprobs, ChatRequest, Common, CompletionRequest, Content, PromptField};
 use crate::error::ApiError;
 use crate::modules::ModuleError;
-use crate::scheduler::{SeqEvent, SeqRequest, ServiceTag, SubmitError};
+use crate::scheduler::{SeqConstraint, SeqEvent, SeqRequest, ServiceTag, SubmitError};
+use crate::tools::{Choice, ToolPlan};
 
 use crate::accounting::*;
 use crate::auth::*;
@@ -49,6 +50,7 @@ impl AppState {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn submit(
         &self,
         prompt: Vec<u32>,
@@ -57,6 +59,7 @@ impl AppState {
         service: ServiceTag,
         modules: (Vec<ModuleRef>, u64),
         cancelled: tokio::sync::mpsc::UnboundedSender<crate::scheduler::Cancelled>,
+        constraint: Option<SeqConstraint>,
     ) -> Result<UnboundedReceiver<SeqEvent>, ApiError> {
         let (tx, rx) = unbounded_channel();
         match self.sched.submit(SeqRequest {
@@ -68,6 +71,7 @@ impl AppState {
             modules: modules.0,
             cache_key: modules.1,
             cancelled,
+            constraint,
         }) {
             Ok(()) => Ok(rx),
             Err(SubmitError::QueueFull) => {
@@ -284,16 +288,16 @@ pub(crate) async fn admit_request<R: Send + 'static>(
             })?
     };
     if let Some(max) = svc.config.limits.max_tokens_per_request {
-        prepared.1.max_tokens = prepared.1.max_tokens.min(max.max(1));
+        prepared.params.max_tokens = prepared.params.max_tokens.min(max.max(1));
     }
     st.services
-        .charge_prompt(service, prepared.0.len() as u64)
+        .charge_prompt(service, prepared.prompt.len() as u64)
         .inspect_err(|_| {
             count_error();
         })?;
     counters
         .prompt_tokens
-        .fetch_add(prepared.0.len() as u64, Ordering::Relaxed);
+        .fetch_add(prepared.prompt.len() as u64, Ordering::Relaxed);
     let (cancelled_tx, cancelled_rx) = unbounded_channel();
     let acct = Acct {
         st: st.clone(),
@@ -314,7 +318,7 @@ pub(crate) async fn admit_request<R: Send + 'static>(
         }),
         run_modules,
         cache_key,
-        prompt_tokens: prepared.0.len(),
+        prompt_tokens: prepared.prompt.len(),
         received: 0,
         cancelled_rx: Some(cancelled_rx),
         cancelled_tx: Some(cancelled_tx),
@@ -323,12 +327,56 @@ pub(crate) async fn admit_request<R: Send + 'static>(
     Ok((prepared, acct))
 }
 
-pub(crate) type Prepared = (Vec<u32>, GenerateParams, Common);
+/// A request ready for the scheduler.
+pub(crate) struct Prepared {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) params: GenerateParams,
+    pub(crate) common: Common,
+    /// The grammar its output follows (structured output, tool calls).
+    pub(crate) constraint: Option<SeqConstraint>,
+    /// Tools the model may call: the output is read back for calls.
+    pub(crate) tools: Option<ToolPlan>,
+}
+
+/// The constraint for a request's `response_format`/`grammar`/`regex`, or for its tool calls;
+/// the two cannot be combined.
+fn constraint_for(
+    st: &AppState,
+    common: &Common,
+    tools: Option<&ToolPlan>,
+) -> Result<Option<SeqConstraint>, ApiError> {
+    let output = crate::structured::output_grammar(common)?;
+    let calls = tools.and_then(|t| t.grammar());
+    match (output, calls) {
+        (Some((_, field)), Some(_)) => Err(ApiError::invalid(
+            field,
+            format!("{field} cannot be combined with tools (use tool_choice \"none\" or drop one)"),
+        )),
+        (Some((g, field)), None) => Ok(Some(SeqConstraint {
+            constraint: st.compile(&g, field)?,
+            trigger: None,
+        })),
+        (None, Some((lark, trigger))) => Ok(Some(SeqConstraint {
+            constraint: st.compile(&modu_engine::Grammar::Lark(lark), "tools")?,
+            trigger: trigger.map(str::to_string),
+        })),
+        (None, None) => Ok(None),
+    }
+}
 
 pub(crate) fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
+    crate::api::check_other_fields(&req.other)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
+    let tools = ToolPlan::parse(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    // Under tool_choice "none" the tools are not shown at all.
+    let shown_tools = tools.as_ref().filter(|t| t.choice != Choice::None);
+    let native_tools = st.template.supports_tools();
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
         let role = match m.role.as_str() {
@@ -363,7 +411,58 @@ pub(crate) fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, 
                 s
             }
         };
-        messages.push(ChatMessage::new(role, content));
+        let mut msg = ChatMessage::new(role, content);
+        if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+            if role != "assistant" {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].tool_calls"),
+                    "only assistant messages carry tool_calls",
+                ));
+            }
+            let calls = crate::tools::template_calls(calls, i)?;
+            if native_tools {
+                msg.tool_calls = Some(calls);
+            } else {
+                let text = crate::tools::calls_as_text(&calls);
+                msg.content = if msg.content.is_empty() {
+                    text
+                } else {
+                    format!("{}\n{text}", msg.content)
+                };
+            }
+        }
+        if role == "tool" && !native_tools {
+            msg.role = "user".into();
+            msg.content = format!("<tool_response>\n{}\n</tool_response>", msg.content);
+        }
+        messages.push(msg);
+    }
+    if let (Some(t), false) = (shown_tools, native_tools) {
+        let text = crate::tools::fallback_system_text(&t.tools);
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+            _ => messages.insert(0, ChatMessage::new("system", text)),
+        }
+    }
+    // What the template writes outside message contents is parsed for control tokens: the
+    // tool definitions and calls must not spell one.
+    if native_tools {
+        let outside = shown_tools.map(|t| t.tools.to_string()).into_iter().chain(
+            messages
+                .iter()
+                .filter_map(|m| m.tool_calls.as_ref().map(|c| c.to_string())),
+        );
+        for text in outside {
+            if let Some(id) = st.tok.find_control_text(&text) {
+                return Err(ApiError::invalid(
+                    "tools",
+                    format!(
+                        "tool definitions and calls may not contain the control token {:?}",
+                        String::from_utf8_lossy(st.tok.token_bytes(id))
+                    ),
+                ));
+            }
+        }
     }
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (Some(true), k) => Some(check_logprobs("top_logprobs", k.unwrap_or(0))?),
@@ -378,7 +477,13 @@ pub(crate) fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, 
     let mut params = req.common.params(logprobs)?;
     let (text, spans) = st
         .template
-        .render_with_spans(&messages, true, &st.bos, &st.eos)
+        .render_with_spans(
+            &messages,
+            shown_tools.filter(|_| native_tools).map(|t| &t.tools),
+            true,
+            &st.bos,
+            &st.eos,
+        )
         .map_err(|e| {
             ApiError::invalid(
                 "messages",
@@ -407,13 +512,21 @@ pub(crate) fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, 
     }
     .map_err(|e| ApiError::invalid("messages", format!("tokenizing the messages: {e}")))?;
     st.fit(&prompt, &mut params, "messages")?;
-    Ok((prompt, params, req.common))
+    let constraint = constraint_for(st, &req.common, shown_tools)?;
+    Ok(Prepared {
+        prompt,
+        params,
+        common: req.common,
+        constraint,
+        tools: tools.filter(|t| t.choice != Choice::None),
+    })
 }
 
 pub(crate) fn prepare_completion(
     st: &AppState,
     req: CompletionRequest,
 ) -> Result<Prepared, ApiError> {
+    crate::api::check_other_fields(&req.other)?;
     if req.echo == Some(true) {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
@@ -454,5 +567,12 @@ pub(crate) fn prepare_completion(
         }
     };
     st.fit(&prompt, &mut params, "prompt")?;
-    Ok((prompt, params, req.common))
+    let constraint = constraint_for(st, &req.common, None)?;
+    Ok(Prepared {
+        prompt,
+        params,
+        common: req.common,
+        constraint,
+        tools: None,
+    })
 }

@@ -81,7 +81,14 @@ pub(crate) async fn respond(
     prepared: Prepared,
     mut acct: Acct,
 ) -> Response {
-    let (prompt, params, common) = prepared;
+    let Prepared {
+        prompt,
+        params,
+        common,
+        constraint,
+        tools,
+    } = prepared;
+    let tools = tools.is_some();
     let want_logprobs = params.logprobs.is_some();
     let Some(info) = acct.info.as_ref() else {
         return failed(&st, ApiError::internal("the request was already accounted"));
@@ -93,7 +100,15 @@ pub(crate) async fn respond(
     };
     let mods = (acct.run_modules.clone(), acct.cache_key);
     let cancelled = acct.cancelled_tx.take().expect("set at admission");
-    let rx = match st.submit(prompt, params, info.arrived, tag, mods, cancelled) {
+    let rx = match st.submit(
+        prompt,
+        params,
+        info.arrived,
+        tag,
+        mods,
+        cancelled,
+        constraint,
+    ) {
         Ok(rx) => rx,
         Err(e) => {
             st.metrics
@@ -113,10 +128,11 @@ pub(crate) async fn respond(
             id,
             want_logprobs,
             common.include_usage(),
+            tools,
             acct,
         )
     } else {
-        collect_response(st, kind, rx, id, want_logprobs, acct).await
+        collect_response(st, kind, rx, id, want_logprobs, tools, acct).await
     }
 }
 
@@ -126,6 +142,7 @@ pub(crate) async fn collect_response(
     mut rx: UnboundedReceiver<SeqEvent>,
     id: String,
     want_logprobs: bool,
+    tools: bool,
     mut acct: Acct,
 ) -> Response {
     let mut text = String::new();
@@ -171,13 +188,24 @@ pub(crate) async fn collect_response(
             } else {
                 Value::Null
             };
+            let mut message = json!({"role": "assistant", "content": text});
+            let mut finish = finish_str(finish);
+            if let Some((content, calls)) = tools
+                .then(|| crate::tools::parse_calls(&text, || new_id("call")))
+                .flatten()
+            {
+                message = json!({"role": "assistant", "content": content, "tool_calls": calls});
+                if finish == "stop" {
+                    finish = "tool_calls";
+                }
+            }
             json!({
                 "id": id, "object": "chat.completion", "created": created, "model": st.id,
                 "choices": [{
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": finish_str(finish),
+                    "finish_reason": finish,
                 }],
                 "usage": usage(p, c, cached),
             })
@@ -212,6 +240,43 @@ pub(crate) struct StreamState {
     pub(crate) done: bool,
     pub(crate) acct: Acct,
     pub(crate) generated: usize,
+    /// Set when the model may call tools: calls are held back and sent as `tool_calls`.
+    pub(crate) tools: Option<ToolStream>,
+}
+
+/// The streamed output of a request with tools: content goes out as it comes, except text that
+/// may be the start of a call; from the first call on, everything is held for `tool_calls`.
+#[derive(Default)]
+pub(crate) struct ToolStream {
+    pending: String,
+    calls: Option<String>,
+}
+
+impl ToolStream {
+    /// The part of `text` that is content and can be sent now.
+    fn push(&mut self, text: &str) -> String {
+        use crate::tools::OPEN;
+        if let Some(calls) = &mut self.calls {
+            calls.push_str(text);
+            return String::new();
+        }
+        self.pending.push_str(text);
+        if let Some(at) = self.pending.find(OPEN) {
+            self.calls = Some(self.pending[at..].to_string());
+            let content = self.pending[..at].to_string();
+            self.pending.clear();
+            return content;
+        }
+        // Hold back the longest tail that could begin a call.
+        let p = &self.pending;
+        let keep = (1..OPEN.len().min(p.len() + 1))
+            .rev()
+            .find(|&k| p.is_char_boundary(p.len() - k) && OPEN.starts_with(&p[p.len() - k..]))
+            .unwrap_or(0);
+        let out = p[..p.len() - keep].to_string();
+        self.pending.drain(..p.len() - keep);
+        out
+    }
 }
 
 impl StreamState {
@@ -271,6 +336,10 @@ impl StreamState {
                     },
                     _ => Value::Null,
                 };
+                let text = match &mut self.tools {
+                    Some(t) => t.push(&text),
+                    None => text,
+                };
                 if text.is_empty() && logprobs.is_null() {
                     return; // nothing to tell yet (held-back bytes or stop-string prefix)
                 }
@@ -294,7 +363,35 @@ impl StreamState {
                     (prompt_tokens, completion_tokens, cached_tokens),
                     &stats,
                 );
-                let c = self.chunk(self.empty_delta(), Value::Null, Some(finish_str(finish)));
+                let mut finish = finish_str(finish);
+                if let Some(t) = self.tools.take() {
+                    let calls = t
+                        .calls
+                        .as_deref()
+                        .and_then(|c| crate::tools::parse_calls(c, || new_id("call")).map(|p| p.1));
+                    match calls {
+                        Some(calls) => {
+                            for (i, mut call) in calls.into_iter().enumerate() {
+                                call["index"] = Value::from(i);
+                                let c =
+                                    self.chunk(json!({"tool_calls": [call]}), Value::Null, None);
+                                self.ready.push_back(c);
+                            }
+                            if finish == "stop" {
+                                finish = "tool_calls";
+                            }
+                        }
+                        None => {
+                            // No complete call (cut by max_tokens): the text is content.
+                            let rest = t.pending + t.calls.as_deref().unwrap_or("");
+                            if !rest.is_empty() {
+                                let c = self.chunk(json!({"content": rest}), Value::Null, None);
+                                self.ready.push_back(c);
+                            }
+                        }
+                    }
+                }
+                let c = self.chunk(self.empty_delta(), Value::Null, Some(finish));
                 self.ready.push_back(c);
                 if self.include_usage {
                     let u = json!({
@@ -336,6 +433,7 @@ impl StreamState {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn stream_response(
     st: Arc<AppState>,
     kind: Kind,
@@ -343,9 +441,11 @@ pub(crate) fn stream_response(
     id: String,
     want_logprobs: bool,
     include_usage: bool,
+    tools: bool,
     acct: Acct,
 ) -> Response {
     let mut state = StreamState {
+        tools: tools.then(ToolStream::default),
         st,
         kind,
         rx,

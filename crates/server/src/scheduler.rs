@@ -21,7 +21,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken, StopMatcher};
-use modu_engine::sampling::top_logprobs;
 use modu_engine::{
     BatchSeq, KvCache, KvPool, Model, ModelError, ModuleRef, Sampler, StreamDecoder, Tokenizer,
     KV_BLOCK,
@@ -31,6 +30,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::fair::FairQueue;
 use crate::metrics::Metrics;
 use crate::prefix_cache::PrefixCache;
+pub use crate::seq::SeqConstraint;
+use crate::seq::{finish, sample, Leave, Sampled, Seq};
 use crate::usage::StepMeter;
 
 /// What a sequence reports to its HTTP handler.
@@ -117,6 +118,8 @@ pub struct SeqRequest {
     pub cache_key: u64,
     /// Told what the sequence had used if it is dropped because `events` closed.
     pub cancelled: UnboundedSender<Cancelled>,
+    /// Structured output: the grammar the tokens must follow.
+    pub constraint: Option<SeqConstraint>,
 }
 
 /// Scheduler settings.
@@ -293,44 +296,6 @@ pub fn spawn(
             }
         })?;
     Ok((handle, join))
-}
-
-/// A running sequence.
-struct Seq<'t> {
-    events: UnboundedSender<SeqEvent>,
-    params: GenerateParams,
-    /// Prompt then generated tokens.
-    history: Vec<u32>,
-    prompt_len: usize,
-    /// Prompt tokens taken from the prefix cache.
-    cached: usize,
-    /// How many of `history` are in the cache.
-    fed: usize,
-    cache: KvCache,
-    sampler: Sampler,
-    decoder: StreamDecoder<'t>,
-    stopper: StopMatcher,
-    generated: usize,
-    arrived: Instant,
-    last_token: Option<Instant>,
-    stats: SeqStats,
-    /// Set during a step for a sequence that leaves the batch at its end.
-    leave: Leave,
-    modules: Vec<ModuleRef>,
-    cache_key: u64,
-    cancelled: UnboundedSender<Cancelled>,
-}
-
-impl Seq<'_> {
-    /// Report what this sequence used to its request's accounting (its client is gone).
-    fn report_cancelled(&self) {
-        let _ = self.cancelled.send(Cancelled {
-            prompt_tokens: self.prompt_len,
-            completion_tokens: self.generated,
-            cached_tokens: self.cached,
-            stats: self.stats.clone(),
-        });
-    }
 }
 
 struct Scheduler<'m> {
@@ -512,8 +477,24 @@ impl<'m> Scheduler<'m> {
     /// come in the fair queue's order (services by priority, FIFO within one); a request that
     /// does not fit yet is not overtaken.
     fn admit(&mut self) {
-        while self.running.len() < self.config.parallel.max(1) {
-            if let Some(s) = self.preempted.front() {
+        loop {
+            if self.running.len() >= self.config.parallel.max(1) {
+                if self.preempt_for_share() {
+                    continue;
+                }
+                break;
+            }
+            // A preempted sequence rejoins first, unless the queue's next request is of a
+            // service below its share of the batch and the preempted one's is not.
+            let rejoin = match (self.preempted.front(), self.queue.front()) {
+                (Some(p), Some(q)) => {
+                    !self.below_share(&q.service.name) || self.below_share(&p.service.name)
+                }
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if rejoin {
+                let s = self.preempted.front().expect("checked");
                 let history = s.history.clone();
                 let key = s.cache_key;
                 let (mut cache, cached) = self.lookup_prefix(&history, key);
@@ -592,8 +573,92 @@ impl<'m> Scheduler<'m> {
                 modules: r.modules,
                 cache_key: r.cache_key,
                 cancelled: r.cancelled,
+                service: r.service,
+                constraint: r.constraint,
+                trigger_window: String::new(),
+                held: None,
             });
         }
+    }
+
+    /// Services with work (running, preempted or queued) and the sum of their priorities.
+    fn demand(&self) -> (Vec<(Arc<str>, u32)>, u64) {
+        let mut seen: Vec<(Arc<str>, u32)> = Vec::new();
+        let mut add = |name: &Arc<str>, prio: u32| {
+            if !seen.iter().any(|(n, _)| n == name) {
+                seen.push((name.clone(), prio.max(1)));
+            }
+        };
+        for s in self.running.iter().chain(self.preempted.iter()) {
+            add(&s.service.name, s.service.priority);
+        }
+        for (name, prio) in self.queue.waiting() {
+            add(name, prio);
+        }
+        let total = seen.iter().map(|(_, p)| *p as u64).sum();
+        (seen, total)
+    }
+
+    fn running_of(&self, service: &str) -> u64 {
+        self.running
+            .iter()
+            .filter(|s| s.leave == Leave::Stay && &*s.service.name == service)
+            .count() as u64
+    }
+
+    /// Whether `service` is owed at least one more whole batch slot: its share of the slots is
+    /// `parallel × priority / Σ priorities` over the services with work.
+    fn below_share(&self, service: &str) -> bool {
+        let (seen, total) = self.demand();
+        let Some(&(_, prio)) = seen.iter().find(|(n, _)| &**n == service) else {
+            return false;
+        };
+        let parallel = self.config.parallel.max(1) as u64;
+        (self.running_of(service) + 1) * total <= parallel * prio as u64
+    }
+
+    /// When the batch is full and the queue's next request is of a service below its share,
+    /// preempt the youngest sequence of a service above its share: one tenant's many long
+    /// requests cannot keep another's out of the batch. The preempted sequence keeps its
+    /// keys and values in the prefix cache (when there is room) for its recomputation.
+    fn preempt_for_share(&mut self) -> bool {
+        let Some(q) = self.queue.front() else {
+            return false;
+        };
+        if !self.below_share(&q.service.name) {
+            return false;
+        }
+        let (seen, total) = self.demand();
+        let parallel = self.config.parallel.max(1) as u64;
+        let over = |name: &str| {
+            let prio = seen
+                .iter()
+                .find(|(n, _)| &**n == name)
+                .map_or(1, |(_, p)| *p) as u64;
+            self.running_of(name) * total > parallel * prio
+        };
+        let Some(v) = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.leave == Leave::Stay && over(&s.service.name))
+            .max_by_key(|(_, s)| s.arrived)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        let mut s = self.running.remove(v);
+        self.prefix
+            .insert(&s.history[..s.fed], &s.cache, s.cache_key);
+        s.cache = KvCache::new(&[], 0);
+        s.fed = 0;
+        s.held = None;
+        self.preempted.push_back(s);
+        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .share_preemptions
+            .fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// A cache for `tokens` starting from the longest cached prefix (never all of them: the
@@ -668,7 +733,10 @@ impl<'m> Scheduler<'m> {
     }
 
     /// One batched forward pass and, for sequences whose input is fully fed, one sampled token.
+    /// Sequences still waiting for a grammar mask sit the pass out; when nothing else can
+    /// run, the oldest of them waits for its mask.
     fn step(&mut self) {
+        self.sample_held(false);
         // Decoding sequences always take part; prompt chunks (and the recomputation of
         // preempted sequences) share the per-step budget, oldest first (the running list is in
         // admission order).
@@ -676,6 +744,9 @@ impl<'m> Scheduler<'m> {
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens to feed)
         for (i, s) in self.running.iter().enumerate() {
             let todo = s.history.len() - s.fed;
+            if todo == 0 || s.leave != Leave::Stay {
+                continue; // holding logits for its mask, or already leaving
+            }
             if todo == 1 {
                 plan.push((i, 1));
             } else if budget > 0 {
@@ -687,8 +758,30 @@ impl<'m> Scheduler<'m> {
         let plan = self.reserve_plan(plan);
         if !plan.is_empty() {
             self.forward_and_sample(&plan);
+        } else {
+            self.sample_held(true);
         }
         self.remove_leavers();
+    }
+
+    /// Sample the sequences holding logits whose mask has arrived; with `wait`, the first
+    /// holder waits for its mask (nothing else could run).
+    fn sample_held(&mut self, wait: bool) {
+        let mut waited = false;
+        for s in self.running.iter_mut() {
+            if s.leave != Leave::Stay {
+                continue;
+            }
+            let Some(logits) = s.held.take() else {
+                continue;
+            };
+            let block = wait && !waited;
+            waited |= block;
+            match sample(s, logits, block, self.tok, &self.metrics) {
+                Sampled::Continue | Sampled::Held => {}
+                Sampled::Leave(l) => s.leave = l,
+            }
+        }
     }
 
     fn forward_and_sample(&mut self, plan: &[(usize, usize)]) {
@@ -755,8 +848,9 @@ impl<'m> Scheduler<'m> {
             if s.fed < s.history.len() {
                 continue; // more prompt to prefill
             }
-            if self::sample_one(s, &logits, self.tok, &self.metrics) {
-                s.leave = Leave::Finished;
+            match sample(s, logits, false, self.tok, &self.metrics) {
+                Sampled::Continue | Sampled::Held => {}
+                Sampled::Leave(l) => s.leave = l,
             }
         }
     }
@@ -781,106 +875,11 @@ impl<'m> Scheduler<'m> {
                     let mut s = self.running.remove(i);
                     s.leave = Leave::Stay;
                     s.fed = 0;
-                    // Youngest first: removed in reverse order, each goes to the front.
+                    s.held = None; // recomputed with the prompt
+                                   // Youngest first: removed in reverse order, each goes to the front.
                     self.preempted.push_front(s);
                 }
             }
         }
     }
-}
-
-/// Why a sequence leaves the running batch at the end of a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Leave {
-    Stay,
-    /// Done (its `Done` event sent): its cache goes to the prefix cache.
-    Finished,
-    /// An error was reported to its client.
-    Failed,
-    /// Its KV was freed; it waits in the preempted list to be recomputed.
-    Preempt,
-}
-
-/// Sample and report one token, mirroring `modu_engine::generate::generate` step for step so
-/// that greedy output is the same as there. Returns whether the sequence is finished.
-fn sample_one(s: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, metrics: &Metrics) -> bool {
-    let id = s.sampler.sample(logits, &s.history);
-    let now = Instant::now();
-    match s.last_token {
-        None => {
-            metrics.ttft.observe(now - s.arrived);
-            s.stats.ttft = Some(now - s.arrived);
-        }
-        Some(t) => metrics.inter_token.observe(now - t),
-    }
-    s.last_token = Some(now);
-    let (logprob, top) = match s.params.logprobs {
-        Some(k) => top_logprobs(logits, id, k),
-        None => (0.0, Vec::new()),
-    };
-    let token = GeneratedToken {
-        id,
-        piece: String::from_utf8_lossy(tok.token_bytes(id)).into_owned(),
-        logprob,
-        top,
-    };
-    s.history.push(id);
-    s.generated += 1;
-    metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-    let reason = if !s.params.ignore_eos && tok.is_eog(id) {
-        Some(FinishReason::Eos)
-    } else {
-        let text = s.decoder.push(id);
-        let (emit, hit) = s.stopper.push(&text);
-        if s.events
-            .send(SeqEvent::Text {
-                text: emit,
-                token: Some(token),
-            })
-            .is_err()
-        {
-            // The client is gone: drop the sequence (and its cache) now.
-            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            s.report_cancelled();
-            return true;
-        }
-        if hit {
-            Some(FinishReason::Stop)
-        } else if s.generated >= s.params.max_tokens {
-            Some(FinishReason::Length)
-        } else if s.cache.check_room(1).is_err() {
-            Some(FinishReason::ContextFull)
-        } else {
-            None
-        }
-    };
-    match reason {
-        Some(r) => {
-            finish(s, r);
-            true
-        }
-        None => false,
-    }
-}
-
-/// Flush held-back text (unless a stop string ended the sequence) and report the end.
-fn finish(s: &mut Seq<'_>, reason: FinishReason) {
-    if reason != FinishReason::Stop {
-        let rest = s.decoder.finish();
-        let (emit, _) = s.stopper.push(&rest);
-        let rest = emit + &s.stopper.flush();
-        if !rest.is_empty() {
-            let _ = s.events.send(SeqEvent::Text {
-                text: rest,
-                token: None,
-            });
-        }
-    }
-    let _ = s.events.send(SeqEvent::Done {
-        finish: reason,
-        prompt_tokens: s.prompt_len,
-        completion_tokens: s.generated,
-        cached_tokens: s.cached,
-        stats: s.stats.clone(),
-    });
 }

@@ -142,6 +142,8 @@ pub(crate) struct AppState {
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Requests whose prompt (template, tokenizer) is being built at once.
     pub(crate) prepare_slots: tokio::sync::Semaphore,
+    /// Structured output's token trie for this model, built on first use.
+    pub(crate) grammar: std::sync::OnceLock<Result<Arc<modu_engine::GrammarEngine>, String>>,
 }
 
 pub(crate) type St = State<Arc<AppState>>;
@@ -310,6 +312,7 @@ pub fn start(
         allowed_hosts: config.allowed_hosts.clone(),
         limits: config.limits.clone(),
         draining: std::sync::atomic::AtomicBool::new(false),
+        grammar: std::sync::OnceLock::new(),
         prepare_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),

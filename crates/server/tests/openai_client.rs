@@ -73,3 +73,54 @@ fn official_openai_python_client_works_unchanged() {
     }
     h.stop().unwrap();
 }
+
+/// Structured output and tool calls through the official client (`parse` with Pydantic models,
+/// `pydantic_function_tool`, a tool round trip, streamed tool calls), on Qwen2.5-Coder-0.5B,
+/// whose template renders tools itself.
+#[test]
+fn official_openai_python_client_parses_and_calls_tools() {
+    use std::sync::Arc;
+    let py = venv().join("bin/python");
+    let name = "qwen2.5-coder-0.5b-instruct";
+    let path = modu_hub::resolve(name, &modu_hub::NoProgress).expect("fetching qwen");
+    let file = Arc::new(modu_gguf::GgufFile::open(&path).unwrap());
+    let (id, aliases) = modu_server::model_names(name, None);
+    let served = modu_server::ServedModel {
+        model: modu_engine::load_model(file.clone()).unwrap(),
+        tokenizer: modu_engine::Tokenizer::from_gguf(&file).unwrap(),
+        file,
+        id: id.clone(),
+        aliases,
+    };
+    let config = modu_server::ServeConfig {
+        port: 0,
+        parallel: 2,
+        ctx: 1024,
+        ..modu_server::ServeConfig::default()
+    };
+    let h = modu_server::start(served, config, false).expect("starting the server");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_structured.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(format!("http://{}/v1", h.addr))
+        .arg(&id)
+        .output()
+        .expect("running the python script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in [
+        "parse ok",
+        "tool call ok",
+        "round trip ok",
+        "stream tool calls ok",
+        "bad schema ok",
+        "ALL OK",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    h.stop().unwrap();
+}

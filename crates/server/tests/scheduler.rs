@@ -219,6 +219,7 @@ fn submit(h: &SchedulerHandle, prompt: Vec<u32>, max_tokens: usize) -> Unbounded
         modules: Vec::new(),
         cache_key: 0,
         cancelled: tokio::sync::mpsc::unbounded_channel().0,
+        constraint: None,
     })
     .unwrap();
     rx
@@ -365,6 +366,7 @@ fn full_queue_refuses_submissions() {
         modules: Vec::new(),
         cache_key: 0,
         cancelled: tokio::sync::mpsc::unbounded_channel().0,
+        constraint: None,
     });
     assert_eq!(r.err(), Some(SubmitError::QueueFull));
     for rx in rxs {
@@ -443,6 +445,7 @@ fn submit_as(
         modules: Vec::new(),
         cache_key: 0,
         cancelled: tokio::sync::mpsc::unbounded_channel().0,
+        constraint: None,
     })
     .unwrap();
     rx
@@ -504,4 +507,53 @@ fn admission_is_weighted_by_priority() {
     // Priority 3 against 1: about three of every four admissions while both wait
     // (FCFS would give it 2 of the first 8).
     assert!(high_in_first_8 >= 5, "start order {order:?}");
+}
+
+#[test]
+fn a_service_below_its_share_gets_a_slot_without_waiting() {
+    // Two slots, both taken by service "hog"'s long requests; "quiet" is owed one slot (equal
+    // priorities), so its request preempts hog's younger one instead of waiting ~400 steps.
+    // Hog's outputs stay exact (the preempted one is recomputed).
+    let h = start(config(2, 0), Duration::from_millis(1));
+    let hog: Vec<Vec<u32>> = (0..2).map(|i| prompt(i, 5)).collect();
+    let mut hog_rx: Vec<_> = hog
+        .iter()
+        .map(|p| submit_as(&h.handle, "hog", 1, p.clone(), 400))
+        .collect();
+    wait_for("both hog requests to run", || {
+        h.metrics.running.load(Ordering::Relaxed) == 2
+    });
+    let quiet = prompt(9, 4);
+    let q = collect(submit_as(&h.handle, "quiet", 1, quiet.clone(), 4)).unwrap();
+    assert_eq!(q, expected(&quiet, 4));
+    // Neither hog request has finished by then; both finish exactly.
+    let mut got = vec![Vec::new(), Vec::new()];
+    let mut done = [false, false];
+    let mut drain = |rxs: &mut Vec<UnboundedReceiver<SeqEvent>>, got: &mut Vec<Vec<u32>>| {
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            while let Ok(ev) = rx.try_recv() {
+                match ev {
+                    SeqEvent::Text { token: Some(t), .. } => got[i].push(t.id),
+                    SeqEvent::Done { .. } => done[i] = true,
+                    SeqEvent::Error(e) => panic!("hog request failed: {e}"),
+                    _ => {}
+                }
+            }
+        }
+        done
+    };
+    assert_eq!(
+        drain(&mut hog_rx, &mut got),
+        [false, false],
+        "a hog request finished first"
+    );
+    assert!(h.metrics.share_preemptions.load(Ordering::Relaxed) >= 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while drain(&mut hog_rx, &mut got) != [true, true] {
+        assert!(Instant::now() < deadline, "hog requests did not finish");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for (p, g) in hog.iter().zip(&got) {
+        assert_eq!(g, &expected(p, 400));
+    }
 }

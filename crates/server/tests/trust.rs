@@ -230,7 +230,7 @@ fn message_text_cannot_forge_control_tokens() {
     let bos = String::from_utf8_lossy(tok.token_bytes(tok.bos_id().unwrap())).into_owned();
     let eos = String::from_utf8_lossy(tok.token_bytes(tok.eos_id().unwrap())).into_owned();
     let (text, spans) = template
-        .render_with_spans(&messages, true, &bos, &eos)
+        .render_with_spans(&messages, None, true, &bos, &eos)
         .unwrap();
     let spans = spans.expect("gemma's template writes the (trimmed) content verbatim");
     let as_text = tok.encode_with_literal_spans(&text, true, &spans).unwrap();

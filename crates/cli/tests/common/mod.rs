@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests that drive the `modu` binary as a process.
 
+#![allow(dead_code)]
+
 use std::process::{Child, Command, Output, Stdio};
 
 /// Runs `modu ARGS` to completion (stdin closed).
