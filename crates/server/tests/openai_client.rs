@@ -74,9 +74,10 @@ fn official_openai_python_client_works_unchanged() {
     h.stop().unwrap();
 }
 
-/// Structured output and tool calls through the official client (`parse` with Pydantic models,
-/// `pydantic_function_tool`, a tool round trip, streamed tool calls), on Qwen2.5-Coder-0.5B,
-/// whose template renders tools itself.
+/// Structured output and tool calls through the official clients — Python (`parse` with
+/// Pydantic models, `pydantic_function_tool`, a tool round trip, streamed tool calls) and npm
+/// (`zodResponseFormat`, `zodFunction`) — on Qwen2.5-Coder-0.5B, whose template renders tools
+/// itself.
 #[test]
 fn official_openai_python_client_parses_and_calls_tools() {
     use std::sync::Arc;
@@ -120,6 +121,30 @@ fn official_openai_python_client_parses_and_calls_tools() {
         "bad schema ok",
         "ALL OK",
     ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    // The npm client: `zodResponseFormat` and `zodFunction` (installed by `npm ci` in
+    // tests/e2e, as scripts/test does for the dashboard test).
+    let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
+    assert!(
+        e2e.join("node_modules/openai").exists() && e2e.join("node_modules/zod").exists(),
+        "the npm openai and zod packages are not installed: run `npm ci` in {}",
+        e2e.display()
+    );
+    let out = Command::new("node")
+        .arg(e2e.join("openai_zod.mjs"))
+        .arg(format!("http://{}/v1", h.addr))
+        .arg(&id)
+        .current_dir(&e2e)
+        .output()
+        .expect("running node (install Node.js)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "node script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in ["zod parse ok", "zod tool ok", "ALL OK"] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
     h.stop().unwrap();
