@@ -18,7 +18,10 @@ fn a_minute_of_hostile_load_loses_nothing() {
         .expect("running python3 bench/soak");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench/soak failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "bench/soak failed:\n{stdout}\n{stderr}"
+    );
     let last = stdout.lines().last().unwrap_or_default();
     let r: serde_json::Value =
         serde_json::from_str(last).unwrap_or_else(|e| panic!("no JSON report ({e}): {stdout}"));
@@ -38,6 +41,9 @@ fn a_minute_of_hostile_load_loses_nothing() {
 
 fn modu_home() -> String {
     std::env::var("MODU_HOME").unwrap_or_else(|_| {
-        format!("{}/.cache/modu", std::env::var("HOME").expect("HOME is set"))
+        format!(
+            "{}/.cache/modu",
+            std::env::var("HOME").expect("HOME is set")
+        )
     })
 }
