@@ -49,6 +49,8 @@ pub(crate) struct Acct {
     pub(crate) cancelled_rx: Option<UnboundedReceiver<Cancelled>>,
     pub(crate) cancelled_tx: Option<UnboundedSender<Cancelled>>,
     pub(crate) guard: Option<ActiveGuard>,
+    /// Counts the request as waiting for its module until its first event arrives.
+    pub(crate) waiting: Option<crate::gaie::WaitingModule>,
 }
 
 /// How long a dropped response waits for the scheduler's report before recording what it saw.

@@ -7,6 +7,7 @@ pub mod api;
 mod auth;
 pub mod error;
 pub mod fair;
+mod gaie;
 mod http;
 pub mod metrics;
 pub mod modules;

@@ -207,6 +207,8 @@ pub struct Metrics {
     pub kv_pool_used: AtomicU64,
     /// The KV pool's limit (`--kv-mem`).
     pub kv_pool_limit: AtomicU64,
+    /// Bytes of one KV block (`KV_BLOCK` positions of every layer).
+    pub kv_block_bytes: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }

@@ -326,6 +326,26 @@ impl ModuleRegistry {
             .collect()
     }
 
+    /// Names of the modules whose adapters are in memory, sorted, and the largest one's bytes.
+    pub fn resident(&self) -> (Vec<String>, usize) {
+        let inner = self.lock();
+        let mut names = Vec::new();
+        let mut largest = 0;
+        for (name, e) in inner.modules.iter() {
+            if e.adapter.is_some() {
+                names.push(name.clone());
+                largest = largest.max(e.summary.resident_bytes);
+            }
+        }
+        names.sort();
+        (names, largest)
+    }
+
+    /// Most bytes of resident adapters (0: no limit).
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
     /// Bytes of adapters held by the registry.
     pub fn resident_bytes(&self) -> usize {
         self.lock()

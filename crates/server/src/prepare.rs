@@ -323,6 +323,7 @@ pub(crate) async fn admit_request<R: Send + 'static>(
         cancelled_rx: Some(cancelled_rx),
         cancelled_tx: Some(cancelled_tx),
         guard: Some(guard),
+        waiting: None,
     };
     Ok((prepared, acct))
 }

@@ -99,6 +99,9 @@ pub(crate) async fn respond(
         priority: svc.config.priority.max(1),
     };
     let mods = (acct.run_modules.clone(), acct.cache_key);
+    if info.module != st.id {
+        acct.waiting = Some(crate::gaie::WaitingModule::new(&st, &info.module));
+    }
     let cancelled = acct.cancelled_tx.take().expect("set at admission");
     let rx = match st.submit(
         prompt,
@@ -148,7 +151,9 @@ pub(crate) async fn collect_response(
     let mut text = String::new();
     let mut toks: Vec<GeneratedToken> = vec![];
     let (finish, p, c, cached) = loop {
-        match rx.recv().await {
+        let ev = rx.recv().await;
+        acct.waiting = None; // started (or ended)
+        match ev {
             Some(SeqEvent::Text { text: t, token }) => {
                 text.push_str(&t);
                 if let Some(token) = token {
@@ -315,6 +320,7 @@ impl StreamState {
 
     /// Turn one scheduler event into chunks.
     pub(crate) fn on_event(&mut self, ev: Option<SeqEvent>) {
+        self.acct.waiting = None; // started (or ended)
         match ev {
             Some(SeqEvent::Text { text, token }) => {
                 if token.is_some() {

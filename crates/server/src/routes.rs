@@ -78,7 +78,7 @@ pub(crate) async fn metrics(State(st): St, headers: HeaderMap) -> Response {
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
+        st.metrics.render() + &crate::gaie::render(&st),
     )
         .into_response()
 }

@@ -263,6 +263,9 @@ pub fn spawn(
             metrics
                 .kv_pool_limit
                 .store(kv_mem as u64, Ordering::Relaxed);
+            metrics
+                .kv_block_bytes
+                .store(probe.block_bytes() as u64, Ordering::Relaxed);
             let mut s = Scheduler {
                 model: model.as_ref(),
                 tok: &tokenizer,

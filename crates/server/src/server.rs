@@ -144,6 +144,8 @@ pub(crate) struct AppState {
     pub(crate) prepare_slots: tokio::sync::Semaphore,
     /// Structured output's token trie for this model, built on first use.
     pub(crate) grammar: std::sync::OnceLock<Result<Arc<modu_engine::GrammarEngine>, String>>,
+    /// Requests waiting (not yet started) per module name, for `vllm:lora_requests_info`.
+    pub(crate) waiting_modules: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
 pub(crate) type St = State<Arc<AppState>>;
@@ -313,6 +315,7 @@ pub fn start(
         limits: config.limits.clone(),
         draining: std::sync::atomic::AtomicBool::new(false),
         grammar: std::sync::OnceLock::new(),
+        waiting_modules: Default::default(),
         prepare_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),
