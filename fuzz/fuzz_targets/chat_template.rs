@@ -20,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
             ChatMessage::new(role, c)
         })
         .collect();
-    if let Ok((rendered, spans)) = m.template.render_with_spans(&messages, sel & 2 == 0, &m.bos, &m.eos) {
+    // Half the time with a tools list (Qwen's template renders it; Gemma's ignores it).
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "description": "d",
+        "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}]);
+    let tools = (sel & 8 == 0).then_some(&tools);
+    if let Ok((rendered, spans)) = m.template.render_with_spans(&messages, tools, sel & 2 == 0, &m.bos, &m.eos) {
         if let Some(spans) = spans {
             for &(a, b) in &spans {
                 assert!(a <= b && b <= rendered.len() && rendered.is_char_boundary(a) && rendered.is_char_boundary(b));

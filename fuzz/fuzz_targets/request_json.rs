@@ -1,5 +1,6 @@
 //! Request bodies as the server reads them: JSON → chat / completion request → validated
-//! generation parameters, content parts and prompt forms.
+//! generation parameters, content parts, prompt forms, unknown fields, response formats,
+//! tools and tool choices (with the call grammar they make) and messages' tool calls.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use modu_server::api::{ChatRequest, CompletionRequest};
@@ -10,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(r) = serde_json::from_value::<ChatRequest>(value.clone()) {
         let _ = r.common.params(None);
+        let _ = modu_server::api::check_chat_fields(&r);
         for (i, m) in r.messages.iter().enumerate() {
             let _ = m.content(i);
         }

@@ -178,6 +178,26 @@ pub const IGNORED_FIELDS: &[&str] = &[
     "prompt_cache_key",
 ];
 
+/// The checks of a chat request's fields that need no model: unknown fields, the output
+/// format, tools and tool choice (and the call grammar they make), messages' tool calls.
+pub fn check_chat_fields(r: &ChatRequest) -> Result<(), ApiError> {
+    check_other_fields(&r.other)?;
+    crate::structured::output_grammar(&r.common)?;
+    if let Some(plan) = crate::tools::ToolPlan::parse(
+        r.tools.as_ref(),
+        r.tool_choice.as_ref(),
+        r.parallel_tool_calls,
+    )? {
+        std::hint::black_box(plan.grammar());
+    }
+    for (i, m) in r.messages.iter().enumerate() {
+        if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+            crate::tools::template_calls(calls, i)?;
+        }
+    }
+    Ok(())
+}
+
 /// Refuse the fields modu does not implement (a `null` value counts as absent).
 pub fn check_other_fields(
     other: &serde_json::Map<String, serde_json::Value>,
