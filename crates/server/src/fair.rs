@@ -61,24 +61,39 @@ impl<T> FairQueue<T> {
         self.arrivals += 1;
     }
 
-    /// The lane whose front is admitted next.
-    fn pick(&self) -> Option<usize> {
-        self.lanes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| l.items.front().map(|(n, _)| (l.pass, *n, i)))
-            .min()
-            .map(|(_, _, i)| i)
+    /// The lane whose front is admitted next: by pass among the lanes of `preferred` services
+    /// when any of them has a request waiting, else among all.
+    fn pick(&self, preferred: &[Arc<str>]) -> Option<usize> {
+        let best = |only_preferred: bool| {
+            self.lanes
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !only_preferred || preferred.contains(&l.name))
+                .filter_map(|(i, l)| l.items.front().map(|(n, _)| (l.pass, *n, i)))
+                .min()
+                .map(|(_, _, i)| i)
+        };
+        best(true).or_else(|| best(false))
     }
 
     /// The request admitted next.
     pub fn front(&self) -> Option<&T> {
-        self.pick()
+        self.front_preferring(&[])
+    }
+
+    /// The request admitted next when `preferred` services go first (services owed batch
+    /// slots).
+    pub fn front_preferring(&self, preferred: &[Arc<str>]) -> Option<&T> {
+        self.pick(preferred)
             .and_then(|i| self.lanes[i].items.front().map(|(_, t)| t))
     }
 
     pub fn pop_front(&mut self) -> Option<T> {
-        let i = self.pick()?;
+        self.pop_front_preferring(&[])
+    }
+
+    pub fn pop_front_preferring(&mut self, preferred: &[Arc<str>]) -> Option<T> {
+        let i = self.pick(preferred)?;
         let l = &mut self.lanes[i];
         self.vtime = self.vtime.max(l.pass);
         l.pass += STRIDE / l.priority as u64;

@@ -511,24 +511,26 @@ fn admission_is_weighted_by_priority() {
 
 #[test]
 fn a_service_below_its_share_gets_a_slot_without_waiting() {
-    // Two slots, both taken by service "hog"'s long requests; "quiet" is owed one slot (equal
-    // priorities), so its request preempts hog's younger one instead of waiting ~400 steps.
-    // Hog's outputs stay exact (the preempted one is recomputed).
+    // Two slots, both taken by service "hog"'s long requests, with two more of hog's queued
+    // ahead; "quiet" is owed one slot (equal priorities), so its request goes past hog's queue
+    // and preempts hog's younger running one instead of waiting ~400 steps. Hog's outputs stay
+    // exact (the preempted one is recomputed).
     let h = start(config(2, 0), Duration::from_millis(1));
-    let hog: Vec<Vec<u32>> = (0..2).map(|i| prompt(i, 5)).collect();
+    let hog: Vec<Vec<u32>> = (0..4).map(|i| prompt(i, 5)).collect();
     let mut hog_rx: Vec<_> = hog
         .iter()
         .map(|p| submit_as(&h.handle, "hog", 1, p.clone(), 400))
         .collect();
-    wait_for("both hog requests to run", || {
+    wait_for("two hog requests to run and two to wait", || {
         h.metrics.running.load(Ordering::Relaxed) == 2
+            && h.metrics.queue_depth.load(Ordering::Relaxed) == 2
     });
     let quiet = prompt(9, 4);
     let q = collect(submit_as(&h.handle, "quiet", 1, quiet.clone(), 4)).unwrap();
     assert_eq!(q, expected(&quiet, 4));
     // Neither hog request has finished by then; both finish exactly.
-    let mut got = vec![Vec::new(), Vec::new()];
-    let mut done = [false, false];
+    let mut got = vec![Vec::new(); 4];
+    let mut done = [false; 4];
     let mut drain = |rxs: &mut Vec<UnboundedReceiver<SeqEvent>>, got: &mut Vec<Vec<u32>>| {
         for (i, rx) in rxs.iter_mut().enumerate() {
             while let Ok(ev) = rx.try_recv() {
@@ -544,12 +546,12 @@ fn a_service_below_its_share_gets_a_slot_without_waiting() {
     };
     assert_eq!(
         drain(&mut hog_rx, &mut got),
-        [false, false],
+        [false; 4],
         "a hog request finished first"
     );
     assert!(h.metrics.share_preemptions.load(Ordering::Relaxed) >= 1);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while drain(&mut hog_rx, &mut got) != [true, true] {
+    while drain(&mut hog_rx, &mut got) != [true; 4] {
         assert!(Instant::now() < deadline, "hog requests did not finish");
         std::thread::sleep(Duration::from_millis(2));
     }

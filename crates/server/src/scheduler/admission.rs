@@ -33,8 +33,9 @@ impl Scheduler<'_> {
 
     /// Move preempted sequences, then queued requests, into the running batch while there are
     /// slots and KV memory for their prompts (plus one block to grow into). Queued requests
-    /// come in the fair queue's order (services by priority, FIFO within one); a request that
-    /// does not fit yet is not overtaken.
+    /// come in the fair queue's order (services by priority, FIFO within one), except that
+    /// services below their share of the batch go first; a request that does not fit yet is not
+    /// overtaken.
     pub(super) fn admit(&mut self) {
         loop {
             if self.running.len() >= self.config.parallel.max(1) {
@@ -45,7 +46,8 @@ impl Scheduler<'_> {
             }
             // A preempted sequence rejoins first, unless the queue's next request is of a
             // service below its share of the batch and the preempted one's is not.
-            let rejoin = match (self.preempted.front(), self.queue.front()) {
+            let owed = self.owed_services();
+            let rejoin = match (self.preempted.front(), self.queue.front_preferring(&owed)) {
                 (Some(p), Some(q)) => {
                     !self.below_share(&q.service.name) || self.below_share(&p.service.name)
                 }
@@ -66,7 +68,7 @@ impl Scheduler<'_> {
                 self.running.push(s);
                 continue;
             }
-            let Some(r) = self.queue.front() else {
+            let Some(r) = self.queue.front_preferring(&owed) else {
                 break;
             };
             if r.prompt.is_empty() || r.prompt.len() >= self.config.ctx {
@@ -75,7 +77,10 @@ impl Scheduler<'_> {
                     r.prompt.len(),
                     self.config.ctx
                 );
-                let r = self.queue.pop_front().expect("front exists");
+                let r = self
+                    .queue
+                    .pop_front_preferring(&owed)
+                    .expect("front exists");
                 self.reject(&r, msg);
                 continue;
             }
@@ -87,7 +92,10 @@ impl Scheduler<'_> {
                     (prompt_blocks * self.block_bytes).div_ceil(1 << 10),
                     self.pool.limit() >> 10
                 );
-                let r = self.queue.pop_front().expect("front exists");
+                let r = self
+                    .queue
+                    .pop_front_preferring(&owed)
+                    .expect("front exists");
                 self.reject(&r, msg);
                 continue;
             }
@@ -103,7 +111,10 @@ impl Scheduler<'_> {
                 m.prefix_reused_tokens
                     .fetch_add(cached as u64, Ordering::Relaxed);
             }
-            let r = *self.queue.pop_front().expect("front exists");
+            let r = *self
+                .queue
+                .pop_front_preferring(&owed)
+                .expect("front exists");
             self.metrics
                 .prompt_tokens
                 .fetch_add(r.prompt.len() as u64, Ordering::Relaxed);
@@ -158,6 +169,15 @@ impl Scheduler<'_> {
         (seen, total)
     }
 
+    /// The waiting services that are below their share of the batch: their requests go first.
+    fn owed_services(&self) -> Vec<Arc<str>> {
+        self.queue
+            .waiting()
+            .map(|(name, _)| name.clone())
+            .filter(|name| self.below_share(name))
+            .collect()
+    }
+
     fn running_of(&self, service: &str) -> u64 {
         self.running
             .iter()
@@ -181,7 +201,8 @@ impl Scheduler<'_> {
     /// requests cannot keep another's out of the batch. The preempted sequence keeps its
     /// keys and values in the prefix cache (when there is room) for its recomputation.
     fn preempt_for_share(&mut self) -> bool {
-        let Some(q) = self.queue.front() else {
+        let owed = self.owed_services();
+        let Some(q) = self.queue.front_preferring(&owed) else {
             return false;
         };
         if !self.below_share(&q.service.name) {
