@@ -22,6 +22,21 @@ pub fn file() -> Arc<GgufFile> {
     .clone()
 }
 
+/// A known model (fetched if needed) ready to serve under its own name.
+pub fn served_named(name: &str) -> ServedModel {
+    let path = modu_hub::resolve(name, &modu_hub::NoProgress)
+        .unwrap_or_else(|e| panic!("fetching {name}: {e}"));
+    let file = Arc::new(GgufFile::open(&path).expect("opening the model"));
+    let (id, aliases) = modu_server::model_names(name, None);
+    ServedModel {
+        model: load_model(file.clone()).unwrap(),
+        tokenizer: Tokenizer::from_gguf(&file).unwrap(),
+        file,
+        id,
+        aliases,
+    }
+}
+
 pub fn served() -> ServedModel {
     let file = file();
     let (id, aliases) = modu_server::model_names(MODEL, None);

@@ -10,13 +10,10 @@ mod pyvenv;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::get;
-use modu_engine::{load_model, Tokenizer};
-use modu_gguf::GgufFile;
-use modu_server::{ServeConfig, ServedModel};
+use modu_server::ServeConfig;
 use serde_json::{json, Value};
 
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
@@ -77,16 +74,7 @@ fn list(v: &Value) -> Vec<String> {
 
 #[test]
 fn gaie_metrics_parse_and_mean_what_the_protocol_says() {
-    let path = modu_hub::resolve(QWEN, &modu_hub::NoProgress).expect("fetching qwen");
-    let file = Arc::new(GgufFile::open(&path).unwrap());
-    let (id, aliases) = modu_server::model_names(QWEN, None);
-    let served = ServedModel {
-        model: load_model(file.clone()).unwrap(),
-        tokenizer: Tokenizer::from_gguf(&file).unwrap(),
-        file,
-        id,
-        aliases,
-    };
+    let served = common::served_named(QWEN);
     let config = ServeConfig {
         port: 0,
         parallel: 1,

@@ -47,19 +47,10 @@ fn official_openai_python_client_works_unchanged() {
 /// itself.
 #[test]
 fn official_openai_python_client_parses_and_calls_tools() {
-    use std::sync::Arc;
     let py = venv().join("bin/python");
     let name = "qwen2.5-coder-0.5b-instruct";
-    let path = modu_hub::resolve(name, &modu_hub::NoProgress).expect("fetching qwen");
-    let file = Arc::new(modu_gguf::GgufFile::open(&path).unwrap());
-    let (id, aliases) = modu_server::model_names(name, None);
-    let served = modu_server::ServedModel {
-        model: modu_engine::load_model(file.clone()).unwrap(),
-        tokenizer: modu_engine::Tokenizer::from_gguf(&file).unwrap(),
-        file,
-        id: id.clone(),
-        aliases,
-    };
+    let served = common::served_named(name);
+    let id = served.id.clone();
     let config = modu_server::ServeConfig {
         port: 0,
         parallel: 2,

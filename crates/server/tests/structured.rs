@@ -10,12 +10,10 @@ mod common;
 #[path = "../../../tests/lora_fixture.rs"]
 mod lora_fixture;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use common::{json, post, sse_events};
-use modu_engine::{load_model, Tokenizer};
-use modu_gguf::GgufFile;
-use modu_server::{ServeConfig, ServedModel, ServerHandle};
+use modu_server::{ServeConfig, ServerHandle};
 use serde_json::{json, Value};
 
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
@@ -26,16 +24,7 @@ const MODULES: [&str; 8] = ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"];
 fn qwen() -> &'static str {
     static S: OnceLock<(ServerHandle, String)> = OnceLock::new();
     &S.get_or_init(|| {
-        let path = modu_hub::resolve(QWEN, &modu_hub::NoProgress).expect("fetching qwen");
-        let file = Arc::new(GgufFile::open(&path).unwrap());
-        let (id, aliases) = modu_server::model_names(QWEN, None);
-        let served = ServedModel {
-            model: load_model(file.clone()).unwrap(),
-            tokenizer: Tokenizer::from_gguf(&file).unwrap(),
-            file,
-            id,
-            aliases,
-        };
+        let served = common::served_named(QWEN);
         let modules = MODULES
             .iter()
             .enumerate()
