@@ -9,34 +9,98 @@ use crate::scalar;
 use half::{bf16, f16};
 use std::sync::OnceLock;
 
-/// Which kernel family is in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which kernel family is in use. The levels are ordered: a level uses its own kernels where
+/// it has them and the next lower level's everywhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SimdLevel {
     Scalar,
     /// x86_64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2's features plus AVX-512 F/BW/VL/VNNI (Ice Lake and later Xeons, Zen 4 and later):
+    /// 16-row `vpdpbusd`/`vpdpwssd` kernels for matrices times several tokens (prefill,
+    /// batched decode); one token still uses the AVX2 streaming kernels, which are bound by
+    /// memory, not by the arithmetic.
+    Avx512,
 }
 
-/// The kernel family chosen for this process (detected once; `MODU_KERNELS=scalar` forces the
-/// scalar reference).
+impl SimdLevel {
+    /// The name `MODU_KERNELS` accepts for this level.
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The best level this CPU supports.
+pub fn detected_level() -> SimdLevel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::x86::available() {
+            if crate::x86::available_avx512() {
+                return SimdLevel::Avx512;
+            }
+            return SimdLevel::Avx2;
+        }
+    }
+    SimdLevel::Scalar
+}
+
+/// The level `MODU_KERNELS` asks for: `None` when unset, empty or `auto`; an error message for
+/// a name that is not a level.
+fn requested_level(v: Option<&str>) -> Result<Option<SimdLevel>, String> {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+        .into_iter()
+        .find(|l| l.name().eq_ignore_ascii_case(v))
+        .map(Some)
+        .or_else(|| v.eq_ignore_ascii_case("auto").then_some(None))
+        .ok_or_else(|| format!("MODU_KERNELS={v:?} is not one of auto, scalar, avx2, avx512"))
+}
+
+/// The kernel family chosen for this process, detected once. `MODU_KERNELS=scalar|avx2|avx512`
+/// forces a level (so every path can be tested on one machine); a level above what the CPU
+/// supports is lowered to the detected one (running its instructions would fault), with a
+/// warning, and so is a name that is not a level.
 pub fn simd_level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
-        if std::env::var("MODU_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
-            return SimdLevel::Scalar;
+        let detected = detected_level();
+        match requested_level(std::env::var("MODU_KERNELS").ok().as_deref()) {
+            Ok(None) => detected,
+            Ok(Some(want)) if want <= detected => want,
+            Ok(Some(want)) => {
+                eprintln!(
+                    "warning: MODU_KERNELS={} is not supported by this CPU; using {}",
+                    want.name(),
+                    detected.name()
+                );
+                detected
+            }
+            Err(e) => {
+                eprintln!("warning: {e}; using {}", detected.name());
+                detected
+            }
         }
-        #[cfg(target_arch = "x86_64")]
-        if crate::x86::available() {
-            return SimdLevel::Avx2;
-        }
-        SimdLevel::Scalar
     })
 }
 
+/// The AVX2 kernels may run (AVX2, FMA and F16C confirmed; also true at [`SimdLevel::Avx512`]).
 #[inline(always)]
 #[allow(dead_code)]
 pub(crate) fn use_avx2() -> bool {
-    simd_level() == SimdLevel::Avx2
+    simd_level() >= SimdLevel::Avx2
+}
+
+/// The AVX-512 kernels may run (AVX-512 F/BW/VL/VNNI and AVX2's features confirmed).
+#[inline(always)]
+#[allow(dead_code)]
+pub(crate) fn use_avx512() -> bool {
+    simd_level() >= SimdLevel::Avx512
 }
 
 /// Signature of a dot product of a weight row against an activation row.

@@ -25,7 +25,7 @@
 //! # Ok::<(), modu_kernels::KernelError>(())
 //! ```
 
-// `is_multiple_of` needs Rust 1.87; the workspace supports 1.80.
+// `is_multiple_of` needs Rust 1.87; kept as `%` for readability next to the SIMD code.
 #![allow(clippy::manual_is_multiple_of)]
 
 pub mod blocks;
@@ -37,7 +37,11 @@ mod matmul;
 pub mod pool;
 mod q32;
 #[cfg(target_arch = "x86_64")]
+mod q32x16;
+#[cfg(target_arch = "x86_64")]
 mod q32x8;
+#[cfg(target_arch = "x86_64")]
+mod qk16;
 #[cfg(target_arch = "x86_64")]
 mod qk8;
 pub mod quantize;

@@ -494,7 +494,7 @@ fn q32_x86(
         let nb = w.cols / 32;
         go(w, Plain { w: wv, nb }, v, n_tokens, y)
     }
-    fn interleaved<W: crate::q32x8::X8Block>(
+    fn interleaved<W: crate::q32x16::X16Block>(
         w: &QMatrix,
         v: &[BlockQ8_0],
         n_tokens: usize,
@@ -506,6 +506,18 @@ fn q32_x86(
             rows % crate::layout::INTERLEAVE == 0
                 && w.data.len() == rows / crate::layout::INTERLEAVE * nb * W::BYTES
         );
+        if n_tokens >= 2 && dispatch::use_avx512() {
+            let prep = crate::q32x16::prepare16::<W>(v);
+            let prep = &prep;
+            return par_groups(w, v.len() * 32, n_tokens, y, |r0, r1, out| {
+                // SAFETY: use_avx512() confirmed AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C; the
+                // shapes are as for the AVX2 kernel below (checked by par_groups) and prep
+                // was made from v for W.
+                unsafe {
+                    crate::q32x16::rows::<W>(w.data, nb, r0, r1, v, prep, n_tokens, out, rows)
+                }
+            });
+        }
         drive::<W>(w, v, n_tokens, y, |r0, r1, prep, out| {
             // SAFETY: AVX2 checked; w.data holds rows/8 groups of nb interleaved blocks
             // (validated), r0 and r1 are multiples of 8 (chunks are whole groups, rows is a
@@ -593,6 +605,13 @@ fn qk8_x86(
         return None;
     };
     let (n_tokens, rows, nb) = (a.n_tokens, w.rows, w.cols / 256);
+    let kernel: Kernel = match (n_tokens >= 2 && dispatch::use_avx512(), w.ty) {
+        // SAFETY (of calling these below): use_avx512() confirmed AVX-512 F/BW/VL/VNNI and
+        // AVX2/FMA/F16C; their contract is the AVX2 kernels'.
+        (true, GgmlType::Q4_K) => crate::qk16::rows::<crate::qk16::Dec16Q4K>,
+        (true, GgmlType::Q6_K) => crate::qk16::rows::<crate::qk16::Dec16Q6K>,
+        _ => kernel,
+    };
     Some(par_groups(w, v.len() * 256, n_tokens, y, |r0, r1, out| {
         // SAFETY: AVX2 checked by the caller; w.data holds rows / 8 groups of nb interleaved
         // super-blocks (validated: rows is a multiple of 8, the length is rows × row bytes),
@@ -602,13 +621,19 @@ fn qk8_x86(
     }))
 }
 
-/// Rows per parallel task of the 32-element block kernels: whole 8-row groups, about 8 tasks
+/// Rows per parallel task of the 32-element block kernels: whole 8-row groups (16 on the
+/// AVX-512 path of several tokens), about 8 tasks
 /// per thread for one token (up to 1024 rows); with more tokens also small enough (~128 KiB of
 /// weights) to stay in L2 while every token tile passes over them.
 #[cfg(target_arch = "x86_64")]
 fn row_chunk(rows: usize, n_tokens: usize, row_bytes: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let g = crate::q32::ROWS;
+    // The AVX-512 kernels of several tokens take rows sixteen at a time.
+    let g = if n_tokens > 1 && dispatch::use_avx512() {
+        2 * crate::q32::ROWS
+    } else {
+        crate::q32::ROWS
+    };
     let mut chunk = rows.div_ceil(threads * 8).clamp(g, 1024);
     if n_tokens > 1 {
         chunk = chunk.min((128 * 1024 / row_bytes.max(1)).max(g));

@@ -68,14 +68,14 @@ unsafe fn prefetch(p: *const u8, bytes: usize) {
 /// A Q6_K block group ready to multiply.
 pub(crate) struct DecQ6K {
     /// Unsigned quants (0..=63), vector `k` = elements `4k..4k+4` of the eight rows.
-    q: [__m256i; 64],
+    pub(crate) q: [__m256i; 64],
     /// Sub-block `j`'s scale of each row, as an i16 pair per lane (for `madd`).
-    sv: [__m256i; 16],
+    pub(crate) sv: [__m256i; 16],
     /// Scales of sub-blocks `2m` and `2m + 1` of each row, an i16 pair per lane (for the
     /// `bsums` term).
-    sp: [__m256i; 8],
+    pub(crate) sp: [__m256i; 8],
     /// `d` of each row.
-    dw: __m256,
+    pub(crate) dw: __m256,
 }
 
 /// Decodes the interleaved Q6_K block group at `p` (layout: [`crate::layout`]).
@@ -159,13 +159,13 @@ unsafe fn dot_q6k(dec: &DecQ6K, y: &BlockQ8K) -> __m256i {
 /// A Q4_K block group ready to multiply.
 pub(crate) struct DecQ4K {
     /// Unsigned quants (0..=15), vector `k` = elements `4k..4k+4` of the eight rows.
-    q: [__m256i; 64],
+    pub(crate) q: [__m256i; 64],
     /// Sub-block `g`'s scale of each row, as an i16 pair per lane.
-    sv: [__m256i; 8],
+    pub(crate) sv: [__m256i; 8],
     /// Mins of sub-blocks `2i` and `2i + 1` of each row, an i16 pair per lane.
-    mp: [__m256i; 4],
-    dw: __m256,
-    dmin: __m256,
+    pub(crate) mp: [__m256i; 4],
+    pub(crate) dw: __m256,
+    pub(crate) dmin: __m256,
     /// [`q4k_picks`], made once.
     picks: [__m256i; 6],
 }

@@ -24,6 +24,15 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// Whether this CPU runs the AVX-512 kernels ([`crate::dispatch::SimdLevel::Avx512`]): AVX-512
+/// F, BW, VL and VNNI (`vpdpbusd`, `vpdpwssd`).
+pub fn available_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
@@ -881,7 +890,7 @@ macro_rules! safe_wrappers {
             pub(crate) fn $name($($arg: $t),*) $(-> $r)? {
                 debug_assert!(available());
                 // SAFETY: these wrappers are only returned by `crate::dispatch` when
-                // `simd_level() == Avx2`, i.e. after `available()` confirmed the features.
+                // `simd_level() >= Avx2`, i.e. after `available()` confirmed the features.
                 unsafe { $f($($arg),*) }
             }
         )*
