@@ -263,6 +263,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         Some(k) => println!("peak RSS: {:.1} MiB (VmHWM)", k as f64 / 1024.0),
         None => eprintln!("peak RSS: unknown (no /proc/self/status)"),
     }
+    let kernels = format!(
+        "kernels: {} on {} (MODU_KERNELS forces a lower level)",
+        modu_kernels::simd_level().name(),
+        cpu_info()
+    );
+    if a.json {
+        eprintln!("{kernels}");
+    } else {
+        println!("{kernels}");
+    }
     Ok(())
 }
 
@@ -565,6 +575,7 @@ fn test_json(
         "build": format!("modu {}", env!("CARGO_PKG_VERSION")),
         "backends": "CPU",
         "cpu_info": cpu_info(),
+        "kernels": modu_kernels::simd_level().name(),
         "model_filename": d.filename,
         "model_type": d.model_type,
         "model_size": d.size,

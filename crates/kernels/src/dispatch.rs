@@ -330,6 +330,12 @@ pub fn vec_dot_f16_rows(k: &[f16], q: &[f32], out: &mut [f32]) {
         "q holds fewer than out.len() rows"
     );
     #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        // SAFETY: use_avx512() means the CPU has AVX-512 F/BW/VL/VNNI and AVX2, FMA and F16C;
+        // the length is checked.
+        return unsafe { crate::avx512::vec_dot_f16_rows(k, q, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C; the length is checked.
         return unsafe { crate::x86::vec_dot_f16_rows(k, q, out) };
@@ -350,6 +356,12 @@ pub fn mad_f16_rows(acc: &mut [f16], v: &[f16], w: &[f32]) {
         acc.len() >= w.len() * d,
         "acc holds fewer than w.len() rows"
     );
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        // SAFETY: use_avx512() means the CPU has AVX-512 F/BW/VL/VNNI and AVX2, FMA and F16C;
+        // the length is checked.
+        return unsafe { crate::avx512::mad_f16_rows(acc, v, w) };
+    }
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: use_avx2() means the CPU has AVX2, FMA and F16C; the length is checked.
@@ -446,5 +458,25 @@ mod tests {
                 assert_eq!(o.to_bits(), want.to_bits(), "ggml k {k} row {r}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod level_tests {
+    use super::*;
+
+    #[test]
+    fn modu_kernels_names_parse_and_order() {
+        assert_eq!(requested_level(None), Ok(None));
+        assert_eq!(requested_level(Some(" ")), Ok(None));
+        assert_eq!(requested_level(Some("AUTO")), Ok(None));
+        assert_eq!(requested_level(Some("scalar")), Ok(Some(SimdLevel::Scalar)));
+        assert_eq!(requested_level(Some("AVX2")), Ok(Some(SimdLevel::Avx2)));
+        assert_eq!(requested_level(Some("avx512")), Ok(Some(SimdLevel::Avx512)));
+        let e = requested_level(Some("avx10")).unwrap_err();
+        assert!(e.contains("avx10") && e.contains("avx512"), "{e}");
+        assert!(SimdLevel::Scalar < SimdLevel::Avx2 && SimdLevel::Avx2 < SimdLevel::Avx512);
+        // Never above what the CPU runs.
+        assert!(simd_level() <= detected_level());
     }
 }

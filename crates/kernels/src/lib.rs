@@ -3,8 +3,9 @@
 //!
 //! * [`blocks`]: `#[repr(C)]` block layouts of every format.
 //! * [`scalar`]: scalar reference implementations (define the numerics).
-//! * AVX2+FMA kernels (x86_64) are picked at run time when the CPU supports them; set
-//!   `MODU_KERNELS=scalar` in the environment to force the scalar paths.
+//! * AVX2+FMA kernels (x86_64) are picked at run time when the CPU supports them, and on
+//!   AVX-512 VNNI CPUs 16-row kernels for matmuls of several tokens; `MODU_KERNELS=scalar`,
+//!   `avx2` or `avx512` in the environment forces a lower level ([`simd_level`]).
 //! * [`matmul`] / [`matmul_quantized`]: weights × activations, parallel over weight rows.
 //!
 //! ```
@@ -28,6 +29,8 @@
 // `is_multiple_of` needs Rust 1.87; kept as `%` for readability next to the SIMD code.
 #![allow(clippy::manual_is_multiple_of)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod blocks;
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
