@@ -22,7 +22,10 @@
 # times collapse (10x seen on a loaded 2-core box), while modu's rayon workers sleep: a busy
 # machine flatters modu. The script warns when the load average is high and records it per run.
 #
-# llama.cpp comes from the llama-cpp-python sdist on PyPI: the first run creates a venv OUTSIDE
+# llama.cpp is either llama.cpp's own `llama-bench` binary (LLAMA_BENCH=/path/to/llama-bench:
+# what llama.cpp users run; built outside this repository with cmake; no TTFT row, since
+# llama-bench has no such test; bench/llama_bench_json.py converts its JSON), or, by default,
+# the llama-cpp-python sdist on PyPI: the first run creates a venv OUTSIDE
 # the repository (${MODU_BENCH_VENV:-$HOME/.cache/modu/bench-venv}) and `pip install
 # llama-cpp-python`, which compiles the bundled llama.cpp with CMake for this CPU (native flags
 # by default; needs a C/C++ compiler and cmake; 10+ minutes on 2 cores). Pin a version with
@@ -36,7 +39,8 @@
 #   -k  timed repetitions per process (default 1)
 #   -p  prefill length (default 512); -n decode length (default 128); -f TTFT prompt (default 16)
 #   -o  raw results as JSON (default: $TMPDIR/modu-compare-DATE.json)
-# Environment: MODU_BIN (default: build target/release/modu), MODU_BENCH_VENV, MODU_HOME.
+# Environment: MODU_BIN (default: build target/release/modu), LLAMA_BENCH, MODU_BENCH_VENV,
+# MODU_HOME, MODU_KERNELS (passed to modu: forces a lower kernel level).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -78,16 +82,22 @@ if ((rounds < 5)); then
 fi
 
 # --- llama.cpp (llama-cpp-python) venv, outside the repository -------------------------------
-venv="${MODU_BENCH_VENV:-$HOME/.cache/modu/bench-venv}"
-if ! "$venv/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; then
-    echo "creating $venv and building llama.cpp from the llama-cpp-python sdist (10+ min)..." >&2
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --upgrade pip
-    "$venv/bin/pip" install --no-binary=llama-cpp-python numpy \
-        "llama-cpp-python${LLAMA_CPP_PYTHON_VERSION:+==$LLAMA_CPP_PYTHON_VERSION}"
+if [[ -n "${LLAMA_BENCH:-}" ]]; then
+    [[ -x "$LLAMA_BENCH" ]] || { echo "LLAMA_BENCH=$LLAMA_BENCH is not an executable" >&2; exit 1; }
+    py="$(command -v python3)"
+    llama_version="llama-bench ($LLAMA_BENCH)"
+else
+    venv="${MODU_BENCH_VENV:-$HOME/.cache/modu/bench-venv}"
+    if ! "$venv/bin/python" -c "import llama_cpp, numpy" 2>/dev/null; then
+        echo "creating $venv and building llama.cpp from the llama-cpp-python sdist (10+ min)..." >&2
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --upgrade pip
+        "$venv/bin/pip" install --no-binary=llama-cpp-python numpy \
+            "llama-cpp-python${LLAMA_CPP_PYTHON_VERSION:+==$LLAMA_CPP_PYTHON_VERSION}"
+    fi
+    py="$venv/bin/python"
+    llama_version="llama-cpp-python $("$py" -c 'import llama_cpp; print(llama_cpp.__version__)')"
 fi
-py="$venv/bin/python"
-llama_version="$("$py" -c 'import llama_cpp; print(llama_cpp.__version__)')"
 
 # --- modu ------------------------------------------------------------------------------------
 if [[ -z "${MODU_BIN:-}" ]]; then
@@ -123,7 +133,11 @@ for spec in "${model_list[@]}"; do
                 f="$work/$engine-$(basename "$path")-t$t-r$r.json"
                 load="$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)"
                 echo "[$(date -u +%H:%M:%S)] $spec  threads=$t  round $r/$rounds  $engine" >&2
-                if [[ $engine == llama ]]; then
+                if [[ $engine == llama && -n "${LLAMA_BENCH:-}" ]]; then
+                    "$py" "$here/llama_bench_json.py" "$LLAMA_BENCH" -m "$path" -t "$t" \
+                        -p "$pp" -n "$tg" -r "$reps" >"$f" 2>"$f.err" ||
+                        { cat "$f.err" >&2; exit 1; }
+                elif [[ $engine == llama ]]; then
                     "$py" "$here/llama_cpp_bench.py" -m "$path" -t "$t" -p "$pp" -n "$tg" \
                         --ttft "$ttft" -r "$reps" >"$f" 2>"$f.err" ||
                         { cat "$f.err" >&2; exit 1; }
@@ -152,7 +166,7 @@ for line in open(index):
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
             if l.startswith("model name")), platform.machine())
 json.dump({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu,
-           "llama_cpp_python": llama_version, "modu": modu_version, "runs": runs},
+           "llama_cpp": llama_version, "modu": modu_version, "runs": runs},
           open(out, "w"), indent=1)
 
 # metric -> list of per-run values, keyed by (model, threads, row, engine)
@@ -178,7 +192,11 @@ for run in runs:
     add(key, "RSS above start MiB", run["engine"],
         (last["peak_rss_bytes"] - (last.get("rss_baseline_bytes") or 0)) / 2**20)
 
-print(f"\n{cpu}; modu: {modu_version}; llama.cpp: llama-cpp-python {llama_version}")
+commit = next((o.get("build_commit") for r in runs if r["engine"] == "llama" for o in r["results"]), None)
+if commit:
+    llama_version += f" build {commit}" if commit != "unknown" else ""
+kernels = next((o.get("kernels") for r in runs if r["engine"] == "modu" for o in r["results"]), "?")
+print(f"\n{cpu}; modu: {modu_version} (kernels: {kernels}); llama.cpp: {llama_version}")
 print("medians over rounds; ratio = modu/llama.cpp (t/s: >1 modu faster; ms, MiB: <1 modu better)\n")
 hdr = f"| {'model':<28} | {'thr':>3} | {'test':<20} | {'llama.cpp':>10} | {'modu':>10} | {'ratio':>6} | {'n':>3} |"
 print(hdr)
