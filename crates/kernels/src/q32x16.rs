@@ -31,7 +31,8 @@ const TOKEN_TILE: usize = 64;
 
 /// A 32-element block type with an AVX-512 path.
 pub(crate) trait X16Block: X8Block {
-    /// What is taken off `offset · Σ y` after the unsigned sums: Q5_0's own offset, Q8_0's bias.
+    /// The offset of the unsigned quants (Q5_0's own, Q8_0's bias): each block's unsigned sum
+    /// starts from `−offset · Σ y`.
     const UNSIGNED_OFFSET: i32;
     /// The eight quant vectors of the groups at `p0` (low half) and `p1` (high half), as
     /// unsigned bytes.
@@ -72,10 +73,11 @@ impl X16Block for BlockQ8_0 {
     }
 }
 
-/// Per (token, block) of the activations: the f32 scale and `UNSIGNED_OFFSET · Σ y`.
+/// Per (token, block) of the activations: the f32 scale and `−UNSIGNED_OFFSET · Σ y`, the
+/// start of the block's integer sum (so that no subtraction is needed after it).
 pub(crate) struct Prepared16 {
     da: Vec<f32>,
-    ysum: Vec<i32>,
+    neg_ysum: Vec<i32>,
 }
 
 /// The activations' scales and offset sums for `W`.
@@ -85,22 +87,23 @@ pub(crate) fn prepare16<W: X16Block>(act: &[BlockQ8_0]) -> Prepared16 {
             .iter()
             .map(|b| half::f16::from_bits(u16::from_le_bytes(b.d)).to_f32())
             .collect(),
-        ysum: act
+        neg_ysum: act
             .iter()
-            .map(|b| W::UNSIGNED_OFFSET * b.qs.iter().map(|&v| v as i32).sum::<i32>())
+            .map(|b| -W::UNSIGNED_OFFSET * b.qs.iter().map(|&v| v as i32).sum::<i32>())
             .collect(),
     }
 }
 
-/// The sixteen rows' unsigned block sums against the activation quants at `y` (32 bytes).
+/// `start` plus the sixteen rows' unsigned block sums against the activation quants at `y`
+/// (32 bytes): with `start = −offset·Σ y`, the exact signed block sums.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/VNNI; `y` points to 8 readable i32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot16(v: &[__m512i; INTERLEAVE], y: *const i32) -> __m512i {
+unsafe fn dot16(v: &[__m512i; INTERLEAVE], y: *const i32, start: i32) -> __m512i {
     // Two chains, so that consecutive `vpdpbusd` do not wait for each other's result.
-    let mut s = [_mm512_setzero_si512(); 2];
+    let mut s = [_mm512_set1_epi32(start), _mm512_setzero_si512()];
     for j in 0..INTERLEAVE {
         // SAFETY: j < 8 and y points to 8 readable i32 (caller).
         let yb = _mm512_set1_epi32(std::ptr::read_unaligned(y.add(j)));
@@ -162,8 +165,8 @@ pub(crate) unsafe fn rows<W: X16Block>(
                 for t in t0..t1 {
                     let k = t * nb + b;
                     // SAFETY: t < n_tokens, so k < act.len() == prep's lengths; qs is 32 bytes.
-                    let s = dot16(&v, act.get_unchecked(k).qs.as_ptr() as *const i32);
-                    let s = _mm512_sub_epi32(s, _mm512_set1_epi32(*prep.ysum.get_unchecked(k)));
+                    let y = act.get_unchecked(k).qs.as_ptr() as *const i32;
+                    let s = dot16(&v, y, *prep.neg_ysum.get_unchecked(k));
                     let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*prep.da.get_unchecked(k)));
                     let a = acc.get_unchecked_mut(t - t0);
                     *a = _mm512_add_ps(*a, _mm512_mul_ps(_mm512_cvtepi32_ps(s), scale));
