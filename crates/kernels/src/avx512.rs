@@ -176,7 +176,11 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "dot d={d} rows={rows}");
                 let w = rng.f32s(rows, 2.0);
-                let a0: Vec<f16> = rng.f32s(rows * d, 4.0).into_iter().map(f16::from_f32).collect();
+                let a0: Vec<f16> = rng
+                    .f32s(rows * d, 4.0)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
                 let (mut a1, mut a2) = (a0.clone(), a0);
                 // SAFETY: as above; acc holds rows × d values.
                 unsafe {

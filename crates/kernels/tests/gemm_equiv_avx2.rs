@@ -11,6 +11,10 @@ use modu_kernels::*;
 fn batched_matmul_is_bit_identical_on_forced_avx2() {
     std::env::set_var("MODU_KERNELS", "avx2");
     let want = detected_level().min(SimdLevel::Avx2);
-    assert_eq!(simd_level(), want, "MODU_KERNELS=avx2 must select AVX2 where the CPU has it");
+    assert_eq!(
+        simd_level(),
+        want,
+        "MODU_KERNELS=avx2 must select AVX2 where the CPU has it"
+    );
     common::equiv::check_batched_matmul_against_single_token_dots();
 }
