@@ -12,7 +12,8 @@
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes. Q5_0's quants are unsigned already (`u`,
 //! 0..=31, value `u - 16`). Q8_0's signed quants `q` are biased to `q + 128` (a XOR with 0x80)
-//! and, like Q5_0's offset, the bias comes off after the sum: `Σ q·y = Σ (q+128)·y − 128·Σ y`.
+//! and, like Q5_0's offset, the bias is accounted for by starting each block's sum at `−128·Σ y`:
+//! `Σ q·y = Σ (q+128)·y − 128·Σ y`.
 //! The block sums are the same integers as on the AVX2 and scalar paths (all sums are exact;
 //! at most 32·255·127 in magnitude), and the float work per block is [`crate::q32`]'s `finish`
 //! (`acc + f32(isum) · (dw · da)`, in that order), so every output has the same bits as the
