@@ -12,7 +12,18 @@
 use half::f16;
 use std::arch::x86_64::*;
 
-use crate::x86::hsum_ps;
+use crate::x86::{hsum_ps, load_f16x8};
+
+/// `lo` in the low 256 bits and `hi` in the high 256 bits (two 8-row groups in one register, for
+/// [`crate::q32x16`] and [`crate::qk16`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
 
 /// 16 f16 values at `p` widened to f32.
 ///
@@ -22,16 +33,6 @@ use crate::x86::hsum_ps;
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn load_f16x16(p: *const u16) -> __m512 {
     _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-}
-
-/// 8 f16 values at `p` widened to f32.
-///
-/// # Safety
-/// The CPU must support F16C; `p` points to 8 readable values.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn load_f16x8(p: *const u16) -> __m256 {
-    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 /// Query rows per pass over a key.

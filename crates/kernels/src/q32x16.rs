@@ -23,6 +23,7 @@
 
 use std::arch::x86_64::*;
 
+use crate::avx512::join;
 use crate::blocks::{BlockQ5_0, BlockQ8_0};
 use crate::layout::INTERLEAVE;
 use crate::q32x8::X8Block;
@@ -42,13 +43,6 @@ pub(crate) trait X16Block: X8Block {
     /// The CPU must support AVX-512 F/BW/VL/VNNI and AVX2/FMA/F16C; `p0` and `p1` point to
     /// `BYTES` readable bytes each.
     unsafe fn decode16(p0: *const u8, p1: *const u8) -> [__m512i; INTERLEAVE];
-}
-
-/// `lo` in the low 256 bits and `hi` in the high 256 bits.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
 impl X16Block for BlockQ5_0 {

@@ -17,19 +17,13 @@
 
 use std::arch::x86_64::*;
 
+use crate::avx512::join;
 use crate::blocks::BlockQ8K;
 use crate::layout::INTERLEAVE;
 use crate::qk8::{DecQ4K, DecQ6K, KGroup};
 
 /// Tokens per pass over a row pair's super-blocks: their accumulators stay in L1.
 const TOKEN_TILE: usize = 16;
-
-/// `lo` in the low 256 bits and `hi` in the high 256 bits.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-}
 
 /// [`join`] for float vectors.
 #[inline]

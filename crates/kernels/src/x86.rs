@@ -1307,7 +1307,7 @@ pub unsafe fn mad_f16(acc: &mut [f16], v: &[f16], w: f32) {
 /// The CPU must support AVX2, FMA and F16C; 16 bytes at `p` are readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_f16x8(p: *const u16) -> __m256 {
+pub(crate) unsafe fn load_f16x8(p: *const u16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
