@@ -58,6 +58,37 @@ pub struct SamplingArgs {
     /// Do not stop at end-of-generation tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
+/// Speculative decoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpecMode {
+    None,
+    Ngram,
+}
+
+#[derive(Args, Clone, Copy)]
+pub struct SpecArgs {
+    /// Speculative decoding: `ngram` drafts the next tokens by finding the text's last few
+    /// tokens earlier in the prompt or output (prompt lookup) and checks the draft in one
+    /// forward pass; the output is the same as without. Pays off when answers copy from the
+    /// prompt (edits, extraction); backs off when drafts miss. Not used with a grammar.
+    #[arg(long = "spec", value_enum, default_value = "none")]
+    pub spec: SpecMode,
+    /// Most draft tokens checked per forward pass (with --spec ngram).
+    #[arg(long = "spec-draft", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub spec_draft: u16,
+}
+
+impl SpecArgs {
+    pub fn config(&self) -> Option<modu_engine::SpecConfig> {
+        (self.spec == SpecMode::Ngram).then(|| modu_engine::SpecConfig {
+            max_draft: self.spec_draft as usize,
+            ..Default::default()
+        })
+    }
 }
 
 impl SamplingArgs {
@@ -80,6 +111,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             logprobs,
             ignore_eos: self.ignore_eos,
+            speculative: self.spec.config(),
         })
     }
 }
@@ -396,6 +428,15 @@ pub fn run(a: RunArgs) -> Result<()> {
             if total > ttft { (n.saturating_sub(1)) as f64 / (total - ttft) } else { 0.0 },
             gen.finish.as_str()
         );
+        if params.speculative.is_some() {
+            eprintln!(
+                "speculative (ngram): {} draft tokens in {} passes, {} kept ({:.0} %)",
+                gen.spec.drafted,
+                gen.spec.rounds,
+                gen.spec.accepted,
+                100.0 * gen.spec.acceptance()
+            );
+        }
     }
     Ok(())
 }

@@ -11,6 +11,9 @@ use crate::run::{load, ModelArgs};
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// The default for requests without a `speculative` field.
+    #[command(flatten)]
+    pub spec: crate::run::SpecArgs,
     /// Address to listen on. Only loopback addresses unless API keys are configured
     /// (--config) or --allow-remote is given.
     #[arg(long, default_value = "127.0.0.1")]
@@ -130,6 +133,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         module_dirs: a.module_dirs.clone(),
         allowed_hosts: a.allowed_hosts.clone(),
         limits,
+        speculative: a.spec.config(),
     };
     let served = ServedModel {
         model: l.model,

@@ -40,6 +40,8 @@ pub enum ModelError {
     },
     #[error("token id {id} out of range (vocabulary size {vocab})")]
     BadToken { id: u32, vocab: usize },
+    #[error("bad request for logits: {0}")]
+    BadTail(String),
     #[error("empty input")]
     EmptyInput,
     #[error("module: {0}")]

@@ -11,6 +11,7 @@ use crate::kv_cache::KvCache;
 use crate::lora::ModuleRef;
 use crate::models::{Logits, Model};
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
+use crate::speculate::{NgramDrafter, SpecConfig, SpecStats};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -24,6 +25,9 @@ pub struct GenerateParams {
     pub logprobs: Option<usize>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Speculative decoding by prompt lookup (`None`: one token per forward pass). Not used
+    /// under a grammar.
+    pub speculative: Option<SpecConfig>,
 }
 
 impl Default for GenerateParams {
@@ -34,6 +38,7 @@ impl Default for GenerateParams {
             stop: vec![],
             logprobs: None,
             ignore_eos: false,
+            speculative: None,
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct Generation {
     pub tokens: Vec<GeneratedToken>,
     pub text: String,
     pub finish: FinishReason,
+    /// What speculative decoding drafted and kept (all zero without it).
+    pub spec: SpecStats,
 }
 
 /// Holds back text that could still turn into a stop string. Public so that other generation
@@ -249,8 +256,16 @@ pub fn generate_constrained(
     let cached = cache.len().min(prompt.len() - 1);
     cache.truncate(cached);
     cache.check_room(prompt.len() - cached)?;
-    let mut logits =
+    // `rows` holds one row of logits per token of the last pass's tail: the row for the last
+    // token fed, then one per draft token (`draft[i]` is checked against `rows[i]`).
+    let mut rows =
         model.forward_seqs_with(&[&prompt[cached..]], &mut [&mut *cache], Logits::Last, mods)?;
+    let n_vocab = model.info().n_vocab;
+    let mut draft: Vec<u32> = Vec::new();
+    let mut drafter = match (&params.speculative, &constraint) {
+        (Some(cfg), None) => Some(NgramDrafter::new(*cfg)),
+        _ => None,
+    };
 
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut history = prompt.to_vec();
@@ -261,59 +276,101 @@ pub fn generate_constrained(
         tokens: vec![],
         text: String::new(),
         finish: FinishReason::Length,
+        spec: SpecStats::default(),
     };
     let mut finish = FinishReason::Length;
-    while out.tokens.len() < params.max_tokens {
-        let raw = constraint.as_ref().map(|_| logits.clone());
-        let mut grammar_done = false;
-        if let Some(c) = constraint.as_mut() {
-            let mask = c.mask().map_err(ModelError::Grammar)?;
-            mask.apply(&mut logits);
-            grammar_done = mask.finished;
+    'gen: while out.tokens.len() < params.max_tokens {
+        // The cache holds the last pass's input: the token before it and the draft.
+        let base = cache.len() - draft.len() - 1;
+        let mut accepted = 0;
+        let mut next = None;
+        for (i, logits) in rows.chunks_exact_mut(n_vocab).enumerate() {
+            let raw = constraint.as_ref().map(|_| logits.to_vec());
+            let mut grammar_done = false;
+            if let Some(c) = constraint.as_mut() {
+                let mask = c.mask().map_err(ModelError::Grammar)?;
+                mask.apply(logits);
+                grammar_done = mask.finished;
+            }
+            let (id, kept) = match draft.get(i) {
+                Some(&d) => sampler.verify(logits, &history, d),
+                None => (sampler.sample(logits, &history), false),
+            };
+            if let Some(c) = constraint.as_mut() {
+                c.advance(id);
+            }
+            let (logprob, top) = top_logprobs(
+                raw.as_deref().unwrap_or(logits),
+                id,
+                params.logprobs.unwrap_or(0),
+            );
+            let tok = GeneratedToken {
+                id,
+                piece: String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned(),
+                logprob,
+                top,
+            };
+            history.push(id);
+            accepted += kept as usize;
+            let mut ended = None;
+            if (grammar_done || !params.ignore_eos) && tokenizer.is_eog(id) {
+                out.tokens.push(tok);
+                ended = Some(FinishReason::Eos);
+            } else {
+                let text = decoder.push(id);
+                let (emit, hit) = stopper.push(&text);
+                out.text.push_str(&emit);
+                let flow = on_text(&emit, &tok);
+                out.tokens.push(tok);
+                if hit {
+                    ended = Some(FinishReason::Stop);
+                } else if flow.is_break() {
+                    ended = Some(FinishReason::Cancelled);
+                } else if out.tokens.len() >= params.max_tokens {
+                    ended = Some(FinishReason::Length);
+                }
+            }
+            if let Some(f) = ended {
+                // Keep the cache to what the history holds: the fed token and the kept draft.
+                cache.truncate(base + 1 + accepted);
+                if let Some(d) = drafter.as_mut() {
+                    d.observe(draft.len(), accepted);
+                }
+                finish = f;
+                break 'gen;
+            }
+            if !kept {
+                next = Some(id);
+                break;
+            }
         }
-        let id = sampler.sample(&logits, &history);
-        if let Some(c) = constraint.as_mut() {
-            c.advance(id);
+        let next = next.expect("the last row has no draft, so it ends the loop");
+        cache.truncate(base + 1 + accepted);
+        if let Some(d) = drafter.as_mut() {
+            d.observe(draft.len(), accepted);
         }
-        let (logprob, top) = top_logprobs(
-            raw.as_deref().unwrap_or(&logits),
-            id,
-            params.logprobs.unwrap_or(0),
-        );
-        let tok = GeneratedToken {
-            id,
-            piece: String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned(),
-            logprob,
-            top,
-        };
-        history.push(id);
-        let eog = (grammar_done || !params.ignore_eos) && tokenizer.is_eog(id);
-        if eog {
-            out.tokens.push(tok);
-            finish = FinishReason::Eos;
-            break;
-        }
-        let text = decoder.push(id);
-        let (emit, hit) = stopper.push(&text);
-        out.text.push_str(&emit);
-        let flow = on_text(&emit, &tok);
-        out.tokens.push(tok);
-        if hit {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if flow.is_break() {
-            finish = FinishReason::Cancelled;
-            break;
-        }
-        if out.tokens.len() >= params.max_tokens {
-            break;
-        }
-        if cache.check_room(1).is_err() {
+        let room = cache.max_len().saturating_sub(cache.len());
+        if room == 0 || cache.check_room(1).is_err() {
             finish = FinishReason::ContextFull;
             break;
         }
-        logits = model.forward_seqs_with(&[&[id]], &mut [&mut *cache], Logits::Last, mods)?;
+        // Draft what may follow `next`: at most what the context and the token limit leave
+        // (the pass after a fully accepted draft yields one token more).
+        draft.clear();
+        if let Some(d) = drafter.as_mut() {
+            let left = params.max_tokens - out.tokens.len();
+            d.propose(&history, (room - 1).min(left.saturating_sub(1)), &mut draft);
+            if !draft.is_empty() && cache.check_room(1 + draft.len()).is_err() {
+                draft.clear();
+            }
+        }
+        let mut input = Vec::with_capacity(1 + draft.len());
+        input.push(next);
+        input.extend_from_slice(&draft);
+        rows = model.forward_seqs_tail(&[&input], &mut [&mut *cache], &[input.len()], mods)?;
+    }
+    if let Some(d) = &drafter {
+        out.spec = d.stats;
     }
     if finish != FinishReason::Stop {
         let mut rest = decoder.finish();

@@ -16,6 +16,7 @@ pub mod lora;
 pub mod models;
 pub mod quantize;
 pub mod sampling;
+pub mod speculate;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};
@@ -25,4 +26,5 @@ pub use kv_cache::{KvCache, KvPool, KV_BLOCK};
 pub use lora::{AdapterFormat, BaseShapes, LoraAdapter, LoraError, ModuleRef, Proj};
 pub use models::{load_model, BatchSeq, Logits, Model, ModelInfo};
 pub use sampling::{Sampler, SamplingParams};
+pub use speculate::{NgramDrafter, SpecConfig, SpecStats};
 pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError};

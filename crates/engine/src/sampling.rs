@@ -80,8 +80,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    /// Scratch: (logit, id) candidates.
+    /// Scratch: (logit, id) candidates, and their weights after temperature.
     cand: Vec<(f32, u32)>,
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -91,6 +92,7 @@ impl Sampler {
             params,
             rng,
             cand: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -101,6 +103,48 @@ impl Sampler {
     /// Pick the next token from `logits`, given the tokens seen so far (`history`: prompt and
     /// generated) for the penalties.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if let Some(t) = self.distribution(logits, history) {
+            return t;
+        }
+        let total: f32 = self.weights.iter().sum();
+        let r = self.rng.gen::<f32>() * total;
+        self.draw(r, None)
+    }
+
+    /// Speculative verification of a drafted token: the token this position gets, and whether
+    /// it is the draft. Greedy accepts the draft exactly when it is the argmax. Sampling
+    /// accepts it with the probability `p(draft)` that [`Sampler::sample`] would give it and
+    /// otherwise draws from `p` without the draft, renormalised: for a draft that is one fixed
+    /// token (prompt lookup) this is speculative sampling's rule `min(1, p/q)` with residual
+    /// `(p - q)+`, so the token has exactly the distribution `p` whatever the draft was.
+    pub fn verify(&mut self, logits: &[f32], history: &[u32], draft: u32) -> (u32, bool) {
+        if let Some(t) = self.distribution(logits, history) {
+            return (t, t == draft);
+        }
+        let total: f32 = self.weights.iter().sum();
+        let w_draft: f32 = self
+            .cand
+            .iter()
+            .zip(&self.weights)
+            .filter(|(c, _)| c.1 == draft)
+            .map(|(_, &w)| w)
+            .sum();
+        let u = self.rng.gen::<f32>() * total;
+        if u < w_draft {
+            return (draft, true);
+        }
+        let rest = total - w_draft;
+        if rest <= 0.0 {
+            return (draft, true);
+        }
+        let r = self.rng.gen::<f32>() * rest;
+        let t = self.draw(r, Some(draft));
+        (t, t == draft)
+    }
+
+    /// The candidates `self.cand` and their unnormalised weights `self.weights` after
+    /// penalties, filters and temperature; `Some(token)` instead under greedy.
+    fn distribution(&mut self, logits: &[f32], history: &[u32]) -> Option<u32> {
         let p = &self.params;
         let mut logits_owned;
         let mut logits = logits;
@@ -131,7 +175,7 @@ impl Sampler {
         }
 
         if p.temperature <= 0.0 {
-            return argmax(logits);
+            return Some(argmax(logits));
         }
 
         // Candidates sorted by logit, descending; top-k first so the sort stays small.
@@ -173,21 +217,28 @@ impl Sampler {
         }
         self.cand.truncate(keep);
 
-        // Temperature, then draw.
-        let weights: Vec<f32> = self
-            .cand
-            .iter()
-            .map(|c| ((c.0 - max) / p.temperature).exp())
-            .collect();
-        let total: f32 = weights.iter().sum();
-        let mut r = self.rng.gen::<f32>() * total;
-        for (w, c) in weights.iter().zip(&self.cand) {
+        // Temperature.
+        let t = p.temperature;
+        self.weights.clear();
+        self.weights
+            .extend(self.cand.iter().map(|c| ((c.0 - max) / t).exp()));
+        None
+    }
+
+    /// The candidate where the running sum of the weights passes `r` (`skip`'s weight left out).
+    fn draw(&self, mut r: f32, skip: Option<u32>) -> u32 {
+        let mut last = self.cand[self.cand.len() - 1].1;
+        for (w, c) in self.weights.iter().zip(&self.cand) {
+            if Some(c.1) == skip {
+                continue;
+            }
+            last = c.1;
             if r < *w {
                 return c.1;
             }
             r -= w;
         }
-        self.cand[self.cand.len() - 1].1
+        last
     }
 }
 
@@ -341,6 +392,71 @@ mod tests {
         let total: f32 = logits().iter().map(|&l| (l - logits()[1] + lp).exp()).sum();
         assert!((total - 1.0).abs() < 1e-5);
         assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 5, 2]);
+    }
+
+    /// Speculative verification draws from the sampler's own distribution whatever the draft:
+    /// for every draft token (inside or outside the filtered support), the empirical
+    /// frequencies over many draws match the exact probabilities within 5 standard errors.
+    #[test]
+    fn verification_keeps_the_distribution() {
+        let logits = logits();
+        for params in [
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.3,
+                top_k: 4,
+                top_p: 0.9,
+                min_p: 0.0,
+                ..Default::default()
+            },
+        ] {
+            // The exact distribution from the sampler's own weights.
+            let mut s = Sampler::new(params.clone());
+            assert!(s.distribution(&logits, &[]).is_none());
+            let total: f32 = s.weights.iter().sum();
+            let mut p = vec![0f64; logits.len()];
+            for (c, w) in s.cand.iter().zip(&s.weights) {
+                p[c.1 as usize] = (*w / total) as f64;
+            }
+            assert!(p.iter().filter(|&&x| x == 0.0).count() >= 1 || params.top_k == 0);
+            let n = 200_000;
+            for draft in 0..logits.len() as u32 {
+                let mut s = Sampler::new(SamplingParams {
+                    seed: 11 + draft as u64,
+                    ..params.clone()
+                });
+                let mut count = vec![0usize; logits.len()];
+                let mut kept = 0;
+                for _ in 0..n {
+                    let (t, ok) = s.verify(&logits, &[], draft);
+                    assert_eq!(ok, t == draft);
+                    kept += ok as usize;
+                    count[t as usize] += 1;
+                }
+                for (tok, (&c, &pt)) in count.iter().zip(&p).enumerate() {
+                    let f = c as f64 / n as f64;
+                    let se = (pt * (1.0 - pt) / n as f64).sqrt().max(1e-9);
+                    assert!(
+                        (f - pt).abs() <= 5.0 * se,
+                        "draft {draft}: token {tok} drawn {f:.4}, p = {pt:.4}"
+                    );
+                }
+                // The draft is kept with its own probability.
+                let fk = kept as f64 / n as f64;
+                let pd = p[draft as usize];
+                assert!((fk - pd).abs() <= 5.0 * (pd * (1.0 - pd) / n as f64).sqrt().max(1e-9));
+            }
+        }
+        // Greedy keeps a draft exactly when it is the argmax.
+        let mut g = Sampler::new(SamplingParams::greedy());
+        assert_eq!(g.verify(&logits, &[], 1), (1, true));
+        assert_eq!(g.verify(&logits, &[], 5), (1, false));
     }
 
     #[test]

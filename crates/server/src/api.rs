@@ -4,7 +4,7 @@
 //! output (sampling, unsupported options) are refused too.
 
 use modu_engine::generate::GenerateParams;
-use modu_engine::SamplingParams;
+use modu_engine::{SamplingParams, SpecConfig};
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -75,6 +75,11 @@ pub struct Common {
     /// Extension: a regular expression the whole output must match.
     #[serde(default)]
     pub regex: Option<serde_json::Value>,
+    /// Extension: speculative decoding for this request, overriding the server's `--spec`:
+    /// `"ngram"` (prompt lookup), `"none"`, or `{"type": "ngram", "max_draft_tokens": N}`.
+    /// Parsed by [`Common::speculative`].
+    #[serde(default)]
+    pub speculative: Option<serde_json::Value>,
 }
 
 /// One entry of a request's `lora` list.
@@ -226,12 +231,56 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 pub const MAX_STOPS: usize = 4;
 /// Longest stop string, in bytes (matching is linear in it, but the held-back text is not).
 pub const MAX_STOP_BYTES: usize = 512;
+/// Most draft tokens a request may ask to verify per step.
+pub const MAX_DRAFT_TOKENS: i64 = 16;
 /// Longest `model` (and `lora[].name`) accepted.
 pub const MAX_MODEL_NAME: usize = 256;
 /// Most entries of a request's `lora` list.
 pub const MAX_LORA_ENTRIES: usize = 16;
 
 impl Common {
+    /// The request's choice of speculative decoding: `None` when it makes none (the server's
+    /// default applies), `Some(None)` for off, `Some(Some(config))` for prompt lookup.
+    pub fn speculative(&self) -> Result<Option<Option<SpecConfig>>, ApiError> {
+        let bad = || {
+            ApiError::invalid(
+                "speculative",
+                format!(
+                    "speculative must be \"ngram\", \"none\" or {{\"type\": \"ngram\", \"max_draft_tokens\": 1..{MAX_DRAFT_TOKENS}}}"
+                ),
+            )
+        };
+        let v = match &self.speculative {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(v) => v,
+        };
+        match v {
+            serde_json::Value::String(s) if s == "none" => Ok(Some(None)),
+            serde_json::Value::String(s) if s == "ngram" => Ok(Some(Some(SpecConfig::default()))),
+            serde_json::Value::Object(o) => {
+                if o.keys().any(|k| k != "type" && k != "max_draft_tokens") {
+                    return Err(bad());
+                }
+                match o.get("type").and_then(|t| t.as_str()) {
+                    Some("none") if o.len() == 1 => return Ok(Some(None)),
+                    Some("ngram") => {}
+                    _ => return Err(bad()),
+                }
+                let mut cfg = SpecConfig::default();
+                if let Some(n) = o.get("max_draft_tokens") {
+                    match n.as_i64() {
+                        Some(n) if (1..=MAX_DRAFT_TOKENS).contains(&n) => {
+                            cfg.max_draft = n as usize
+                        }
+                        _ => return Err(bad()),
+                    }
+                }
+                Ok(Some(Some(cfg)))
+            }
+            _ => Err(bad()),
+        }
+    }
+
     pub fn wants_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
@@ -350,6 +399,7 @@ impl Common {
             stop,
             logprobs,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            speculative: self.speculative()?.flatten(),
         })
     }
 }

@@ -166,6 +166,10 @@ pub struct Metrics {
     pub requests_rejected: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Speculative decoding: tokens drafted by prompt lookup and verified, and how many of
+    /// them were kept.
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
     /// Sequences cancelled because their client went away.
     pub cancelled: AtomicU64,
     /// Times a constrained sequence's grammar mask was not ready when its logits were (it sat
@@ -316,6 +320,18 @@ impl Metrics {
             "modu_generation_tokens_total",
             "Tokens generated.",
             &self.generated_tokens,
+        );
+        counter(
+            &mut out,
+            "modu_spec_draft_tokens_total",
+            "Draft tokens verified by speculative decoding (prompt lookup).",
+            &self.spec_draft_tokens,
+        );
+        counter(
+            &mut out,
+            "modu_spec_accepted_tokens_total",
+            "Draft tokens kept by speculative decoding (each saved a forward pass).",
+            &self.spec_accepted_tokens,
         );
         counter(
             &mut out,

@@ -341,6 +341,25 @@ pub(crate) struct Prepared {
 
 /// The constraint for a request's `response_format`/`grammar`/`regex`, or for its tool calls;
 /// the two cannot be combined.
+/// Speculative decoding for a request: its own choice, else the server's default. Drafts are
+/// not checked against a grammar, so a constrained request never speculates, and one that asks
+/// for both is refused.
+fn speculation(
+    st: &AppState,
+    common: &Common,
+    constrained: bool,
+) -> Result<Option<modu_engine::SpecConfig>, ApiError> {
+    match common.speculative()? {
+        Some(Some(_)) if constrained => Err(ApiError::invalid(
+            "speculative",
+            "speculative decoding cannot be combined with response_format, grammar, regex or tools",
+        )),
+        Some(choice) => Ok(choice),
+        None if constrained => Ok(None),
+        None => Ok(st.speculative),
+    }
+}
+
 fn constraint_for(
     st: &AppState,
     common: &Common,
@@ -514,6 +533,7 @@ pub(crate) fn prepare_chat(st: &AppState, req: ChatRequest) -> Result<Prepared, 
     .map_err(|e| ApiError::invalid("messages", format!("tokenizing the messages: {e}")))?;
     st.fit(&prompt, &mut params, "messages")?;
     let constraint = constraint_for(st, &req.common, shown_tools)?;
+    params.speculative = speculation(st, &req.common, constraint.is_some())?;
     Ok(Prepared {
         prompt,
         params,
@@ -569,6 +589,7 @@ pub(crate) fn prepare_completion(
     };
     st.fit(&prompt, &mut params, "prompt")?;
     let constraint = constraint_for(st, &req.common, None)?;
+    params.speculative = speculation(st, &req.common, constraint.is_some())?;
     Ok(Prepared {
         prompt,
         params,

@@ -20,12 +20,21 @@ use crate::accounting::*;
 use crate::prepare::*;
 use crate::server::*;
 
-pub(crate) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
-    json!({
+/// OpenAI's usage object. A request that speculated also gets OpenAI's prediction counts:
+/// drafted tokens that were kept and those that were rejected.
+pub(crate) fn usage(prompt: usize, completion: usize, cached: usize, stats: &SeqStats) -> Value {
+    let mut u = json!({
         "prompt_tokens": prompt, "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
-    })
+    });
+    if stats.draft_tokens > 0 {
+        u["completion_tokens_details"] = json!({
+            "accepted_prediction_tokens": stats.accepted_tokens,
+            "rejected_prediction_tokens": stats.draft_tokens - stats.accepted_tokens,
+        });
+    }
+    u
 }
 
 pub(crate) fn finish_str(f: FinishReason) -> &'static str {
@@ -150,7 +159,7 @@ pub(crate) async fn collect_response(
 ) -> Response {
     let mut text = String::new();
     let mut toks: Vec<GeneratedToken> = vec![];
-    let (finish, p, c, cached) = loop {
+    let (finish, p, c, cached, stats) = loop {
         let ev = rx.recv().await;
         acct.waiting = None; // started (or ended)
         match ev {
@@ -173,7 +182,13 @@ pub(crate) async fn collect_response(
                     (prompt_tokens, completion_tokens, cached_tokens),
                     &stats,
                 );
-                break (finish, prompt_tokens, completion_tokens, cached_tokens);
+                break (
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                    stats,
+                );
             }
             Some(SeqEvent::Error(m)) => {
                 acct.record("error", (0, toks.len(), 0), &SeqStats::default());
@@ -212,7 +227,7 @@ pub(crate) async fn collect_response(
                     "logprobs": logprobs,
                     "finish_reason": finish,
                 }],
-                "usage": usage(p, c, cached),
+                "usage": usage(p, c, cached, &stats),
             })
         }
         Kind::Completion => {
@@ -224,7 +239,7 @@ pub(crate) async fn collect_response(
             json!({
                 "id": id, "object": "text_completion", "created": created, "model": st.id,
                 "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_str(finish)}],
-                "usage": usage(p, c, cached),
+                "usage": usage(p, c, cached, &stats),
             })
         }
     };
@@ -405,7 +420,7 @@ impl StreamState {
                         "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
                         "created": self.created, "model": self.st.id,
                         "choices": [],
-                        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+                        "usage": usage(prompt_tokens, completion_tokens, cached_tokens, &stats),
                     });
                     self.ready.push_back(u.to_string());
                 }

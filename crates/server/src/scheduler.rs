@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken};
-use modu_engine::{BatchSeq, KvCache, KvPool, Model, ModelError, ModuleRef, Tokenizer, KV_BLOCK};
+use modu_engine::{KvCache, KvPool, Model, ModelError, ModuleRef, Tokenizer, KV_BLOCK};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::fair::FairQueue;
@@ -30,7 +30,7 @@ use crate::prefix_cache::PrefixCache;
 pub use crate::seq::SeqConstraint;
 mod admission;
 
-use crate::seq::{finish, sample, Leave, Sampled, Seq};
+use crate::seq::{finish, sample, verify_draft, Leave, Sampled, Seq};
 use crate::usage::StepMeter;
 
 /// What a sequence reports to its HTTP handler.
@@ -68,6 +68,9 @@ pub struct SeqStats {
     pub wall_s: f64,
     /// Joules measured by RAPL, when the counters are readable.
     pub energy_j: Option<f64>,
+    /// Speculative decoding: draft tokens verified, and how many were kept.
+    pub draft_tokens: usize,
+    pub accepted_tokens: usize,
 }
 
 /// What a sequence whose client went away had used when the scheduler dropped it: sent on
@@ -120,6 +123,10 @@ pub struct SeqRequest {
     /// Structured output: the grammar the tokens must follow.
     pub constraint: Option<SeqConstraint>,
 }
+
+/// Most tokens (decoding tokens and drafts) a step may feed before drafts stop being added:
+/// drafts pay off while a step is bound by reading the weights, not once it is compute-bound.
+pub const SPEC_STEP_TOKENS: usize = 16;
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
@@ -534,12 +541,44 @@ impl<'m> Scheduler<'m> {
             }
         }
         let plan = self.reserve_plan(plan);
+        self.draft(&plan);
         if !plan.is_empty() {
             self.forward_and_sample(&plan);
         } else {
             self.sample_held(true);
         }
         self.remove_leavers();
+    }
+
+    /// Prompt-lookup drafts for the planned decoding sequences that speculate, oldest first,
+    /// while the step stays within [`SPEC_STEP_TOKENS`]: a draft only takes KV blocks the pool
+    /// has free (it never preempts anyone), and leaves room in the context for its own
+    /// verification.
+    fn draft(&mut self, plan: &[(usize, usize)]) {
+        let planned: usize = plan.iter().map(|p| p.1).sum();
+        let mut budget = SPEC_STEP_TOKENS.saturating_sub(planned);
+        for &(i, n) in plan {
+            let s = &mut self.running[i];
+            s.draft.clear();
+            let Some(d) = s.drafter.as_mut() else {
+                continue;
+            };
+            if n != 1 || s.fed + 1 != s.history.len() || budget == 0 {
+                continue;
+            }
+            let room = s.cache.max_len().saturating_sub(s.cache.len() + 1);
+            let left = s.params.max_tokens.saturating_sub(s.generated + 1);
+            d.propose(&s.history, budget.min(room / 2).min(left), &mut s.draft);
+            if s.draft.is_empty() {
+                continue;
+            }
+            let need = s.cache.blocks_needed(1 + s.draft.len()) * self.block_bytes;
+            if need > self.pool.free() || s.cache.reserve(1 + s.draft.len()).is_err() {
+                s.draft.clear();
+                continue;
+            }
+            budget -= s.draft.len();
+        }
     }
 
     /// Sample the sequences holding logits whose mask has arrived; with `wait`, the first
@@ -564,37 +603,47 @@ impl<'m> Scheduler<'m> {
 
     fn forward_and_sample(&mut self, plan: &[(usize, usize)]) {
         let model = self.model;
+        // Each sequence's input: its next history tokens, then its draft (if any); it wants
+        // logits for the last token fed, and for every draft token.
+        let inputs: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                let mut v = s.history[s.fed..s.fed + n].to_vec();
+                v.extend_from_slice(&s.draft);
+                v
+            })
+            .collect();
+        let tails: Vec<usize> = plan
+            .iter()
+            .map(|&(i, _)| 1 + self.running[i].draft.len())
+            .collect();
         let result = {
             let mut chosen = plan.iter().map(|p| p.0).peekable();
-            let mut batch: Vec<BatchSeq<'_>> = Vec::with_capacity(plan.len());
+            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(plan.len());
             let mut modules: Vec<&[ModuleRef]> = Vec::with_capacity(plan.len());
-            let mut k = 0;
             for (i, s) in self.running.iter_mut().enumerate() {
                 if chosen.peek() == Some(&i) {
                     chosen.next();
-                    let n = plan[k].1;
-                    k += 1;
-                    batch.push(BatchSeq {
-                        tokens: &s.history[s.fed..s.fed + n],
-                        cache: &mut s.cache,
-                    });
+                    caches.push(&mut s.cache);
                     modules.push(&s.modules);
                 }
             }
+            let tokens: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
             // No module anywhere in the batch: the plain base path.
             if modules.iter().all(|m| m.is_empty()) {
                 modules.clear();
             }
             self.meter.start();
             std::panic::catch_unwind(AssertUnwindSafe(|| {
-                model.forward_batch_with(&mut batch, &modules)
+                model.forward_seqs_tail(&tokens, &mut caches, &tails, &modules)
             }))
         };
         // Attribute the step's CPU time, wall time and energy by tokens fed.
         let (cpu, wall, energy) = self.meter.stop();
-        let total: usize = plan.iter().map(|p| p.1).sum();
-        for &(i, n) in plan {
-            let share = n as f64 / total.max(1) as f64;
+        let total: usize = inputs.iter().map(Vec::len).sum();
+        for (&(i, _), input) in plan.iter().zip(&inputs) {
+            let share = input.len() as f64 / total.max(1) as f64;
             let st = &mut self.running[i].stats;
             st.cpu_s += cpu * share;
             st.wall_s += wall * share;
@@ -603,8 +652,10 @@ impl<'m> Scheduler<'m> {
             }
         }
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        let n_vocab = model.info().n_vocab;
+        let rows: usize = tails.iter().sum();
         let logits = match result {
-            Ok(Ok(l)) if l.len() == plan.len() => l,
+            Ok(Ok(l)) if l.len() == rows * n_vocab => l,
             other => {
                 let msg = match other {
                     Ok(Ok(_)) => "the model returned the wrong number of results".to_string(),
@@ -620,15 +671,22 @@ impl<'m> Scheduler<'m> {
                 return;
             }
         };
-        for (&(i, n), logits) in plan.iter().zip(logits) {
+        let mut at = 0;
+        for (&(i, n), &t) in plan.iter().zip(&tails) {
+            let rows = &logits[at * n_vocab..(at + t) * n_vocab];
+            at += t;
             let s = &mut self.running[i];
-            s.fed += n;
-            if s.fed < s.history.len() {
-                continue; // more prompt to prefill
-            }
-            match sample(s, logits, false, self.tok, &self.metrics) {
-                Sampled::Continue | Sampled::Held => {}
-                Sampled::Leave(l) => s.leave = l,
+            let sampled = if s.draft.is_empty() {
+                s.fed += n;
+                if s.fed < s.history.len() {
+                    continue; // more prompt to prefill
+                }
+                sample(s, rows.to_vec(), false, self.tok, &self.metrics)
+            } else {
+                verify_draft(s, rows, n_vocab, self.tok, &self.metrics)
+            };
+            if let Sampled::Leave(l) = sampled {
+                s.leave = l;
             }
         }
     }

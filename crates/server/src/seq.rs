@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use modu_engine::generate::{FinishReason, GenerateParams, GeneratedToken, StopMatcher};
 use modu_engine::sampling::top_logprobs;
-use modu_engine::{Constraint, KvCache, ModuleRef, Sampler, StreamDecoder, Tokenizer};
+use modu_engine::{
+    Constraint, KvCache, ModuleRef, NgramDrafter, Sampler, StreamDecoder, Tokenizer,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
@@ -47,6 +49,10 @@ pub(crate) struct Seq<'t> {
     pub(crate) fed: usize,
     pub(crate) cache: KvCache,
     pub(crate) sampler: Sampler,
+    /// Prompt-lookup drafting, for a request that speculates.
+    pub(crate) drafter: Option<NgramDrafter>,
+    /// The draft fed after the next token in this step (verified against its rows).
+    pub(crate) draft: Vec<u32>,
     pub(crate) decoder: StreamDecoder<'t>,
     pub(crate) stopper: StopMatcher,
     pub(crate) generated: usize,
@@ -147,25 +153,82 @@ pub(crate) fn sample(
             }
         }
     }
-    match sample_one(s, &logits, raw.as_deref(), grammar_done, tok, metrics) {
-        Ok(true) => Sampled::Leave(Leave::Finished),
-        Ok(false) => Sampled::Continue,
+    match sample_one(s, &logits, raw.as_deref(), grammar_done, None, tok, metrics) {
+        Ok((true, _)) => Sampled::Leave(Leave::Finished),
+        Ok((false, _)) => Sampled::Continue,
         Err(()) => Sampled::Leave(Leave::Failed),
     }
 }
 
+/// The tokens of a speculating sequence's verification pass: `rows` holds one row of logits
+/// for the token it fed and one per draft token. Tokens are taken in order while they are the
+/// draft (each reported like any other token); the first that differs, or the one after a
+/// fully kept draft, ends the walk and is the next token to feed. The cache drops the rejected
+/// part of the draft. Returns how many draft tokens were kept, and whether the sequence ended.
+pub(crate) fn verify_draft(
+    s: &mut Seq<'_>,
+    rows: &[f32],
+    n_vocab: usize,
+    tok: &Tokenizer,
+    metrics: &Metrics,
+) -> Sampled {
+    let draft = std::mem::take(&mut s.draft);
+    let mut kept = 0;
+    let mut outcome = Sampled::Continue;
+    for (i, logits) in rows.chunks_exact(n_vocab).enumerate() {
+        match sample_one(s, logits, None, false, draft.get(i).copied(), tok, metrics) {
+            Ok((done, k)) => {
+                kept += k as usize;
+                if done {
+                    outcome = Sampled::Leave(Leave::Finished);
+                    break;
+                }
+                if !k {
+                    break;
+                }
+            }
+            Err(()) => {
+                outcome = Sampled::Leave(Leave::Failed);
+                break;
+            }
+        }
+    }
+    // The cache holds the fed token and the whole draft; keep what the history holds.
+    let rejected = draft.len() - kept;
+    let len = s.cache.len() - rejected;
+    s.cache.truncate(len);
+    s.fed = len.min(s.fed + 1 + kept);
+    s.stats.draft_tokens += draft.len();
+    s.stats.accepted_tokens += kept;
+    metrics
+        .spec_draft_tokens
+        .fetch_add(draft.len() as u64, Ordering::Relaxed);
+    metrics
+        .spec_accepted_tokens
+        .fetch_add(kept as u64, Ordering::Relaxed);
+    if let Some(d) = s.drafter.as_mut() {
+        d.observe(draft.len(), kept);
+    }
+    outcome
+}
+
 /// Sample and report one token, mirroring `modu_engine::generate::generate_constrained` step
 /// for step so that greedy output is the same as there. `raw`: the logits before the mask
-/// (logprobs report the model's own distribution). Returns whether the sequence is finished.
+/// (logprobs report the model's own distribution). `draft`: the drafted token to verify here.
+/// Returns whether the sequence is finished and whether the token is the draft.
 fn sample_one(
     s: &mut Seq<'_>,
     logits: &[f32],
     raw: Option<&[f32]>,
     grammar_done: bool,
+    draft: Option<u32>,
     tok: &Tokenizer,
     metrics: &Metrics,
-) -> Result<bool, ()> {
-    let id = s.sampler.sample(logits, &s.history);
+) -> Result<(bool, bool), ()> {
+    let (id, kept) = match draft {
+        Some(d) => s.sampler.verify(logits, &s.history, d),
+        None => (s.sampler.sample(logits, &s.history), false),
+    };
     if let Some(c) = s.active_constraint() {
         c.advance(id);
     }
@@ -207,7 +270,7 @@ fn sample_one(
             // The client is gone: drop the sequence (and its cache) now.
             metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             s.report_cancelled();
-            return Ok(true);
+            return Ok((true, kept));
         }
         if hit {
             Some(FinishReason::Stop)
@@ -222,9 +285,9 @@ fn sample_one(
     match reason {
         Some(r) => {
             finish(s, r);
-            Ok(true)
+            Ok((true, kept))
         }
-        None => Ok(false),
+        None => Ok((false, kept)),
     }
 }
 

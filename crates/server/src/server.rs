@@ -71,6 +71,8 @@ pub struct ServeConfig {
     pub allowed_hosts: Vec<String>,
     /// Connection limits and timeouts.
     pub limits: HttpLimits,
+    /// Speculative decoding for requests that do not choose (`--spec ngram`); `None`: off.
+    pub speculative: Option<modu_engine::SpecConfig>,
 }
 
 /// Bounds on what one client connection may hold: a slow or stalled client (slowloris) cannot
@@ -118,6 +120,7 @@ impl Default for ServeConfig {
             module_dirs: Vec::new(),
             allowed_hosts: Vec::new(),
             limits: HttpLimits::default(),
+            speculative: None,
         }
     }
 }
@@ -146,6 +149,8 @@ pub(crate) struct AppState {
     pub(crate) grammar: std::sync::OnceLock<Result<Arc<modu_engine::GrammarEngine>, String>>,
     /// Requests waiting (not yet started) per module name, for `vllm:lora_requests_info`.
     pub(crate) waiting_modules: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+    /// The default for requests that do not choose.
+    pub(crate) speculative: Option<modu_engine::SpecConfig>,
 }
 
 pub(crate) type St = State<Arc<AppState>>;
@@ -316,6 +321,7 @@ pub fn start(
         draining: std::sync::atomic::AtomicBool::new(false),
         grammar: std::sync::OnceLock::new(),
         waiting_modules: Default::default(),
+        speculative: config.speculative,
         prepare_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),

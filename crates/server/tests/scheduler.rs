@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use modu_engine::generate::GenerateParams;
 use modu_engine::layers::plan_batch;
-use modu_engine::models::{Logits, Model, ModelInfo};
+use modu_engine::models::{Model, ModelInfo};
 use modu_engine::tokenizer::TokenizerSpec;
 use modu_engine::{BaseShapes, KvCache, ModelError, ModuleRef, SamplingParams, Tokenizer};
 use modu_server::metrics::Metrics;
@@ -54,6 +54,18 @@ struct FakeModel {
     /// Delay per step, to let tests act between steps.
     delay: Duration,
     shapes: BaseShapes,
+    /// Predict with [`cyclic_next`] instead of [`next_token`] (an output that repeats, so that
+    /// prompt-lookup drafts are accepted).
+    cyclic: bool,
+}
+
+/// The cyclic rule: tokens 2..=11 follow each other in a loop; anything else leads to 2.
+fn cyclic_next(last: u32) -> u32 {
+    if (2..=11).contains(&last) {
+        (last - 2 + 1) % 10 + 2
+    } else {
+        2
+    }
 }
 
 impl Model for FakeModel {
@@ -69,14 +81,13 @@ impl Model for FakeModel {
         &self.shapes
     }
 
-    fn forward_seqs_with(
+    fn forward_seqs_tail(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
-        which: Logits,
+        tails: &[usize],
         _modules: &[&[ModuleRef]],
     ) -> Result<Vec<f32>, ModelError> {
-        assert_eq!(which, Logits::Last);
         let segs = plan_batch(tokens, caches)?;
         self.log.lock().unwrap().push(
             tokens
@@ -87,7 +98,8 @@ impl Model for FakeModel {
         );
         std::thread::sleep(self.delay);
         let mut out = Vec::new();
-        for ((t, seg), cache) in tokens.iter().zip(&segs).zip(caches.iter_mut()) {
+        for (((t, seg), cache), &tail) in tokens.iter().zip(&segs).zip(caches.iter_mut()).zip(tails)
+        {
             let rows: Vec<f32> = t
                 .iter()
                 .enumerate()
@@ -97,14 +109,21 @@ impl Model for FakeModel {
                 cache.layer_mut(l).append(&rows, &rows);
             }
             let kv = cache.layer(LAYERS - 1);
-            let next = next_token((0..kv.len()).map(|p| {
-                let k = kv.key_f16(p, 0);
-                assert_eq!(k[1].to_f32() as usize, p, "position {p} misplaced");
-                (k[0].to_f32() as u32, p)
-            }));
-            let mut logits = vec![0.0; VOCAB];
-            logits[next as usize] = 10.0;
-            out.extend(logits);
+            // One row per asked-for position: the next token after the history up to it.
+            for end in kv.len() - tail + 1..=kv.len() {
+                let next = if self.cyclic {
+                    cyclic_next(kv.key_f16(end - 1, 0)[0].to_f32() as u32)
+                } else {
+                    next_token((0..end).map(|p| {
+                        let k = kv.key_f16(p, 0);
+                        assert_eq!(k[1].to_f32() as usize, p, "position {p} misplaced");
+                        (k[0].to_f32() as u32, p)
+                    }))
+                };
+                let mut logits = vec![0.0; VOCAB];
+                logits[next as usize] = 10.0;
+                out.extend(logits);
+            }
         }
         Ok(out)
     }
@@ -150,6 +169,10 @@ fn block_bytes() -> usize {
 }
 
 fn start(config: SchedulerConfig, delay: Duration) -> Harness {
+    start_model(config, delay, false)
+}
+
+fn start_model(config: SchedulerConfig, delay: Duration, cyclic: bool) -> Harness {
     let log = Arc::new(Mutex::new(Vec::new()));
     let model = FakeModel {
         info: ModelInfo {
@@ -168,6 +191,7 @@ fn start(config: SchedulerConfig, delay: Duration) -> Harness {
             n_head_kv: 1,
             layers: vec![[None; 7]; LAYERS],
         },
+        cyclic,
     };
     let metrics = Arc::new(Metrics::default());
     let (handle, join) = scheduler::spawn(
@@ -209,10 +233,18 @@ fn greedy(max_tokens: usize) -> GenerateParams {
 }
 
 fn submit(h: &SchedulerHandle, prompt: Vec<u32>, max_tokens: usize) -> UnboundedReceiver<SeqEvent> {
+    submit_params(h, prompt, greedy(max_tokens))
+}
+
+fn submit_params(
+    h: &SchedulerHandle,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+) -> UnboundedReceiver<SeqEvent> {
     let (tx, rx) = unbounded_channel();
     h.submit(SeqRequest {
         prompt,
-        params: greedy(max_tokens),
+        params,
         events: tx,
         arrived: Instant::now(),
         service: Default::default(),
@@ -558,4 +590,90 @@ fn a_service_below_its_share_gets_a_slot_without_waiting() {
     for (p, g) in hog.iter().zip(&got) {
         assert_eq!(g, &expected(p, 400));
     }
+}
+
+fn speculative(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        speculative: Some(modu_engine::SpecConfig::default()),
+        ..greedy(max_tokens)
+    }
+}
+
+/// Greedy continuation by the cyclic rule.
+fn expected_cyclic(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut last = *prompt.last().unwrap();
+    (0..n)
+        .map(|_| {
+            last = cyclic_next(last);
+            last
+        })
+        .collect()
+}
+
+#[test]
+fn speculation_inside_continuous_batching_is_exact_and_saves_steps() {
+    let h = start_model(config(4, 0), Duration::ZERO, true);
+    // Two speculating requests and a plain one in the same batch.
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(i, 9 + i as usize)).collect();
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let params = if i < 2 { speculative(60) } else { greedy(60) };
+            submit_params(&h.handle, p.clone(), params)
+        })
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        assert_eq!(
+            collect(rx).unwrap(),
+            expected_cyclic(&prompts[i], 60),
+            "request {i}"
+        );
+    }
+    let drafted = h.metrics.spec_draft_tokens.load(Ordering::Relaxed);
+    let kept = h.metrics.spec_accepted_tokens.load(Ordering::Relaxed);
+    assert!(
+        kept >= 60,
+        "drafts of a repeating output are kept: {kept} of {drafted}"
+    );
+    // Verification passes feed several tokens, and at most SPEC_STEP_TOKENS per step once
+    // prompts are in; the plain request never gets a draft, so the whole batch finishes in
+    // the steps the plain one needs.
+    let log = h.log.lock().unwrap();
+    assert!(log
+        .iter()
+        .any(|step| step.iter().any(|s| s.0 > 1 && s.2 > 12)));
+    assert!(log.len() < 60 + 10, "{} steps", log.len());
+}
+
+#[test]
+fn rejected_drafts_change_nothing() {
+    // The hash rule never repeats what came before, so drafts (when a bigram recurs) fail.
+    let h = start(config(2, 0), Duration::ZERO);
+    // Nine tokens: a chunk of 8, then the last one alone, after which "5 6" recurs.
+    let p = vec![5, 6, 7, 5, 6, 7, 8, 5, 6];
+    let out = collect(submit_params(&h.handle, p.clone(), speculative(50))).unwrap();
+    assert_eq!(out, expected(&p, 50));
+    assert!(h.metrics.spec_draft_tokens.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn speculation_under_preemption_is_exact() {
+    // As the preemption test above, with every request speculating: drafts only take free
+    // blocks, and a preempted sequence recomputes its kept tokens.
+    let h = start_model(config(4, 9), Duration::from_millis(1), true);
+    let rxs: Vec<_> = (0..4)
+        .map(|i| submit_params(&h.handle, prompt(i, 20), speculative(60)))
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        assert_eq!(
+            collect(rx).unwrap(),
+            expected_cyclic(&prompt(i as u32, 20), 60),
+            "request {i}"
+        );
+    }
+    let m = h.metrics.clone();
+    wait_for("the pool to empty", || {
+        m.kv_pool_used.load(Ordering::Relaxed) == 0 && m.running.load(Ordering::Relaxed) == 0
+    });
 }

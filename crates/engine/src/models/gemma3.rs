@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use modu_gguf::GgufFile;
 
-use super::{embed_tokens, projection_shapes, select_rows, Hparams, Logits, Model, ModelInfo};
+use super::{check_tails, embed_tokens, projection_shapes, select_rows, Hparams, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
@@ -213,13 +213,14 @@ impl Model for Gemma3 {
         &self.shapes
     }
 
-    fn forward_seqs_with(
+    fn forward_seqs_tail(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
-        which: Logits,
+        tails: &[usize],
         modules: &[&[ModuleRef]],
     ) -> Result<Vec<f32>, ModelError> {
+        check_tails(tokens, tails)?;
         let segs = plan_batch(tokens, caches)?;
         let mut lora = BatchLora::plan(modules, &segs, &self.shapes)?;
         let f = &*self.file;
@@ -288,7 +289,7 @@ impl Model for Gemma3 {
             add_inplace(&mut x, &h);
         }
 
-        let rows = select_rows(&x, c.n_embd, &segs, which);
+        let rows = select_rows(&x, c.n_embd, &segs, tails);
         rms_norm(&rows, &self.output_norm, c.rms_eps, &mut h);
         let mut logits = Vec::new();
         self.output

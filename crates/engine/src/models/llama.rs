@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use modu_gguf::GgufFile;
 
-use super::{embed_tokens, projection_shapes, select_rows, Hparams, Logits, Model, ModelInfo};
+use super::{check_tails, embed_tokens, projection_shapes, select_rows, Hparams, Model, ModelInfo};
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
 use crate::layers::{
@@ -191,13 +191,14 @@ impl Model for Llama {
         &self.shapes
     }
 
-    fn forward_seqs_with(
+    fn forward_seqs_tail(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
-        which: Logits,
+        tails: &[usize],
         modules: &[&[ModuleRef]],
     ) -> Result<Vec<f32>, ModelError> {
+        check_tails(tokens, tails)?;
         let segs = plan_batch(tokens, caches)?;
         let mut lora = BatchLora::plan(modules, &segs, &self.shapes)?;
         let f = &*self.file;
@@ -256,7 +257,7 @@ impl Model for Llama {
             add_inplace(&mut x, &o);
         }
 
-        let rows = select_rows(&x, c.n_embd, &segs, which);
+        let rows = select_rows(&x, c.n_embd, &segs, tails);
         rms_norm(&rows, &self.output_norm, c.rms_eps, &mut h);
         let n_out = rows.len() / c.n_embd;
         let mut logits = Vec::new();

@@ -45,22 +45,41 @@ pub trait Model: Send + Sync {
 
     /// The forward pass over a batch of sequences: sequence `i` runs `tokens[i]` at positions
     /// `caches[i].len()..`, appending to its own cache; every matmul runs once over all the new
-    /// tokens, RoPE, cache and attention per sequence. Logits: `Last` gives one row per
-    /// sequence, `All` one per token (`[rows, n_vocab]`). Nothing is cached on an error found
-    /// before the pass (empty input, full context, bad token id, a module that does not fit).
+    /// tokens, RoPE, cache and attention per sequence. The result holds, sequence after
+    /// sequence, the logits of the last `tails[i]` tokens of each (`1 <= tails[i] <=
+    /// tokens[i].len()`; one row of `n_vocab` per token): a prompt chunk wants one row, a
+    /// speculative verification one per draft token plus one. Nothing is cached on an error
+    /// found before the pass (empty input, full context, bad token id, a module that does not
+    /// fit, a bad tail).
     ///
     /// `modules` is empty (no sequence uses a module) or holds one list per sequence: sequence
     /// `i` adds `scale·B·A·x` of each `(adapter, scale)` in `modules[i]`, in list order, to every
     /// projection the adapter targets (an empty list is the base model). Each base matmul still
     /// runs once for the whole batch; the low-rank updates run per group of rows that share a
     /// module.
+    fn forward_seqs_tail(
+        &self,
+        tokens: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        tails: &[usize],
+        modules: &[&[ModuleRef]],
+    ) -> Result<Vec<f32>, ModelError>;
+
+    /// [`Model::forward_seqs_tail`] with the same choice for every sequence: `Last` gives one
+    /// row per sequence, `All` one per token (`[rows, n_vocab]`).
     fn forward_seqs_with(
         &self,
         tokens: &[&[u32]],
         caches: &mut [&mut KvCache],
         which: Logits,
         modules: &[&[ModuleRef]],
-    ) -> Result<Vec<f32>, ModelError>;
+    ) -> Result<Vec<f32>, ModelError> {
+        let tails: Vec<usize> = match which {
+            Logits::Last => vec![1; tokens.len()],
+            Logits::All => tokens.iter().map(|t| t.len()).collect(),
+        };
+        self.forward_seqs_tail(tokens, caches, &tails, modules)
+    }
 
     /// [`Model::forward_seqs_with`] without modules.
     fn forward_seqs(
@@ -219,17 +238,35 @@ pub(crate) fn embed_tokens(
     Ok(())
 }
 
-/// Rows of `x` (`[n, dim]`) whose logits are wanted: every row, or the last row of each
-/// sequence of the batch.
-pub(crate) fn select_rows(x: &[f32], dim: usize, segs: &[Segment], which: Logits) -> Vec<f32> {
-    match which {
-        Logits::All => x.to_vec(),
-        Logits::Last => segs
-            .iter()
-            .flat_map(|s| {
-                let last = s.start + s.len - 1;
-                x[last * dim..(last + 1) * dim].iter().copied()
-            })
-            .collect(),
+/// Rows of `x` (`[n, dim]`) whose logits are wanted: the last `tails[i]` rows of each sequence
+/// of the batch. Checked before the pass (see [`check_tails`]).
+pub(crate) fn select_rows(x: &[f32], dim: usize, segs: &[Segment], tails: &[usize]) -> Vec<f32> {
+    segs.iter()
+        .zip(tails)
+        .flat_map(|(s, &t)| {
+            let end = s.start + s.len;
+            x[(end - t) * dim..end * dim].iter().copied()
+        })
+        .collect()
+}
+
+/// Each sequence asks for between one row and as many rows as it has tokens.
+pub(crate) fn check_tails(tokens: &[&[u32]], tails: &[usize]) -> Result<(), ModelError> {
+    if tails.len() != tokens.len() {
+        return Err(ModelError::BadTail(format!(
+            "{} tails for {} sequences",
+            tails.len(),
+            tokens.len()
+        )));
     }
+    for (i, (t, &n)) in tokens.iter().zip(tails).enumerate() {
+        // An empty sequence is `plan_batch`'s error (empty input).
+        if !t.is_empty() && (n == 0 || n > t.len()) {
+            return Err(ModelError::BadTail(format!(
+                "sequence {i} asks for {n} rows of logits but has {} tokens",
+                t.len()
+            )));
+        }
+    }
+    Ok(())
 }

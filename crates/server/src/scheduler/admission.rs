@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use modu_engine::generate::StopMatcher;
-use modu_engine::{KvCache, Sampler, StreamDecoder, KV_BLOCK};
+use modu_engine::{KvCache, NgramDrafter, Sampler, StreamDecoder, KV_BLOCK};
 
 use super::{Scheduler, SeqEvent, SeqRequest, SeqStats};
 use crate::seq::{Leave, Seq};
@@ -123,6 +123,13 @@ impl Scheduler<'_> {
                 .fetch_add((r.prompt.len() - cached) as u64, Ordering::Relaxed);
             self.running.push(Seq {
                 sampler: Sampler::new(r.params.sampling.clone()),
+                // Drafts are never checked against a grammar.
+                drafter: r
+                    .params
+                    .speculative
+                    .filter(|_| r.constraint.is_none())
+                    .map(NgramDrafter::new),
+                draft: Vec::new(),
                 stopper: StopMatcher::new(&r.params.stop),
                 decoder: StreamDecoder::new(self.tok),
                 cache,
