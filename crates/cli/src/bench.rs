@@ -34,6 +34,10 @@ pub enum BenchTarget {
     /// Register many random LoRA modules at run time while a stream runs: load latency,
     /// resident memory against file sizes, and the stream's inter-token latency.
     Modules(crate::bench_serve::ModulesBenchArgs),
+    /// Single-stream decode with and without speculative decoding (`--spec ngram`) on a prompt
+    /// set of answers that copy from their prompt and of free chat, English and Korean:
+    /// tok/s, ratio and draft acceptance per workload (outputs checked identical).
+    Spec(crate::bench_spec::SpecBenchArgs),
 }
 
 #[derive(Args)]

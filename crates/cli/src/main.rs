@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_serve;
+mod bench_spec;
 mod key;
 mod module;
 mod pull;
@@ -79,6 +80,7 @@ fn main() {
         Command::Bench(mut a) => match a.target.take() {
             Some(bench::BenchTarget::Serve(s)) => bench_serve::bench_serve(s),
             Some(bench::BenchTarget::Modules(m)) => bench_serve::bench_modules(m),
+            Some(bench::BenchTarget::Spec(s)) => bench_spec::bench_spec(s),
             None => bench::bench(a),
         },
         Command::Serve(a) => serve::serve(a),

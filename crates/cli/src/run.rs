@@ -314,7 +314,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     })
 }
 
-fn template(file: &GgufFile, override_path: &Option<PathBuf>) -> Result<ChatTemplate> {
+pub(crate) fn template(file: &GgufFile, override_path: &Option<PathBuf>) -> Result<ChatTemplate> {
     if let Some(p) = override_path {
         let src = std::fs::read_to_string(p)
             .with_context(|| format!("reading chat template {}", p.display()))?;
@@ -323,7 +323,11 @@ fn template(file: &GgufFile, override_path: &Option<PathBuf>) -> Result<ChatTemp
     Ok(ChatTemplate::for_model(file)?)
 }
 
-fn render_chat(l: &Loaded, tpl: &ChatTemplate, messages: &[ChatMessage]) -> Result<String> {
+pub(crate) fn render_chat(
+    l: &Loaded,
+    tpl: &ChatTemplate,
+    messages: &[ChatMessage],
+) -> Result<String> {
     let tok = &l.tokenizer;
     let bos = tok
         .bos_id()
