@@ -431,3 +431,49 @@ fn non_loopback_addresses_are_refused_without_allow_remote() {
         .to_string();
     assert!(e.contains("--allow-remote"), "{e}");
 }
+
+/// `"speculative": "ngram"` gives the plain greedy text (drafts verified inside the batch),
+/// reports OpenAI's prediction counts, counts in `/metrics`; bad values and the combination
+/// with a grammar are refused.
+#[test]
+fn speculative_requests_give_the_plain_text_and_bad_values_are_refused() {
+    let base = shared();
+    let user = "Repeat exactly, twice: the quick brown fox jumps over the lazy dog.";
+    let body = |spec: &str| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "{user}"}}], "max_tokens": 48, "temperature": 0, "speculative": {spec}}}"#
+        )
+    };
+    let (st, plain) = post(&base, "/v1/chat/completions", &body("\"none\""));
+    assert_eq!(st, 200, "{plain}");
+    let (st, fast) = post(&base, "/v1/chat/completions", &body("\"ngram\""));
+    assert_eq!(st, 200, "{fast}");
+    let (plain, fast) = (json(&plain), json(&fast));
+    assert_eq!(
+        plain["choices"][0]["message"]["content"],
+        fast["choices"][0]["message"]["content"]
+    );
+    assert!(plain["usage"].get("completion_tokens_details").is_none());
+    let d = &fast["usage"]["completion_tokens_details"];
+    let kept = d["accepted_prediction_tokens"].as_u64().unwrap();
+    assert!(kept > 0, "{d}");
+    assert!(metric(&base, "modu_spec_accepted_tokens_total") >= kept as f64);
+    for bad in [
+        "\"eagle\"",
+        "true",
+        r#"{"type": "ngram", "max_draft_tokens": 0}"#,
+        r#"{"type": "ngram", "max_draft_tokens": 99}"#,
+        r#"{"type": "ngram", "draft_model": "x"}"#,
+    ] {
+        let (st, e) = post(&base, "/v1/chat/completions", &body(bad));
+        assert_eq!(st, 400, "{bad}: {e}");
+        assert_eq!(json(&e)["error"]["param"], "speculative", "{e}");
+    }
+    let (st, e) = post(
+        &base,
+        "/v1/chat/completions",
+        &body(r#""ngram", "response_format": {"type": "json_object"}"#),
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(e.contains("speculative"), "{e}");
+}
