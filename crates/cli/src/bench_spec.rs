@@ -196,7 +196,6 @@ pub fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         .iter()
         .map(|r| r["workload"].as_str().unwrap_or("").to_string())
         .collect();
-    workloads.dedup();
     workloads.sort();
     workloads.dedup();
     let mut summary = Vec::new();

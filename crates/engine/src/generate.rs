@@ -350,7 +350,7 @@ pub fn generate_constrained(
             d.observe(draft.len(), accepted);
         }
         let room = cache.max_len().saturating_sub(cache.len());
-        if room == 0 || cache.check_room(1).is_err() {
+        if room == 0 {
             finish = FinishReason::ContextFull;
             break;
         }
@@ -360,9 +360,6 @@ pub fn generate_constrained(
         if let Some(d) = drafter.as_mut() {
             let left = params.max_tokens - out.tokens.len();
             d.propose(&history, (room - 1).min(left.saturating_sub(1)), &mut draft);
-            if !draft.is_empty() && cache.check_room(1 + draft.len()).is_err() {
-                draft.clear();
-            }
         }
         let mut input = Vec::with_capacity(1 + draft.len());
         input.push(next);
