@@ -9,6 +9,7 @@ mod pull;
 mod quant;
 mod run;
 mod serve;
+mod synth;
 mod usage;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,9 @@ enum Command {
     Eval(quant::EvalCmd),
     /// Compute an importance matrix (per-column mean x² of each matmul input) from a text.
     Imatrix(quant::ImatrixArgs),
+    /// Write a tiny random-weight model of an architecture with a real model's tokenizer (for
+    /// checking the architecture against llama.cpp without its real weights).
+    Synth(synth::SynthArgs),
 }
 
 fn main() {
@@ -91,6 +95,7 @@ fn main() {
         Command::ExportHf(a) => quant::export_hf_cmd(a),
         Command::Eval(c) => quant::eval(c),
         Command::Imatrix(a) => quant::imatrix(a),
+        Command::Synth(a) => synth::synth(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

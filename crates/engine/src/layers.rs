@@ -535,6 +535,7 @@ pub struct Segment {
 
 /// Rotary embedding, cache append and attention of one layer for every sequence of a batch.
 /// `q`, `k`, `v` hold all sequences' rows (`[n_total, dim]`); `caches[i]` is sequence `i`'s.
+/// `rope` is `None` for a layer without positional rotation (EXAONE 4.0's global layers).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_batch(
     q: &mut [f32],
@@ -543,7 +544,7 @@ pub fn attend_batch(
     segs: &[Segment],
     layer: usize,
     caches: &mut [&mut KvCache],
-    rope: &Rope,
+    rope: Option<&Rope>,
     s: AttnShape,
     att: &mut Vec<f32>,
 ) {
@@ -552,10 +553,12 @@ pub fn attend_batch(
     let n_total = q.len() / q_dim;
     att.resize(n_total * q_dim, 0.0);
     for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
-        for t in 0..seg.len {
-            let row = seg.start + t;
-            rope.apply(&mut q[row * q_dim..(row + 1) * q_dim], hd, seg.pos0 + t);
-            rope.apply(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, seg.pos0 + t);
+        if let Some(rope) = rope {
+            for t in 0..seg.len {
+                let row = seg.start + t;
+                rope.apply(&mut q[row * q_dim..(row + 1) * q_dim], hd, seg.pos0 + t);
+                rope.apply(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, seg.pos0 + t);
+            }
         }
         let rows = seg.start..seg.start + seg.len;
         let mut kv = cache.layer_mut(layer);

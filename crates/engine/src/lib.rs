@@ -17,6 +17,7 @@ pub mod models;
 pub mod quantize;
 pub mod sampling;
 pub mod speculate;
+pub mod synth;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, ChatTemplateError};

@@ -36,8 +36,10 @@ pub struct Gemma3Config {
     /// Linear RoPE scaling of the global layers (1 when absent).
     pub rope_scale_global: f32,
     pub sliding_window: usize,
-    /// Every `swa_pattern`-th layer (the last of each group) is global.
-    pub swa_pattern: usize,
+    /// Per layer: whether it attends over the sliding window (without an
+    /// `attention.sliding_window_pattern`, the last of every six layers is global). A file
+    /// without `attention.sliding_window` (or with 0) has no sliding layers, as in llama.cpp.
+    pub sliding: Vec<bool>,
     pub n_ctx_train: usize,
 }
 
@@ -62,12 +64,24 @@ impl Gemma3Config {
                 reason: format!("unsupported head layout: {n_head} heads, {n_head_kv} KV heads, K dim {head_dim}, V dim {v_dim}"),
             });
         }
+        let n_layer = hp.usize("block_count")?;
+        let sliding_window = match hp.value("attention.sliding_window") {
+            None => 0,
+            Some(v) if v.as_u64() == Some(0) => 0,
+            Some(_) => hp.usize("attention.sliding_window")?,
+        };
+        let sliding = if sliding_window == 0 {
+            vec![false; n_layer]
+        } else {
+            hp.sliding_pattern(n_layer)?
+                .unwrap_or_else(|| (0..n_layer).map(|i| i % 6 < 5).collect())
+        };
         let rope_scale_global = match hp.str_opt("rope.scaling.type") {
             Some("linear") => hp.f32_or("rope.scaling.factor", 1.0)?,
             _ => 1.0,
         };
         Ok(Self {
-            n_layer: hp.usize("block_count")?,
+            n_layer,
             n_embd,
             n_ff: hp.usize("feed_forward_length")?,
             n_head,
@@ -77,14 +91,14 @@ impl Gemma3Config {
             rope_base_global: hp.f32_or("rope.freq_base", 1_000_000.0)?,
             rope_base_local: hp.f32_or("rope.freq_base_swa", 10_000.0)?,
             rope_scale_global,
-            sliding_window: hp.usize_or("attention.sliding_window", 512)?,
-            swa_pattern: 6,
+            sliding_window,
+            sliding,
             n_ctx_train: hp.usize_or("context_length", 32768)?,
         })
     }
 
     pub fn is_sliding(&self, layer: usize) -> bool {
-        layer % self.swa_pattern < self.swa_pattern - 1
+        self.sliding[layer]
     }
 }
 
@@ -263,7 +277,17 @@ impl Model for Gemma3 {
             )?;
             rms_norm_inplace(&mut q, &b.q_norm, c.rms_eps);
             rms_norm_inplace(&mut k, &b.k_norm, c.rms_eps);
-            attend_batch(&mut q, &mut k, &v, &segs, il, caches, rope, shape, &mut att);
+            attend_batch(
+                &mut q,
+                &mut k,
+                &v,
+                &segs,
+                il,
+                caches,
+                Some(rope),
+                shape,
+                &mut att,
+            );
             b.wo.forward_lora(f, &att, n, &mut o, lora.as_mut().map(|l| (l, il, Proj::O)))?;
             rms_norm(&o, &b.post_attn_norm, c.rms_eps, &mut h);
             add_inplace(&mut x, &h);

@@ -1,6 +1,6 @@
 //! Llama-family decoder: Llama 2/3, the Llama-architecture Korean models (HyperCLOVA X SEED,
-//! Kanana) and Qwen2/Qwen2.5, which is the same network with biases on the Q/K/V projections
-//! and NeoX-style rotary pairs.
+//! Kanana), Qwen2/Qwen2.5, which is the same network with biases on the Q/K/V projections
+//! and NeoX-style rotary pairs, and EXAONE 3.5 (`exaone`: the Llama network with NeoX pairs).
 //!
 //! Per layer: `x += Wo·attn(rope(Wq·n), rope(Wk·n), Wv·n)` with `n = rmsnorm(x)`, then
 //! `x += Wdown·(silu(Wgate·n) ⊙ Wup·n)` with `n = rmsnorm(x)`. Grouped-query attention shares
@@ -48,6 +48,16 @@ impl LlamaConfig {
                 key: format!("{arch}.attention.head_count_kv"),
                 reason: format!(
                     "{n_head} heads cannot be grouped over {n_head_kv} KV heads of dim {head_dim}"
+                ),
+            });
+        }
+        // llama.cpp rotates whole heads only (EXAONE's converter writes the count explicitly).
+        let n_rot = hp.usize_or("rope.dimension_count", head_dim)?;
+        if n_rot != head_dim {
+            return Err(ModelError::BadKey {
+                key: format!("{arch}.rope.dimension_count"),
+                reason: format!(
+                    "partial rotary embedding ({n_rot} of {head_dim} dims) is not supported"
                 ),
             });
         }
@@ -231,7 +241,15 @@ impl Model for Llama {
                     .map(|l| (l, il, &[Proj::Q, Proj::K, Proj::V][..])),
             )?;
             attend_batch(
-                &mut q, &mut k, &v, &segs, il, caches, &self.rope, shape, &mut att,
+                &mut q,
+                &mut k,
+                &v,
+                &segs,
+                il,
+                caches,
+                Some(&self.rope),
+                shape,
+                &mut att,
             );
             b.wo.forward_lora(f, &att, n, &mut o, lora.as_mut().map(|l| (l, il, Proj::O)))?;
             add_inplace(&mut x, &o);

@@ -1,6 +1,7 @@
 //! Model architectures, one file each. Every architecture parses its hyper-parameters once into a
 //! typed config and implements [`Model`]; [`load_model`] picks one from `general.architecture`.
 
+pub mod exaone4;
 pub mod gemma3;
 pub mod llama;
 
@@ -137,7 +138,8 @@ pub struct BatchSeq<'a> {
 pub fn load_model(file: Arc<GgufFile>) -> Result<Box<dyn Model>, ModelError> {
     let arch = file.architecture().ok_or(ModelError::NoArch)?.to_string();
     match arch.as_str() {
-        "llama" | "qwen2" => Ok(Box::new(llama::Llama::load(file)?)),
+        "llama" | "qwen2" | "exaone" => Ok(Box::new(llama::Llama::load(file)?)),
+        "exaone4" => Ok(Box::new(exaone4::Exaone4::load(file)?)),
         "gemma3" => Ok(Box::new(gemma3::Gemma3::load(file)?)),
         other => Err(ModelError::UnsupportedArch(other.to_string())),
     }
@@ -177,6 +179,19 @@ impl Hparams<'_> {
         }
     }
 
+    /// A required finite number.
+    pub fn f32(&self, k: &str) -> Result<f32, ModelError> {
+        if self.file.get(&self.key(k)).is_none() {
+            return Err(ModelError::MissingKey(self.key(k)));
+        }
+        self.f32_or(k, 0.0)
+    }
+
+    /// The raw value of `{arch}.k`.
+    pub fn value(&self, k: &str) -> Option<&modu_gguf::Value> {
+        self.file.get(&self.key(k))
+    }
+
     pub fn f32_or(&self, k: &str, default: f32) -> Result<f32, ModelError> {
         let key = self.key(k);
         match self.file.get(&key) {
@@ -188,6 +203,26 @@ impl Hparams<'_> {
                     key,
                     reason: "expected a finite number".into(),
                 }),
+        }
+    }
+
+    /// `attention.sliding_window_pattern`, as llama.cpp reads it: one bool per layer (true =
+    /// sliding window), or a period `p` (the last layer of every `p` is global); `None` when
+    /// the key is absent.
+    pub fn sliding_pattern(&self, n_layer: usize) -> Result<Option<Vec<bool>>, ModelError> {
+        use modu_gguf::{Array, Value};
+        let k = "attention.sliding_window_pattern";
+        match self.value(k) {
+            None => Ok(None),
+            Some(Value::Array(Array::Bool(v))) if v.len() == n_layer => Ok(Some(v.clone())),
+            Some(Value::Array(a)) => Err(ModelError::BadKey {
+                key: self.key(k),
+                reason: format!("expected {n_layer} booleans, found an array of {}", a.len()),
+            }),
+            Some(_) => {
+                let p = self.usize(k)?;
+                Ok(Some((0..n_layer).map(|i| i % p < p - 1).collect()))
+            }
         }
     }
 

