@@ -18,11 +18,12 @@ use serde_json::Value;
 pub const NEAR_TIE: f64 = 0.03;
 /// Steps where modu's argmax is known to leave llama.cpp's at a wider margin than
 /// [`NEAR_TIE`]: (golden label, case, step). Each is reported on every run, must still happen
-/// (a fixed one has to be taken off the list), and keeps issue #21 open:
+/// at the SIMD kernel levels (a fixed one has to be taken off the list), and keeps issue #21
+/// open:
 /// - Qwen en-1 step 26: llama.cpp's goldens (AVX2) give tokens 1008 / 31494 0.326 / 0.283,
 ///   llama.cpp's AVX-512 build 0.336 / 0.271, modu 0.299 / 0.313 on every kernel level
-///   (scalar, AVX2, AVX-512); the median step elsewhere agrees better than llama.cpp's two
-///   builds do (0.0043 against 0.0054).
+///   at the AVX2 and AVX-512 levels; modu's scalar reference gives 0.331 / 0.284 (the median
+///   step elsewhere agrees better than llama.cpp's two builds do: 0.0043 against 0.0054).
 pub const KNOWN_FLIPS: &[(&str, &str, usize)] = &[("qwen2.5-coder-0.5b-instruct", "en-1", 26)];
 pub const MEDIAN_DP: f64 = 0.015;
 pub const MAX_DP: f64 = 0.1;
@@ -70,7 +71,8 @@ impl GoldenReport {
                 .known_flips
                 .iter()
                 .any(|(c, s)| c == case && *s == step);
-            if l == label && !seen {
+            let simd = modu_kernels::simd_level() > modu_kernels::SimdLevel::Scalar;
+            if l == label && !seen && simd {
                 failures.push(format!(
                     "{case} step {step} is on KNOWN_FLIPS but agrees now: take it off the list"
                 ));
