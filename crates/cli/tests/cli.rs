@@ -3,10 +3,11 @@
 //! own model cache with its default `MODU_HOME` behaviour; a missing model is fetched, never
 //! skipped) and compare what it prints with llama.cpp's goldens in tests/golden/.
 //!
-//! Greedy continuations are held to the same rule as crates/engine/tests/golden_greedy.rs: the
+//! Greedy continuations are held to the rule of crates/engine/tests/common/golden.rs: the
 //! generated ids equal llama.cpp's until a step where they differ, and a difference is only
-//! accepted where llama.cpp's top-2 probability margin is ≤ 0.25 (there the order is decided by
-//! float summation order); the comparison of that case ends there.
+//! accepted where llama.cpp's top-2 probability margin is below 0.03 (llama.cpp's own builds
+//! for different instruction sets part at such near-ties); the comparison of that case ends
+//! there. Probabilities of llama.cpp's top tokens agree within 0.1.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -21,7 +22,7 @@ mod lora_fixture;
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
 const GEMMA: &str = "gemma-3-270m";
 /// llama.cpp's top-2 margin below which our argmax may legitimately differ.
-const NEAR_TIE: f64 = 0.25;
+const NEAR_TIE: f64 = 0.03;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -256,7 +257,7 @@ fn compare_with_golden(what: &str, c: &Value, toks: &[Tok]) -> usize {
                 t.top[0].1.exp() - t.top[1].1.exp()
             };
             assert!(
-                margin <= NEAR_TIE,
+                margin < NEAR_TIE,
                 "{what} step {i}: generated {} ({:?}), llama.cpp {} with top-2 margin {margin:.3}",
                 t.id,
                 t.text,

@@ -4,7 +4,7 @@
 pub enum ModelError {
     #[error("GGUF: {0}")]
     Gguf(#[from] modu_gguf::GgufError),
-    #[error("unsupported architecture '{0}' (supported: llama, qwen2, gemma3)")]
+    #[error("unsupported architecture '{0}' (supported: llama, qwen2, gemma3, exaone, exaone4)")]
     UnsupportedArch(String),
     #[error("model has no general.architecture key")]
     NoArch,

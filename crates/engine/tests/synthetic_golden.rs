@@ -136,3 +136,126 @@ fn synthetic_exaone4_matches_llama_cpp() {
 fn synthetic_exaone4_hybrid_attention_matches_llama_cpp() {
     check(SynthArch::Exaone4Swa);
 }
+
+/// `file` rewritten without the metadata key `drop_key` and the tensor `drop_tensor`, and
+/// with `set` (key, value) replacing or adding a key.
+fn rewrite(
+    file: &GgufFile,
+    drop_key: Option<&str>,
+    set: Option<(&str, modu_gguf::Value)>,
+    drop_tensor: Option<&str>,
+) -> Arc<GgufFile> {
+    let mut w = modu_gguf::GgufWriter::new();
+    for (k, v) in file.metadata() {
+        if Some(k.as_str()) != drop_key && Some(k.as_str()) != set.as_ref().map(|s| s.0) {
+            w.add(k.clone(), v.clone());
+        }
+    }
+    if let Some((k, v)) = set {
+        w.add(k, v);
+    }
+    for t in file.tensors() {
+        if Some(t.name.as_str()) != drop_tensor {
+            w.add_tensor(t.name.clone(), &t.dims, t.ty, file.tensor_data(t).to_vec())
+                .unwrap();
+        }
+    }
+    let mut bytes = Vec::new();
+    w.write_to(&mut bytes).unwrap();
+    Arc::new(GgufFile::from_bytes(bytes).unwrap())
+}
+
+fn load_err(file: Arc<GgufFile>) -> modu_engine::ModelError {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_model(file))) {
+        Ok(Ok(_)) => panic!("a broken model loaded"),
+        Ok(Err(e)) => e,
+        Err(_) => panic!("load_model panicked instead of returning an error"),
+    }
+}
+
+fn synthetic_file(arch: SynthArch) -> GgufFile {
+    let vocab = GgufFile::open(common::model_path(arch.vocab_model())).expect("open vocab model");
+    let mut bytes = Vec::new();
+    synthesize(arch, &vocab, SEED)
+        .unwrap()
+        .write_to(&mut bytes)
+        .unwrap();
+    GgufFile::from_bytes(bytes).unwrap()
+}
+
+/// Broken EXAONE files are errors that name the key or tensor, never a panic.
+#[test]
+fn broken_exaone_files_name_the_problem() {
+    use modu_engine::ModelError as E;
+    use modu_gguf::{Array, Value};
+    let ex4 = synthetic_file(SynthArch::Exaone4);
+    for name in [
+        "blk.2.post_ffw_norm.weight",
+        "blk.0.attn_q_norm.weight",
+        "blk.3.post_attention_norm.weight",
+        "output_norm.weight",
+    ] {
+        match load_err(rewrite(&ex4, None, None, Some(name))) {
+            E::MissingTensor(n) => assert_eq!(n, name),
+            e => panic!("without {name}: {e:?}"),
+        }
+    }
+    match load_err(rewrite(
+        &ex4,
+        Some("exaone4.attention.layer_norm_rms_epsilon"),
+        None,
+        None,
+    )) {
+        E::MissingKey(k) => assert_eq!(k, "exaone4.attention.layer_norm_rms_epsilon"),
+        e => panic!("{e:?}"),
+    }
+    match load_err(rewrite(
+        &ex4,
+        None,
+        Some(("exaone4.attention.head_count", Value::U32(2))),
+        None,
+    )) {
+        E::BadKey { key, .. } => assert_eq!(key, "exaone4.attention"),
+        e => panic!("{e:?}"),
+    }
+    // A pattern that does not have one entry per layer.
+    let pattern = Value::Array(Array::Bool(vec![true, false]));
+    match load_err(rewrite(
+        &ex4,
+        None,
+        Some(("exaone4.attention.sliding_window_pattern", pattern)),
+        None,
+    )) {
+        E::BadKey { key, reason } => {
+            assert_eq!(key, "exaone4.attention.sliding_window_pattern");
+            assert!(reason.contains("4 booleans"), "{reason}");
+        }
+        e => panic!("{e:?}"),
+    }
+    // Sliding layers without a window size (only a 64-layer file has llama.cpp's default).
+    let pattern = Value::Array(Array::Bool(vec![true, true, true, false]));
+    match load_err(rewrite(
+        &ex4,
+        None,
+        Some(("exaone4.attention.sliding_window_pattern", pattern)),
+        None,
+    )) {
+        E::MissingKey(k) => assert_eq!(k, "exaone4.attention.sliding_window"),
+        e => panic!("{e:?}"),
+    }
+
+    let ex = synthetic_file(SynthArch::Exaone);
+    match load_err(rewrite(
+        &ex,
+        None,
+        Some(("exaone.rope.dimension_count", Value::U32(8))),
+        None,
+    )) {
+        E::BadKey { key, .. } => assert_eq!(key, "exaone.rope.dimension_count"),
+        e => panic!("{e:?}"),
+    }
+    match load_err(rewrite(&ex, None, None, Some("blk.1.ffn_gate.weight"))) {
+        E::MissingTensor(n) => assert_eq!(n, "blk.1.ffn_gate.weight"),
+        e => panic!("{e:?}"),
+    }
+}
