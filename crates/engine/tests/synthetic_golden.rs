@@ -259,3 +259,79 @@ fn broken_exaone_files_name_the_problem() {
         e => panic!("{e:?}"),
     }
 }
+
+/// `modu quantize` takes the EXAONE architectures like any other: the synthetic models
+/// requantized to Q8_0 (norms and `rope_freqs` kept in F32) load and predict what the
+/// originals predict, within the change the requantization makes.
+#[test]
+fn exaone_models_quantize_and_run() {
+    use modu_engine::quantize::{quantize_file, QuantizeOptions, Recipe};
+    for arch in [SynthArch::Exaone, SynthArch::Exaone4, SynthArch::Exaone4Swa] {
+        let dir = std::env::temp_dir();
+        let src = dir.join(format!(
+            "modu-synthq-{}-{}.gguf",
+            arch.name(),
+            std::process::id()
+        ));
+        let dst = dir.join(format!(
+            "modu-synthq-{}-{}-q8.gguf",
+            arch.name(),
+            std::process::id()
+        ));
+        let vocab = GgufFile::open(common::model_path(arch.vocab_model())).unwrap();
+        synthesize(arch, &vocab, SEED)
+            .unwrap()
+            .write_file(&src)
+            .unwrap();
+        quantize_file(
+            &src,
+            &dst,
+            Recipe::parse("Q8_0").unwrap(),
+            &QuantizeOptions::default(),
+            &|_, _| {},
+        )
+        .expect("quantize");
+        let orig = Arc::new(GgufFile::open(&src).unwrap());
+        let quant = Arc::new(GgufFile::open(&dst).unwrap());
+        let _ = std::fs::remove_file(&src);
+        let _ = std::fs::remove_file(&dst);
+        assert_eq!(quant.architecture(), Some(arch.gguf_arch()));
+        for t in quant.tensors() {
+            let want = if t.dims.len() == 1 {
+                modu_gguf::GgmlType::F32
+            } else {
+                modu_gguf::GgmlType::Q8_0
+            };
+            assert_eq!(t.ty, want, "{}: {}", arch.name(), t.name);
+        }
+        let (a, b) = (load_model(orig).unwrap(), load_model(quant).unwrap());
+        let text =
+            std::fs::read_to_string(golden_path(&format!("{}-greedy.json", arch.name()))).unwrap();
+        let g: Value = serde_json::from_str(&text).unwrap();
+        let prompt = ids(&g["cases"][0]["prompt_ids"]);
+        let (mut ca, mut cb) = (a.new_cache(256), b.new_cache(256));
+        let la = a
+            .forward(&prompt, &mut ca, modu_engine::Logits::Last)
+            .unwrap();
+        let lb = b
+            .forward(&prompt, &mut cb, modu_engine::Logits::Last)
+            .unwrap();
+        let soft = |l: &[f32]| {
+            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = l.iter().map(|&v| ((v - m) as f64).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / s).collect::<Vec<f64>>()
+        };
+        let (pa, pb) = (soft(&la), soft(&lb));
+        let d = pa
+            .iter()
+            .zip(&pb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            d < 0.1,
+            "{}: requantized model moved a probability by {d}",
+            arch.name()
+        );
+    }
+}
