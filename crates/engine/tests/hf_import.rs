@@ -523,3 +523,131 @@ fn bad_directories_give_typed_errors_and_no_output() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// EXAONE 3.5 and 4.0 (both layouts) through a Hugging Face directory and back: the synthetic
+/// models (`modu synth`, without the Llama-3 `rope_freqs`, which has no unique `rope_scaling`
+/// to export) written as f32 checkpoints under EXAONE's names and config keys, converted back
+/// to F32 GGUF: every tensor equal to the original's values, the hyper-parameters (sliding
+/// window and per-layer pattern included) and the tokenizer the same, and the same logits.
+#[test]
+fn exaone_checkpoints_round_trip() {
+    use modu_engine::synth::{synthesize, SynthArch};
+    for arch in [SynthArch::Exaone, SynthArch::Exaone4, SynthArch::Exaone4Swa] {
+        let vocab = GgufFile::open(common::model_path(arch.vocab_model())).unwrap();
+        let w = synthesize(arch, &vocab, 1).unwrap();
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        let full = GgufFile::from_bytes(bytes).unwrap();
+        // The same model as F32 tensors without rope_freqs.
+        let mut w = GgufWriter::new();
+        for (k, v) in full.metadata() {
+            w.add(k.clone(), v.clone());
+        }
+        for t in full.tensors() {
+            if t.name != "rope_freqs.weight" {
+                let v = dequant(&full, &t.name);
+                let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                w.add_tensor(t.name.clone(), &t.dims, GgmlType::F32, b)
+                    .unwrap();
+            }
+        }
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        let src = GgufFile::from_bytes(bytes).unwrap();
+
+        let dir = tmpdir(arch.name());
+        let hf = dir.join("hf");
+        export_hf(&src, &hf, HfDtype::F32, 1).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap())
+                .unwrap();
+        let a = arch.gguf_arch();
+        assert_eq!(config["model_type"], a);
+        match arch {
+            SynthArch::Exaone => {
+                assert_eq!(config["architectures"][0], "ExaoneForCausalLM");
+                assert_eq!(config["num_layers"], 3);
+                assert!(config["layer_norm_epsilon"].is_number());
+                let names = safetensors_names(&hf);
+                assert!(names.contains("transformer.h.1.attn.attention.out_proj.weight"));
+                assert!(names.contains("transformer.h.2.mlp.c_fc_0.weight"));
+                assert!(names.contains("transformer.ln_f.weight"));
+            }
+            SynthArch::Exaone4Swa => {
+                assert_eq!(config["architectures"][0], "Exaone4ForCausalLM");
+                assert_eq!(config["sliding_window"], 8);
+                let lt = config["layer_types"].as_array().unwrap();
+                assert_eq!(lt.len(), 64);
+                assert_eq!(lt[3], "full_attention");
+                assert_eq!(lt[4], "sliding_attention");
+            }
+            _ => {
+                let names = safetensors_names(&hf);
+                assert!(names.contains("model.layers.0.post_feedforward_layernorm.weight"));
+                assert!(!names.contains("model.layers.0.input_layernorm.weight"));
+            }
+        }
+        let out = dir.join("back.gguf");
+        convert(&hf, &out).unwrap();
+        let g = GgufFile::open(&out).unwrap();
+        assert_eq!(g.architecture(), Some(a));
+        assert_eq!(g.tensors().len(), src.tensors().len(), "{}", arch.name());
+        for t in src.tensors() {
+            assert_eq!(dequant(&g, &t.name), dequant(&src, &t.name), "{}", t.name);
+        }
+        for key in [
+            "block_count",
+            "embedding_length",
+            "feed_forward_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "rope.freq_base",
+            "attention.layer_norm_rms_epsilon",
+            "attention.sliding_window",
+            "attention.sliding_window_pattern",
+        ] {
+            let k = format!("{a}.{key}");
+            let (x, y) = (src.get(&k), g.get(&k));
+            let same = match (x.and_then(Value::as_f64), y.and_then(Value::as_f64)) {
+                (Some(p), Some(q)) => (p - q).abs() <= 1e-6 * p.abs().max(1.0),
+                _ => x == y,
+            };
+            assert!(same, "{}: {k}: {x:?} → {y:?}", arch.name());
+        }
+        assert_eq!(
+            g.get_str("tokenizer.ggml.pre"),
+            src.get_str("tokenizer.ggml.pre")
+        );
+        let (ta, tb) = (
+            Tokenizer::from_gguf(&src).unwrap(),
+            Tokenizer::from_gguf(&g).unwrap(),
+        );
+        let text = "EXAONE 4.0은 LG AI연구원이 2025년에 공개한 모델입니다. 12345 tokens!";
+        let ids = ta.encode(text, true, true).unwrap();
+        assert_eq!(tb.encode(text, true, true).unwrap(), ids);
+        let (ma, mb) = (
+            load_model(Arc::new(src)).unwrap(),
+            load_model(Arc::new(g)).unwrap(),
+        );
+        assert_eq!(
+            logits_all(&*ma, &ids),
+            logits_all(&*mb, &ids),
+            "{}",
+            arch.name()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn safetensors_names(dir: &Path) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            names.extend(st.names().into_iter().map(|s| s.to_string()));
+        }
+    }
+    names
+}

@@ -334,6 +334,38 @@ pub(crate) fn export_config(
             obj.insert("sliding_window_pattern".into(), json!(6));
             obj.insert("query_pre_attn_scalar".into(), json!(d.head_dim));
         }
+        HfArch::Exaone => {
+            // EXAONE 3.5's own key names.
+            let n = obj.remove("num_hidden_layers").unwrap_or_default();
+            obj.insert("num_layers".into(), n);
+            let eps = obj.remove("rms_norm_eps").unwrap_or_default();
+            obj.insert("layer_norm_epsilon".into(), eps);
+            obj.insert("activation_function".into(), json!("silu"));
+        }
+        HfArch::Exaone4 => {
+            obj.insert("hidden_act".into(), json!("silu"));
+            let window = file.get_u64(&key("attention.sliding_window"));
+            obj.insert("sliding_window".into(), json!(window));
+            if let Some(p) = file
+                .get_array(&key("attention.sliding_window_pattern"))
+                .and_then(|a| match a {
+                    modu_gguf::Array::Bool(v) => Some(v.clone()),
+                    _ => None,
+                })
+            {
+                let types: Vec<&str> = p
+                    .iter()
+                    .map(|&s| {
+                        if s {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                obj.insert("layer_types".into(), json!(types));
+            }
+        }
         _ => {
             obj.insert("hidden_act".into(), json!("silu"));
         }

@@ -87,7 +87,11 @@ impl HfCheckpoint {
         let mut dims = Dims {
             n_vocab: cfg_req(&config, "vocab_size")?,
             n_embd,
-            n_layer: cfg_req(&config, "num_hidden_layers")?,
+            // EXAONE 3.5 calls it `num_layers`.
+            n_layer: match cfg_usize(&config, "num_hidden_layers")? {
+                Some(n) => n,
+                None => cfg_req(&config, "num_layers")?,
+            },
             n_ff: cfg_req(&config, "intermediate_size")?,
             n_head,
             n_head_kv: cfg_usize(&config, "num_key_value_heads")?.unwrap_or(n_head),
@@ -199,10 +203,11 @@ impl HfCheckpoint {
         }
 
         // The vocabulary size is the embedding's row count; config.json must agree.
-        if let Some((_, _, shape, _, _)) = found.get("model.embed_tokens.weight") {
+        let embed = slots(arch, &dims, false)[0].hf.clone();
+        if let Some((_, _, shape, _, _)) = found.get(&embed) {
             if shape.len() == 2 && shape[0] != dims.n_vocab {
                 return Err(HfError::BadShape {
-                    name: "model.embed_tokens.weight".into(),
+                    name: embed,
                     expected: vec![dims.n_vocab, dims.n_embd],
                     got: shape.clone(),
                 });
@@ -295,7 +300,7 @@ impl HfCheckpoint {
                 data,
             });
         }
-        tokenizer_metadata(dir, &config, dims.n_vocab, &mut metadata)?;
+        tokenizer_metadata(dir, arch, &config, dims.n_vocab, &mut metadata)?;
         Ok(Self {
             arch,
             metadata,
@@ -338,7 +343,10 @@ pub(crate) fn hparams_metadata(
     };
     let theta = cfg_f64(c, "rope_theta")?.unwrap_or(default_theta);
     m.push((k("rope.freq_base"), Value::F32(theta as f32)));
-    let eps = cfg_f64(c, "rms_norm_eps")?.unwrap_or(1e-6);
+    let eps = match cfg_f64(c, "rms_norm_eps")? {
+        Some(e) => e,
+        None => cfg_f64(c, "layer_norm_epsilon")?.unwrap_or(1e-6),
+    };
     m.push((
         k("attention.layer_norm_rms_epsilon"),
         Value::F32(eps as f32),
@@ -350,6 +358,7 @@ pub(crate) fn hparams_metadata(
     if let Some(act) = c
         .get("hidden_act")
         .or_else(|| c.get("hidden_activation"))
+        .or_else(|| c.get("activation_function"))
         .and_then(|v| v.as_str())
     {
         let ok = match arch {
@@ -377,7 +386,9 @@ pub(crate) fn hparams_metadata(
                 m.push((k("rope.scaling.type"), Value::String("linear".into())));
                 m.push((k("rope.scaling.factor"), Value::F32(f as f32)));
             }
-            ("llama3", Some(f)) if arch == HfArch::Llama => {
+            ("llama3", Some(f))
+                if matches!(arch, HfArch::Llama | HfArch::Exaone | HfArch::Exaone4) =>
+            {
                 let g = |key: &str, def: f64| rs.get(key).and_then(|v| v.as_f64()).unwrap_or(def);
                 let low = g("low_freq_factor", 1.0);
                 let high = g("high_freq_factor", 4.0);
@@ -401,7 +412,7 @@ pub(crate) fn hparams_metadata(
             }
             _ => {
                 return Err(HfError::Unsupported(format!(
-                    "rope_scaling {rs} (supported: linear, llama3 for Llama)"
+                    "rope_scaling {rs} (supported: linear; llama3 for Llama and EXAONE)"
                 )))
             }
         }
@@ -446,5 +457,64 @@ pub(crate) fn hparams_metadata(
             }
         }
     }
+    if arch == HfArch::Exaone4 {
+        exaone4_sliding(c, d.n_layer, &k, &mut m)?;
+    }
     Ok((m, rope_freqs))
+}
+
+/// EXAONE 4.0's sliding window, as llama.cpp's converter writes it: with a `sliding_window`,
+/// `exaone4.attention.sliding_window` and one bool per layer from `layer_types`
+/// (`sliding_attention`) or `sliding_window_pattern` (a string such as `LLLG`, repeated, or a
+/// period `p`: every `p`-th layer global).
+fn exaone4_sliding(
+    c: &Json,
+    n_layer: usize,
+    k: &dyn Fn(&str) -> String,
+    m: &mut Vec<(String, Value)>,
+) -> Result<(), HfError> {
+    let Some(window) = cfg_usize(c, "sliding_window")? else {
+        return Ok(());
+    };
+    m.push((k("attention.sliding_window"), Value::U32(window as u32)));
+    let pattern: Option<Vec<bool>> = if let Some(lt) = c.get("layer_types").and_then(Json::as_array)
+    {
+        let v: Option<Vec<bool>> = lt
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Some(true),
+                Some("full_attention") => Some(false),
+                _ => None,
+            })
+            .collect();
+        Some(v.filter(|v| v.len() == n_layer).ok_or_else(|| {
+            HfError::Config(format!(
+                "layer_types (want {n_layer} of sliding_attention / full_attention)"
+            ))
+        })?)
+    } else {
+        match c.get("sliding_window_pattern") {
+            Some(Json::String(p))
+                if !p.is_empty() && p.chars().all(|ch| ch == 'L' || ch == 'G') =>
+            {
+                let p: Vec<char> = p.chars().collect();
+                Some((0..n_layer).map(|i| p[i % p.len()] == 'L').collect())
+            }
+            Some(Json::Number(_)) => {
+                let p = cfg_req(c, "sliding_window_pattern")?;
+                Some((0..n_layer).map(|i| (i + 1) % p != 0).collect())
+            }
+            None | Some(Json::Null) => None,
+            Some(other) => {
+                return Err(HfError::Config(format!("sliding_window_pattern {other}")));
+            }
+        }
+    };
+    if let Some(p) = pattern {
+        m.push((
+            k("attention.sliding_window_pattern"),
+            Value::Array(modu_gguf::Array::Bool(p)),
+        ));
+    }
+    Ok(())
 }

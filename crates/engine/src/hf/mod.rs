@@ -15,6 +15,13 @@
 //!   `q_proj`/`k_proj`: `reshape(n_head, 2, head_dim/2, in).swapaxes(1, 2)`, i.e. new row
 //!   `h·hd + 2i + s` is old row `h·hd + s·hd/2 + i`. Qwen2 and Gemma 3 GGUFs use the NeoX
 //!   (rotate-half) layout, so their weights are copied as they are.
+//! * **EXAONE** — EXAONE 3.5 keeps GPT-2-style names (`transformer.h.N.attn.attention.*`,
+//!   `mlp.c_fc_0/1`, `mlp.c_proj`, `ln_1/2`) and config keys (`num_layers`,
+//!   `layer_norm_epsilon`); EXAONE 4.0 has no pre-norms, Q/K norms and post-norms
+//!   (`post_attention_layernorm`, `post_feedforward_layernorm`), and its `sliding_window` with
+//!   `layer_types` (or a `sliding_window_pattern` such as `LLLG`) becomes one bool per layer.
+//!   Both use rotate-half RoPE (no permutation) and their own pre-tokenizers (`exaone`,
+//!   `exaone4`), chosen by the architecture as llama.cpp's converter does by tokenizer hash.
 //! * **Gemma norms** — Gemma's RMSNorm multiplies by `1 + w`; GGUF stores `1 + w` (modu's Gemma
 //!   loader, like llama.cpp, uses plain RMS norms), so every `*norm.weight` gets 1 added.
 //! * **1-D tensors** (norms, biases) are stored as F32, as llama.cpp's converter does.
@@ -64,7 +71,7 @@ pub enum HfError {
     Json { file: String, msg: String },
     #[error("config.json: missing or invalid `{0}`")]
     Config(String),
-    #[error("unsupported architecture `{0}` (supported: Qwen2ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM)")]
+    #[error("unsupported architecture `{0}` (supported: Qwen2ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM, ExaoneForCausalLM, Exaone4ForCausalLM)")]
     UnknownArch(String),
     #[error("unsupported model configuration: {0}")]
     Unsupported(String),
@@ -98,6 +105,10 @@ pub enum HfArch {
     Llama,
     Qwen2,
     Gemma3,
+    /// EXAONE 3.5 (`ExaoneForCausalLM`).
+    Exaone,
+    /// EXAONE 4.0 (`Exaone4ForCausalLM`).
+    Exaone4,
 }
 
 impl HfArch {
@@ -106,6 +117,8 @@ impl HfArch {
             "LlamaForCausalLM" => Some(Self::Llama),
             "Qwen2ForCausalLM" => Some(Self::Qwen2),
             "Gemma3ForCausalLM" => Some(Self::Gemma3),
+            "ExaoneForCausalLM" => Some(Self::Exaone),
+            "Exaone4ForCausalLM" => Some(Self::Exaone4),
             _ => None,
         }
     }
@@ -114,6 +127,8 @@ impl HfArch {
             "llama" => Some(Self::Llama),
             "qwen2" => Some(Self::Qwen2),
             "gemma3" => Some(Self::Gemma3),
+            "exaone" => Some(Self::Exaone),
+            "exaone4" => Some(Self::Exaone4),
             _ => None,
         }
     }
@@ -123,6 +138,8 @@ impl HfArch {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Gemma3 => "gemma3",
+            Self::Exaone => "exaone",
+            Self::Exaone4 => "exaone4",
         }
     }
     pub fn hf_name(self) -> &'static str {
@@ -130,6 +147,8 @@ impl HfArch {
             Self::Llama => "LlamaForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Gemma3 => "Gemma3ForCausalLM",
+            Self::Exaone => "ExaoneForCausalLM",
+            Self::Exaone4 => "Exaone4ForCausalLM",
         }
     }
     fn model_type(self) -> &'static str {
@@ -137,6 +156,8 @@ impl HfArch {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Gemma3 => "gemma3_text",
+            Self::Exaone => "exaone",
+            Self::Exaone4 => "exaone4",
         }
     }
 }
@@ -161,7 +182,10 @@ pub(crate) struct Slot {
     required: bool,
 }
 
-/// Every tensor a model of `arch` may have, in GGUF file order.
+/// Every tensor a model of `arch` may have, in GGUF file order. The Hugging Face names are
+/// those of `transformers`' modelling code (EXAONE 3.5's are its own GPT-2-style ones:
+/// `transformer.h.N.attn.attention.*`, `mlp.c_fc_0/1`, `mlp.c_proj`), as llama.cpp's converter
+/// maps them.
 pub(crate) fn slots(arch: HfArch, d: &Dims, has_output: bool) -> Vec<Slot> {
     let mut v = Vec::new();
     let mut push = |gguf: String, hf: String, shape: Vec<usize>, required: bool| {
@@ -178,104 +202,134 @@ pub(crate) fn slots(arch: HfArch, d: &Dims, has_output: bool) -> Vec<Slot> {
         d.n_head_kv * d.head_dim,
         d.n_ff,
     );
+    let exaone = arch == HfArch::Exaone;
+    let (embed, layers, norm) = if exaone {
+        (
+            "transformer.wte.weight",
+            "transformer.h",
+            "transformer.ln_f.weight",
+        )
+    } else {
+        (
+            "model.embed_tokens.weight",
+            "model.layers",
+            "model.norm.weight",
+        )
+    };
     push(
         "token_embd.weight".into(),
-        "model.embed_tokens.weight".into(),
+        embed.into(),
         vec![d.n_vocab, e],
         true,
     );
     for i in 0..d.n_layer {
         let g = |s: &str| format!("blk.{i}.{s}");
-        let h = |s: &str| format!("model.layers.{i}.{s}");
-        push(
-            g("attn_norm.weight"),
-            h("input_layernorm.weight"),
-            vec![e],
-            true,
-        );
+        let h = |s: &str| format!("{layers}.{i}.{s}");
+        let norm = |push: &mut dyn FnMut(String, String, Vec<usize>, bool),
+                    gn: &str,
+                    hn: &str,
+                    n: usize| { push(g(gn), h(hn), vec![n], true) };
+        match arch {
+            HfArch::Exaone4 => {}
+            HfArch::Exaone => norm(&mut push, "attn_norm.weight", "ln_1.weight", e),
+            _ => norm(&mut push, "attn_norm.weight", "input_layernorm.weight", e),
+        }
+        let attn = if exaone {
+            "attn.attention"
+        } else {
+            "self_attn"
+        };
+        let o_proj = if exaone { "out_proj" } else { "o_proj" };
         for (gn, hn, rows, cols) in [
-            ("attn_q", "self_attn.q_proj", q, e),
-            ("attn_k", "self_attn.k_proj", kv, e),
-            ("attn_v", "self_attn.v_proj", kv, e),
-            ("attn_output", "self_attn.o_proj", e, q),
+            ("attn_q", "q_proj", q, e),
+            ("attn_k", "k_proj", kv, e),
+            ("attn_v", "v_proj", kv, e),
+            ("attn_output", o_proj, e, q),
         ] {
             push(
                 g(&format!("{gn}.weight")),
-                h(&format!("{hn}.weight")),
+                h(&format!("{attn}.{hn}.weight")),
                 vec![rows, cols],
                 true,
             );
             push(
                 g(&format!("{gn}.bias")),
-                h(&format!("{hn}.bias")),
+                h(&format!("{attn}.{hn}.bias")),
                 vec![rows],
                 false,
             );
         }
-        if arch == HfArch::Gemma3 {
-            push(
-                g("attn_q_norm.weight"),
-                h("self_attn.q_norm.weight"),
-                vec![d.head_dim],
-                true,
-            );
-            push(
-                g("attn_k_norm.weight"),
-                h("self_attn.k_norm.weight"),
-                vec![d.head_dim],
-                true,
-            );
-            push(
-                g("post_attention_norm.weight"),
-                h("post_attention_layernorm.weight"),
-                vec![e],
-                true,
-            );
-            push(
-                g("ffn_norm.weight"),
-                h("pre_feedforward_layernorm.weight"),
-                vec![e],
-                true,
-            );
-            push(
-                g("post_ffw_norm.weight"),
-                h("post_feedforward_layernorm.weight"),
-                vec![e],
-                true,
-            );
-        } else {
-            push(
-                g("ffn_norm.weight"),
-                h("post_attention_layernorm.weight"),
-                vec![e],
-                true,
-            );
+        match arch {
+            HfArch::Gemma3 | HfArch::Exaone4 => {
+                let hd = d.head_dim;
+                norm(
+                    &mut push,
+                    "attn_q_norm.weight",
+                    "self_attn.q_norm.weight",
+                    hd,
+                );
+                norm(
+                    &mut push,
+                    "attn_k_norm.weight",
+                    "self_attn.k_norm.weight",
+                    hd,
+                );
+                norm(
+                    &mut push,
+                    "post_attention_norm.weight",
+                    "post_attention_layernorm.weight",
+                    e,
+                );
+                if arch == HfArch::Gemma3 {
+                    norm(
+                        &mut push,
+                        "ffn_norm.weight",
+                        "pre_feedforward_layernorm.weight",
+                        e,
+                    );
+                }
+            }
+            HfArch::Exaone => norm(&mut push, "ffn_norm.weight", "ln_2.weight", e),
+            _ => norm(
+                &mut push,
+                "ffn_norm.weight",
+                "post_attention_layernorm.weight",
+                e,
+            ),
         }
+        let (gate, up, down) = if exaone {
+            ("mlp.c_fc_0", "mlp.c_fc_1", "mlp.c_proj")
+        } else {
+            ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        };
         push(
             g("ffn_gate.weight"),
-            h("mlp.gate_proj.weight"),
+            h(&format!("{gate}.weight")),
             vec![ff, e],
             true,
         );
         push(
             g("ffn_up.weight"),
-            h("mlp.up_proj.weight"),
+            h(&format!("{up}.weight")),
             vec![ff, e],
             true,
         );
         push(
             g("ffn_down.weight"),
-            h("mlp.down_proj.weight"),
+            h(&format!("{down}.weight")),
             vec![e, ff],
             true,
         );
+        if matches!(arch, HfArch::Gemma3 | HfArch::Exaone4) {
+            norm(
+                &mut push,
+                "post_ffw_norm.weight",
+                "post_feedforward_layernorm.weight",
+                e,
+            );
+        }
     }
-    push(
-        "output_norm.weight".into(),
-        "model.norm.weight".into(),
-        vec![e],
-        true,
-    );
+    push("output_norm.weight".into(), norm.into(), vec![e], true);
     if has_output {
         push(
             "output.weight".into(),

@@ -82,6 +82,7 @@ pub(crate) fn token_content(v: Option<&Json>) -> Option<String> {
 
 pub(crate) fn tokenizer_metadata(
     dir: &Path,
+    arch: HfArch,
     config: &Json,
     n_vocab: usize,
     m: &mut Vec<(String, Value)>,
@@ -241,9 +242,14 @@ pub(crate) fn tokenizer_metadata(
                 "BPE without byte fallback needs a ByteLevel pre-tokenizer".into(),
             ));
         }
-        let pre = match regexes.as_slice() {
-            [] if blr => "gpt2",
-            [r] => HF_PRE
+        // EXAONE's byte-level vocabularies have their own pre-tokenizers, which llama.cpp's
+        // converter recognises by the tokenizer (its hash), not by the regex: the
+        // architecture decides here.
+        let pre = match (arch, regexes.as_slice()) {
+            (HfArch::Exaone, _) => "exaone",
+            (HfArch::Exaone4, _) => "exaone4",
+            (_, []) if blr => "gpt2",
+            (_, [r]) => HF_PRE
                 .iter()
                 .find(|(_, re)| re == r)
                 .map(|(n, _)| *n)
@@ -366,14 +372,24 @@ pub(crate) fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result
     let tj = match model {
         "gpt2" => {
             let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
-            let pre = if pre == "gpt-2" { "gpt2" } else { pre };
-            let re = HF_PRE
-                .iter()
-                .find(|(n, _)| *n == pre)
-                .map(|(_, r)| *r)
-                .ok_or_else(|| {
-                    HfError::Tokenizer(format!("export of pre-tokenizer `{pre}` is not supported"))
-                })?;
+            // EXAONE 4.0's pre-tokenizer is GPT-2's; EXAONE 3.5's splits every digit first.
+            let pre = match pre {
+                "gpt-2" | "exaone4" => "gpt2",
+                p => p,
+            };
+            let re = if pre == "exaone" {
+                r"\p{N}"
+            } else {
+                HF_PRE
+                    .iter()
+                    .find(|(n, _)| *n == pre)
+                    .map(|(_, r)| *r)
+                    .ok_or_else(|| {
+                        HfError::Tokenizer(format!(
+                            "export of pre-tokenizer `{pre}` is not supported"
+                        ))
+                    })?
+            };
             let mut vocab = serde_json::Map::new();
             for (i, t) in tokens.iter().enumerate() {
                 let ty = types.get(i).copied().unwrap_or(1);
@@ -387,6 +403,11 @@ pub(crate) fn export_tokenizer(file: &modu_gguf::GgufFile, dir: &Path) -> Result
                 .ok_or_else(|| terr("no tokenizer.ggml.merges"))?;
             let pre_tok = if pre == "gpt2" {
                 json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+            } else if pre == "exaone" {
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+                ]})
             } else {
                 json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
