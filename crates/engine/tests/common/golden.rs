@@ -16,6 +16,11 @@ use modu_engine::{Logits, Model};
 use serde_json::Value;
 
 pub const NEAR_TIE: f64 = 0.03;
+/// The synthetic goldens' near-tie margin (issue #21's rule for them): their flips are rarer
+/// (measured: every argmax parting at a llama.cpp margin below 0.01). Their probabilities keep
+/// [`MAX_DP`]: llama.cpp's own AVX2 and AVX-512 builds differ on the synthetic Qwen2 model by
+/// up to 0.049, so a tighter maximum would fail llama.cpp against itself.
+pub const SYNTH_NEAR_TIE: f64 = 0.01;
 /// Steps where modu's argmax is known to leave llama.cpp's at a wider margin than
 /// [`NEAR_TIE`]: (golden label, case, step). Each is reported on every run, must still happen
 /// at the SIMD kernel levels (a fixed one has to be taken off the list), and keeps issue #21
@@ -111,8 +116,15 @@ impl GoldenReport {
 }
 
 /// Runs every case of `golden` (a parsed golden file) through `model`; `label` names the model
-/// in messages and in [`KNOWN_FLIPS`].
-pub fn compare(model: &dyn Model, tok: &Tokenizer, golden: &Value, label: &str) -> GoldenReport {
+/// in messages and in [`KNOWN_FLIPS`]; an argmax may differ where llama.cpp's top-2 margin is
+/// below `near_tie` ([`NEAR_TIE`] or [`SYNTH_NEAR_TIE`]).
+pub fn compare(
+    model: &dyn Model,
+    tok: &Tokenizer,
+    golden: &Value,
+    label: &str,
+    near_tie: f64,
+) -> GoldenReport {
     let mut r = GoldenReport::default();
     let cases = golden["cases"].as_array().expect("golden has cases");
     r.cases = cases.len();
@@ -168,7 +180,7 @@ pub fn compare(model: &dyn Model, tok: &Tokenizer, golden: &Value, label: &str) 
                     sorted[0] - sorted[1]
                 };
                 let known = KNOWN_FLIPS.contains(&(label, id, step));
-                if margin < NEAR_TIE {
+                if margin < near_tie {
                     r.near_tie_flips += 1;
                 } else if known {
                     r.known_flips.push((id.to_string(), step));
