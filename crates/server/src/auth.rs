@@ -27,6 +27,9 @@ pub(crate) fn require_admin(
 /// `/metrics` shows every service's counts: the admin key or a metrics key, when keys are
 /// configured.
 pub(crate) fn require_metrics_reader(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if st.services.metrics_public {
+        return Ok(());
+    }
     match caller(st, headers)? {
         Caller::Admin | Caller::Metrics => Ok(()),
         Caller::Service(_) if !st.services.auth => Ok(()),

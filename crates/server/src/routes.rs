@@ -72,6 +72,17 @@ pub(crate) async fn health(State(st): St) -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
+/// `/live`: 200 while the server works, draining included (a liveness probe must not kill a
+/// server that is finishing its requests); 503 once the scheduler thread has died, which a
+/// restart cures. `/health` is the readiness signal.
+pub(crate) async fn live(State(st): St) -> Response {
+    if !st.sched.alive() {
+        let body = json!({"status": "error", "reason": "the scheduler thread has stopped"});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(json!({"status": "ok"})).into_response()
+}
+
 pub(crate) async fn metrics(State(st): St, headers: HeaderMap) -> Response {
     if let Err(e) = require_metrics_reader(&st, &headers) {
         return e.into_response();

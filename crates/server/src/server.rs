@@ -414,6 +414,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/live", get(live))
         .route("/metrics", get(metrics))
         .route("/v1/usage", get(usage_endpoint))
         .route("/v1/services", get(services_endpoint))

@@ -147,6 +147,21 @@ pub struct AdminConfig {
     pub key_hashes: Vec<String>,
 }
 
+/// `[metrics]` of `modu.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default)]
+    pub key_hashes: Vec<String>,
+    /// `/metrics` readable without a key although keys are configured: for scrapers that
+    /// cannot send one, such as the Gateway API Inference Extension's endpoint picker (its
+    /// metrics data source has no credentials). It then shows every service's series and
+    /// every module's name to whoever reaches the port: route only `/v1` to the server from
+    /// outside (deploy/kubernetes does).
+    #[serde(default)]
+    pub public: bool,
+}
+
 /// The whole `modu.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,9 +173,10 @@ pub struct FileConfig {
     pub machine: MachineConfig,
     #[serde(default)]
     pub admin: AdminConfig,
-    /// `[metrics] key_hashes`: keys that may read `/metrics` and nothing else (for scrapers).
+    /// `[metrics]`: keys that may read `/metrics` and nothing else (for scrapers), or
+    /// `public = true`.
     #[serde(default)]
-    pub metrics: AdminConfig,
+    pub metrics: MetricsConfig,
     /// Services by name, in file order.
     #[serde(default)]
     pub services: OrderedServices,
@@ -206,6 +222,8 @@ pub struct ServicesConfig {
     pub admin_key_hashes: Vec<String>,
     /// Keys that may only scrape `/metrics`.
     pub metrics_key_hashes: Vec<String>,
+    /// `[metrics] public`: `/metrics` needs no key.
+    pub metrics_public: bool,
     pub machine: MachineConfig,
     pub database: Option<PathBuf>,
     /// `[modules]`: name → adapter path.
@@ -225,6 +243,7 @@ impl ServicesConfig {
             )],
             admin_key_hashes: vec![],
             metrics_key_hashes: vec![],
+            metrics_public: false,
             machine: MachineConfig::default(),
             database: None,
             modules: vec![],
@@ -328,6 +347,7 @@ impl ServicesConfig {
             services,
             admin_key_hashes: file.admin.key_hashes,
             metrics_key_hashes: file.metrics.key_hashes,
+            metrics_public: file.metrics.public,
             machine: file.machine,
             database: file.database,
             modules: file.modules.into_iter().collect(),
@@ -427,6 +447,8 @@ pub struct Services {
     pub list: Vec<Service>,
     by_hash: HashMap<String, Caller>,
     pub auth: bool,
+    /// `[metrics] public`.
+    pub metrics_public: bool,
     pub machine: MachineConfig,
 }
 
@@ -457,6 +479,7 @@ impl Services {
                 .collect(),
             by_hash,
             auth: c.auth_enabled(),
+            metrics_public: c.metrics_public,
             machine: c.machine.clone(),
         }
     }

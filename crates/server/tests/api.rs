@@ -232,6 +232,9 @@ fn models_health_and_metrics() {
     let (s, t) = get(&base, "/health");
     assert_eq!(s, 200);
     assert_eq!(json(&t)["status"], "ok");
+    let (s, t) = get(&base, "/live");
+    assert_eq!(s, 200);
+    assert_eq!(json(&t)["status"], "ok");
     let (s, t) = get(&base, "/v1/models");
     assert_eq!(s, 200);
     assert_eq!(json(&t)["data"][0]["id"], MODEL);

@@ -529,3 +529,48 @@ fn a_dead_scheduler_fails_health_and_the_server_exits_with_an_error() {
         .expect_err("a dead scheduler must end the server with an error");
     assert!(err.to_string().contains("scheduler"), "{err}");
 }
+
+/// `[metrics] public = true`: `/metrics` (with the GAIE `vllm:*` series) answers without a key
+/// while every other route still needs one; without it, `/metrics` needs the admin or a
+/// metrics key. `/live` and `/health` need no key either way.
+#[test]
+fn public_metrics_open_metrics_only() {
+    for public in [true, false] {
+        let text = format!(
+            "[metrics]\npublic = {public}\n\n[services.a]\nkey_hashes = [\"{}\"]\n",
+            hash_key(A)
+        );
+        let services = ServicesConfig::parse(&text, Path::new("public.toml")).unwrap();
+        let config = ServeConfig {
+            port: 0,
+            parallel: 2,
+            max_queue: 8,
+            ctx: CTX,
+            prefill_chunk: 16,
+            services,
+            ..ServeConfig::default()
+        };
+        let h = modu_server::start(served(), config, false).expect("starting the server");
+        let base = format!("http://{}", h.addr);
+        let (st, body) = call("GET", &base, "/metrics", None, None);
+        if public {
+            assert_eq!(st, 200, "{body}");
+            assert!(body.contains("vllm:num_requests_waiting"), "{body}");
+        } else {
+            assert_eq!(st, 401, "{body}");
+        }
+        // A service key reads /metrics only when it is public.
+        let (st, _) = call("GET", &base, "/metrics", Some(A), None);
+        assert_eq!(st, if public { 200 } else { 403 });
+        let body = json!({"prompt": PROMPT, "max_tokens": 1});
+        assert_eq!(
+            call("POST", &base, "/v1/completions", None, Some(&body)).0,
+            401
+        );
+        assert_eq!(call("GET", &base, "/v1/usage", None, None).0, 401);
+        for path in ["/live", "/health"] {
+            assert_eq!(call("GET", &base, path, None, None).0, 200, "{path}");
+        }
+        h.stop().unwrap();
+    }
+}
