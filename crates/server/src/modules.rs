@@ -79,6 +79,8 @@ pub struct ModuleRegistry {
     inner: Mutex<Inner>,
     generations: AtomicU64,
     evictions: AtomicU64,
+    /// Times an evicted module was read back in for a request.
+    reloads: AtomicU64,
     /// Canonical directories run-time loads may read from.
     dirs: Vec<PathBuf>,
 }
@@ -118,6 +120,7 @@ impl ModuleRegistry {
             }),
             generations: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
             dirs: Vec::new(),
         }
     }
@@ -267,6 +270,7 @@ impl ModuleRegistry {
                 generation: e.generation,
             });
         }
+        self.reloads.fetch_add(1, Ordering::Relaxed);
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         e.adapter = Some(ad.clone());
         e.generation = generation;
@@ -358,6 +362,11 @@ impl ModuleRegistry {
 
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Evicted modules read back in for a request.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {

@@ -83,13 +83,26 @@ pub(crate) async fn live(State(st): St) -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
+/// Module residency counters: how often the memory budget evicted a module and how often an
+/// evicted one was read back for a request (what module-affine routing saves).
+fn module_counters(st: &AppState) -> String {
+    format!(
+        "# HELP modu_module_evictions_total Modules whose weights were dropped to fit --module-mem.\n\
+         # TYPE modu_module_evictions_total counter\nmodu_module_evictions_total {}\n\
+         # HELP modu_module_reloads_total Evicted modules read back in for a request.\n\
+         # TYPE modu_module_reloads_total counter\nmodu_module_reloads_total {}\n",
+        st.modules.evictions(),
+        st.modules.reloads()
+    )
+}
+
 pub(crate) async fn metrics(State(st): St, headers: HeaderMap) -> Response {
     if let Err(e) = require_metrics_reader(&st, &headers) {
         return e.into_response();
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render() + &crate::gaie::render(&st),
+        st.metrics.render() + &module_counters(&st) + &crate::gaie::render(&st),
     )
         .into_response()
 }
@@ -149,6 +162,7 @@ pub(crate) async fn list_modules(State(st): St, headers: HeaderMap) -> Response 
         "base": st.id,
         "resident_bytes": if full { json!(st.modules.resident_bytes()) } else { Value::Null },
         "evictions": if full { json!(st.modules.evictions()) } else { Value::Null },
+        "reloads": if full { json!(st.modules.reloads()) } else { Value::Null },
         "data": list,
     }))
     .into_response()

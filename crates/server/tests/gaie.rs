@@ -159,3 +159,53 @@ fn gaie_metrics_parse_and_mean_what_the_protocol_says() {
     );
     h.stop().unwrap();
 }
+
+/// With a module budget of one module, alternating two modules evicts and reloads them, and
+/// `/metrics` counts both (`modu_module_evictions_total`, `modu_module_reloads_total`: what
+/// module-affine routing saves); `max_lora` is the budget over the module size.
+#[test]
+fn module_budget_evictions_and_reloads_are_counted() {
+    let a = lora_fixture::lora("lora-a.gguf");
+    let size = std::fs::metadata(&a).unwrap().len() as usize;
+    let config = ServeConfig {
+        port: 0,
+        parallel: 1,
+        ctx: 256,
+        modules: vec![
+            ("m0".into(), a.clone()),
+            ("m1".into(), lora_fixture::lora("lora-b.gguf")),
+        ],
+        module_mem: size + size / 2,
+        ..ServeConfig::default()
+    };
+    let h = modu_server::start(common::served_named(QWEN), config, false).expect("server");
+    let base = format!("http://{}", h.addr);
+    let counter = |name: &str| -> f64 {
+        let (_, t) = get(&base, "/metrics");
+        t.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = (
+        counter("modu_module_evictions_total"),
+        counter("modu_module_reloads_total"),
+    );
+    for m in ["m0", "m1", "m0", "m1"] {
+        let (st, _) = common::post(
+            &base,
+            "/v1/completions",
+            &json!({"model": m, "prompt": "Hi", "max_tokens": 1}).to_string(),
+        );
+        assert_eq!(st, 200);
+    }
+    let evictions = counter("modu_module_evictions_total") - before.0;
+    let reloads = counter("modu_module_reloads_total") - before.1;
+    assert!(evictions >= 3.0, "{evictions} evictions");
+    assert!(reloads >= 3.0, "{reloads} reloads");
+    let (lora, _) = gauge(&scrape(&base), "vllm:lora_requests_info");
+    assert_eq!(lora["max_lora"], "1");
+    h.stop().unwrap();
+}
