@@ -510,8 +510,12 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     let model = match &a.request_model {
         Some(m) => m.clone(),
         None => {
-            let v: Value = agent
-                .get(&format!("{base}/v1/models"))
+            let mut req = agent.get(&format!("{base}/v1/models"));
+            if let Some(k) = a.api_keys.first() {
+                // A keyed server lists models only to a key.
+                req = req.set("Authorization", &format!("Bearer {k}"));
+            }
+            let v: Value = req
                 .call()
                 .with_context(|| format!("listing models at {base}/v1/models"))?
                 .into_json()?;

@@ -107,16 +107,34 @@ pub(crate) async fn metrics(State(st): St, headers: HeaderMap) -> Response {
         .into_response()
 }
 
-pub(crate) async fn models(State(st): St) -> Json<Value> {
+/// `GET /v1/models`: the base model and the modules. With keys configured it needs one, as
+/// OpenAI's does, and a service sees only the modules it may use (module names are one
+/// service's business, not another's); a metrics key may not list.
+pub(crate) async fn models(State(st): St, headers: HeaderMap) -> Response {
+    let caller = match caller(&st, &headers) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if st.services.auth && caller == Caller::Metrics {
+        return ApiError::from(Refusal::Forbidden(
+            "a metrics key may only read /metrics".into(),
+        ))
+        .into_response();
+    }
     let mut data =
         vec![json!({"id": st.id, "object": "model", "created": st.started, "owned_by": "modu"})];
     for m in st.modules.list() {
+        if let (true, Caller::Service(i)) = (st.services.auth, &caller) {
+            if st.services.check_allowed(*i, &m.name).is_err() {
+                continue;
+            }
+        }
         data.push(json!({
             "id": m.name, "object": "model", "created": st.started, "owned_by": "modu",
             "parent": st.id, "module": {"rank": m.rank, "alpha": m.alpha, "resident": m.resident},
         }));
     }
-    Json(json!({"object": "list", "data": data}))
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 pub(crate) fn module_error(e: ModuleError) -> ApiError {

@@ -209,3 +209,62 @@ fn module_budget_evictions_and_reloads_are_counted() {
     assert_eq!(lora["max_lora"], "1");
     h.stop().unwrap();
 }
+
+/// With keys configured `/v1/models` needs one, and a service lists only the modules it may
+/// use: another service's module names are not its business.
+#[test]
+fn model_listing_is_per_service_when_keys_are_configured() {
+    use modu_server::services::{hash_key, ServicesConfig};
+    let text = format!(
+        "[admin]\nkey_hashes = [\"{}\"]\n\n[metrics]\nkey_hashes = [\"{}\"]\n\n\
+         [services.a]\nkey_hashes = [\"{}\"]\nallowed_modules = [\"m0\"]\n\n\
+         [services.b]\nkey_hashes = [\"{}\"]\n",
+        hash_key("list-admin"),
+        hash_key("list-metrics"),
+        hash_key("list-a"),
+        hash_key("list-b")
+    );
+    let config = ServeConfig {
+        port: 0,
+        parallel: 1,
+        ctx: 256,
+        modules: vec![
+            ("m0".into(), lora_fixture::lora("lora-a.gguf")),
+            ("m1".into(), lora_fixture::lora("lora-b.gguf")),
+        ],
+        services: ServicesConfig::parse(&text, std::path::Path::new("list.toml")).unwrap(),
+        ..ServeConfig::default()
+    };
+    let h = modu_server::start(common::served_named(QWEN), config, false).expect("server");
+    let base = format!("http://{}", h.addr);
+    let list = |key: Option<&str>| -> (u16, Vec<String>) {
+        let mut r = ureq::get(&format!("{base}/v1/models"));
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        match r.call() {
+            Ok(resp) => {
+                let v: Value = resp.into_json().unwrap();
+                let ids = v["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["id"].as_str().unwrap().to_string())
+                    .collect();
+                (200, ids)
+            }
+            Err(ureq::Error::Status(c, _)) => (c, vec![]),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(list(None).0, 401);
+    assert_eq!(list(Some("list-metrics")).0, 403);
+    let (st, a) = list(Some("list-a"));
+    assert_eq!(st, 200);
+    assert_eq!(a[1..], ["m0"], "service a may use m0 only: {a:?}");
+    let (_, b) = list(Some("list-b"));
+    assert_eq!(b[1..], ["m0", "m1"]);
+    let (_, admin) = list(Some("list-admin"));
+    assert_eq!(admin[1..], ["m0", "m1"]);
+    h.stop().unwrap();
+}
