@@ -1,7 +1,7 @@
 //! The connection layer: accepting sockets under a connection cap, HTTP/1 with a header
 //! timeout (which also bounds how long a kept-alive connection may idle), and the drain on
-//! shutdown: stop accepting, refuse new requests with 503, let in-flight responses finish up to
-//! the drain timeout, then cancel what is left.
+//! shutdown: refuse new requests with 503 (still answering probes), let in-flight responses
+//! finish up to the drain timeout, then cancel what is left and stop listening.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -65,16 +65,22 @@ pub(crate) async fn serve_connections(
             }
         }
     };
-    // No new connections from here on; requests on open ones get 503 while the responses
-    // already under way run to their end.
-    drop(listener);
+    // Draining: the responses already under way run to their end; new requests get 503 (and
+    // `/health` 503, `/live` 200), on open connections and on new ones, which are still
+    // accepted so that a load balancer's or kubelet's probe sees the drain instead of a refused
+    // connection. New connections are closed after one request and not waited for.
     state.draining.store(true, Ordering::SeqCst);
     let drained = match why {
-        Stop::Asked => tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
-            .await
-            .is_ok(),
+        Stop::Asked => {
+            let drain = tokio::time::timeout(limits.drain_timeout, graceful.shutdown());
+            tokio::select! {
+                r = drain => r.is_ok(),
+                () = accept_while_draining(&listener, &app, &slots, &state) => false,
+            }
+        }
         Stop::SchedulerDied => false,
     };
+    drop(listener);
     if !drained {
         // Cancel whatever is left (their clients get an error event / 503).
         state.sched.shutdown();
@@ -84,5 +90,40 @@ pub(crate) async fn serve_connections(
         Stop::SchedulerDied => Err(ServerError::Runtime(std::io::Error::other(
             "the scheduler thread died; exiting so that a supervisor can restart the server",
         ))),
+    }
+}
+
+/// Serves connections accepted during the drain (see [`serve_connections`]): one request each,
+/// under the same connection cap and header timeout; never returns.
+async fn accept_while_draining(
+    listener: &tokio::net::TcpListener,
+    app: &Router,
+    slots: &Arc<tokio::sync::Semaphore>,
+    state: &Arc<AppState>,
+) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            state
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(state.limits.header_timeout)
+            .keep_alive(false)
+            .max_buf_size(64 << 10);
+        let conn =
+            builder.serve_connection(TokioIo::new(sock), TowerToHyperService::new(app.clone()));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
     }
 }

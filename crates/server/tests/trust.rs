@@ -513,6 +513,64 @@ fn shutdown_drains_in_flight_requests_then_exits() {
     assert!(TcpStream::connect(base.strip_prefix("http://").unwrap()).is_err());
 }
 
+/// While draining, the server still accepts connections and answers them: `/health` 503 (the
+/// readiness signal), `/live` 200 (a liveness probe must not kill it), new generations 503 —
+/// and the stream under way still finishes.
+#[test]
+fn a_draining_server_answers_probes_and_refuses_new_work() {
+    let h = own_server(HttpLimits {
+        drain_timeout: Duration::from_secs(60),
+        ..HttpLimits::default()
+    });
+    let base = format!("http://{}", h.addr);
+    let b2 = base.clone();
+    let stream = std::thread::spawn(move || {
+        post(
+            &b2,
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "max_tokens": 60, "stream": true, "temperature": 0,
+                    "ignore_eos": true})
+            .to_string(),
+        )
+    });
+    wait_for("the stream to start", 30, || {
+        (metric(&base, "modu_generation_tokens_total") > 0.0).then_some(())
+    });
+    let stopper = std::thread::spawn(move || h.stop());
+    // Each probe on a new connection, as a kubelet's (the drain closes idle kept-alive ones;
+    // a connection accepted in the instant the drain starts may be closed unanswered, which
+    // only the wait below tolerates).
+    let fresh = |method: &str, path: &str| -> Option<u16> {
+        let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
+        let r = agent.request(method, &format!("{base}{path}"));
+        let res = if method == "POST" {
+            r.set("Content-Type", "application/json")
+                .send_string(&json!({"prompt": PROMPT, "max_tokens": 1}).to_string())
+        } else {
+            r.call()
+        };
+        match res {
+            Ok(resp) => Some(resp.status()),
+            Err(ureq::Error::Status(c, _)) => Some(c),
+            Err(_) => None,
+        }
+    };
+    wait_for("the drain to start", 30, || {
+        (fresh("GET", "/health") == Some(503)).then_some(())
+    });
+    assert_eq!(fresh("GET", "/live"), Some(200), "alive while draining");
+    assert_eq!(
+        fresh("POST", "/v1/completions"),
+        Some(503),
+        "no new work while draining"
+    );
+    let (st, body) = stream.join().unwrap();
+    assert_eq!(st, 200);
+    assert_eq!(sse_events(&body).last().unwrap(), "[DONE]");
+    stopper.join().unwrap().unwrap();
+    assert!(TcpStream::connect(base.strip_prefix("http://").unwrap()).is_err());
+}
+
 #[test]
 fn a_dead_scheduler_fails_health_and_the_server_exits_with_an_error() {
     let h = own_server(HttpLimits::default());
