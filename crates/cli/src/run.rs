@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use modu_engine::chat::{ChatMessage, ChatTemplate};
-use modu_engine::generate::{generate_constrained, generate_with, GenerateParams};
+use modu_engine::generate::{
+    generate_constrained, generate_drafted, generate_with, GenerateParams,
+};
 use modu_engine::{load_model, Grammar, GrammarEngine, Model, SamplingParams, Tokenizer};
 use modu_gguf::GgufFile;
 
@@ -77,7 +79,7 @@ pub struct SpecArgs {
     /// prompt (edits, extraction); backs off when drafts miss. Not used with a grammar.
     #[arg(long = "spec", value_enum, default_value = "none")]
     pub spec: SpecMode,
-    /// Most draft tokens checked per forward pass (with --spec ngram).
+    /// Most draft tokens checked per forward pass (with --spec ngram, or `modu run --draft`).
     #[arg(long = "spec-draft", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub spec_draft: u16,
 }
@@ -162,6 +164,11 @@ pub struct RunArgs {
     /// Constrain the output to match this regular expression.
     #[arg(long, value_name = "REGEX", allow_hyphen_values = true)]
     pub regex: Option<String>,
+    /// Speculative decoding with a draft model of the same vocabulary (a path, known name or
+    /// hf: source; e.g. a smaller model of the family): each forward pass of MODEL checks up to
+    /// --spec-draft of its greedy tokens. The output is the same as without.
+    #[arg(long, value_name = "MODEL", conflicts_with_all = ["grammar", "regex", "json_object", "json_schema"])]
+    pub draft: Option<String>,
 }
 
 impl RunArgs {
@@ -352,7 +359,14 @@ pub fn run(a: RunArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let params = a.sampling.params(a.logprobs)?;
+    let mut params = a.sampling.params(a.logprobs)?;
+    if a.draft.is_some() {
+        // The draft model's tokens, as many per pass as --spec-draft allows.
+        params.speculative = Some(modu_engine::SpecConfig {
+            max_draft: a.sampling.spec.spec_draft as usize,
+            ..Default::default()
+        });
+    }
     let l = load(&a.model)?;
     let modules = crate::module::load_modules(&a.modules, l.model.as_ref())?;
     let text = if a.chat {
@@ -394,8 +408,39 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    let gen = on_pool(|| {
-        generate_constrained(
+    let draft = match &a.draft {
+        Some(spec) => {
+            let d = load(&ModelArgs {
+                model: spec.clone(),
+                ..a.model.clone()
+            })?;
+            modu_engine::speculate::same_vocabulary(&l.file, &d.file)
+                .map_err(|e| anyhow::anyhow!("--draft {spec}: {e}"))?;
+            Some(d)
+        }
+        None => None,
+    };
+    let on_piece = |piece: &str, _: &modu_engine::generate::GeneratedToken| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        if !json {
+            let mut o = stdout.lock();
+            let _ = o.write_all(piece.as_bytes());
+            let _ = o.flush();
+        }
+        ControlFlow::Continue(())
+    };
+    let gen = on_pool(|| match &draft {
+        Some(d) => generate_drafted(
+            l.model.as_ref(),
+            d.model.as_ref(),
+            &l.tokenizer,
+            &mut cache,
+            &ids,
+            &params,
+            &modules,
+            on_piece,
+        ),
+        None => generate_constrained(
             l.model.as_ref(),
             &l.tokenizer,
             &mut cache,
@@ -403,16 +448,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             &params,
             &modules,
             constraint,
-            |piece, _| {
-                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-                if !json {
-                    let mut o = stdout.lock();
-                    let _ = o.write_all(piece.as_bytes());
-                    let _ = o.flush();
-                }
-                ControlFlow::Continue(())
-            },
-        )
+            on_piece,
+        ),
     })?;
     let total = t0.elapsed().as_secs_f64();
     if json {
@@ -432,9 +469,14 @@ pub fn run(a: RunArgs) -> Result<()> {
             if total > ttft { (n.saturating_sub(1)) as f64 / (total - ttft) } else { 0.0 },
             gen.finish.as_str()
         );
-        if params.speculative.is_some() {
+        if params.speculative.is_some() || draft.is_some() {
             eprintln!(
-                "speculative (ngram): {} draft tokens in {} passes, {} kept ({:.0} %)",
+                "speculative ({}): {} draft tokens in {} passes, {} kept ({:.0} %)",
+                if draft.is_some() {
+                    "draft model"
+                } else {
+                    "ngram"
+                },
                 gen.spec.drafted,
                 gen.spec.rounds,
                 gen.spec.accepted,

@@ -42,6 +42,8 @@ pub enum ModelError {
     BadToken { id: u32, vocab: usize },
     #[error("bad request for logits: {0}")]
     BadTail(String),
+    #[error("draft model: {0}")]
+    DraftMismatch(String),
     #[error("empty input")]
     EmptyInput,
     #[error("module: {0}")]

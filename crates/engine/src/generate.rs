@@ -11,7 +11,7 @@ use crate::kv_cache::KvCache;
 use crate::lora::ModuleRef;
 use crate::models::{Logits, Model};
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
-use crate::speculate::{NgramDrafter, SpecConfig, SpecStats};
+use crate::speculate::{ModelDrafter, NgramDrafter, SpecConfig, SpecStats};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -245,6 +245,95 @@ pub fn generate_constrained(
     prompt: &[u32],
     params: &GenerateParams,
     modules: &[ModuleRef],
+    constraint: Option<Constraint>,
+    on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
+) -> Result<Generation, ModelError> {
+    generate_inner(
+        model, None, tokenizer, cache, prompt, params, modules, constraint, on_text,
+    )
+}
+
+/// [`generate_with`] with speculative decoding by a draft model of the same vocabulary
+/// (check with [`crate::speculate::same_vocabulary`]): each pass verifies up to
+/// `params.speculative`'s `max_draft` (default 8) of the draft model's greedy tokens. The
+/// output is exactly that of plain decoding; `Generation::spec` counts drafted and kept tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_drafted(
+    model: &dyn Model,
+    draft: &dyn Model,
+    tokenizer: &Tokenizer,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    params: &GenerateParams,
+    modules: &[ModuleRef],
+    on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
+) -> Result<Generation, ModelError> {
+    if draft.info().n_vocab != model.info().n_vocab {
+        return Err(ModelError::DraftMismatch(format!(
+            "it has {} logits per token, the model {}",
+            draft.info().n_vocab,
+            model.info().n_vocab
+        )));
+    }
+    generate_inner(
+        model,
+        Some(draft),
+        tokenizer,
+        cache,
+        prompt,
+        params,
+        modules,
+        None,
+        on_text,
+    )
+}
+
+/// What proposes drafts for one generation.
+enum Drafter<'a> {
+    Ngram(NgramDrafter),
+    Model(ModelDrafter<'a>),
+}
+
+impl Drafter<'_> {
+    fn propose(
+        &mut self,
+        history: &[u32],
+        limit: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<(), ModelError> {
+        match self {
+            Drafter::Ngram(d) => {
+                d.propose(history, limit, out);
+                Ok(())
+            }
+            Drafter::Model(d) => d.propose(history, limit, out),
+        }
+    }
+
+    fn observe(&mut self, drafted: usize, accepted: usize) {
+        match self {
+            Drafter::Ngram(d) => d.observe(drafted, accepted),
+            Drafter::Model(d) => d.observe(drafted, accepted),
+        }
+    }
+
+    fn stats(&self) -> SpecStats {
+        match self {
+            Drafter::Ngram(d) => d.stats,
+            Drafter::Model(d) => d.stats,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_inner(
+    model: &dyn Model,
+    draft_model: Option<&dyn Model>,
+    tokenizer: &Tokenizer,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    params: &GenerateParams,
+    modules: &[ModuleRef],
     mut constraint: Option<Constraint>,
     mut on_text: impl FnMut(&str, &GeneratedToken) -> ControlFlow<()>,
 ) -> Result<Generation, ModelError> {
@@ -262,9 +351,15 @@ pub fn generate_constrained(
         model.forward_seqs_with(&[&prompt[cached..]], &mut [&mut *cache], Logits::Last, mods)?;
     let n_vocab = model.info().n_vocab;
     let mut draft: Vec<u32> = Vec::new();
-    let mut drafter = match (&params.speculative, &constraint) {
-        (Some(cfg), None) => Some(NgramDrafter::new(*cfg)),
-        _ => None,
+    let mut drafter = match (draft_model, &params.speculative, &constraint) {
+        (_, _, Some(_)) => None,
+        (Some(m), cfg, None) => Some(Drafter::Model(ModelDrafter::new(
+            m,
+            cache.max_len(),
+            cfg.map_or(SpecConfig::default().max_draft, |c| c.max_draft),
+        ))),
+        (None, Some(cfg), None) => Some(Drafter::Ngram(NgramDrafter::new(*cfg))),
+        (None, None, None) => None,
     };
 
     let mut sampler = Sampler::new(params.sampling.clone());
@@ -359,7 +454,7 @@ pub fn generate_constrained(
         draft.clear();
         if let Some(d) = drafter.as_mut() {
             let left = params.max_tokens - out.tokens.len();
-            d.propose(&history, (room - 1).min(left.saturating_sub(1)), &mut draft);
+            d.propose(&history, (room - 1).min(left.saturating_sub(1)), &mut draft)?;
         }
         let mut input = Vec::with_capacity(1 + draft.len());
         input.push(next);
@@ -367,7 +462,7 @@ pub fn generate_constrained(
         rows = model.forward_seqs_tail(&[&input], &mut [&mut *cache], &[input.len()], mods)?;
     }
     if let Some(d) = &drafter {
-        out.spec = d.stats;
+        out.spec = d.stats();
     }
     if finish != FinishReason::Stop {
         let mut rest = decoder.finish();

@@ -130,6 +130,127 @@ impl NgramDrafter {
     }
 }
 
+/// A smaller model of the same vocabulary as the drafter: it proposes its own greedy
+/// continuation, keeping its own KV cache in step with the sequence (after a verification it
+/// drops what was rejected and feeds what it missed). The draft length adapts as the n-gram
+/// drafter's does (doubles after a full hit, else one more than was kept, up to `max_draft`),
+/// so a draft model that disagrees costs one draft token per pass.
+/// Greedy drafts are a function of the history alone, so verification keeps the output
+/// exactly that of plain decoding (see [`crate::Sampler::verify`]).
+pub struct ModelDrafter<'a> {
+    model: &'a dyn crate::Model,
+    cache: crate::KvCache,
+    /// The tokens the draft cache holds, in order.
+    fed: Vec<u32>,
+    max_draft: usize,
+    /// Draft length of the next proposal.
+    len: usize,
+    pub stats: SpecStats,
+}
+
+impl<'a> ModelDrafter<'a> {
+    /// A drafter with a cache of `max_len` positions (the main sequence's context).
+    pub fn new(model: &'a dyn crate::Model, max_len: usize, max_draft: usize) -> Self {
+        ModelDrafter {
+            model,
+            cache: model.new_cache(max_len),
+            fed: Vec::new(),
+            max_draft: max_draft.max(1),
+            len: max_draft.clamp(1, 4),
+            stats: SpecStats::default(),
+        }
+    }
+
+    /// Draft at most `limit` tokens to follow `history` into `out` (cleared first).
+    pub fn propose(
+        &mut self,
+        history: &[u32],
+        limit: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<(), crate::ModelError> {
+        out.clear();
+        let want = self.len.min(limit);
+        if want == 0 || history.is_empty() {
+            return Ok(());
+        }
+        // Keep the longest cached prefix of the history, recomputing at least its last token
+        // (whose logits start the draft).
+        let common = self
+            .fed
+            .iter()
+            .zip(history)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(history.len() - 1);
+        self.cache.truncate(common);
+        self.fed.truncate(common);
+        // A draft needs room for its own tokens too (all but the last are fed).
+        if self.cache.max_len() < history.len() + want {
+            return Ok(());
+        }
+        let mut logits =
+            self.model
+                .forward(&history[common..], &mut self.cache, crate::Logits::Last)?;
+        self.fed.extend_from_slice(&history[common..]);
+        loop {
+            let t = crate::sampling::argmax(&logits);
+            out.push(t);
+            if out.len() == want {
+                return Ok(());
+            }
+            logits = self
+                .model
+                .forward(&[t], &mut self.cache, crate::Logits::Last)?;
+            self.fed.push(t);
+        }
+    }
+
+    /// Count a verification: `accepted` of `drafted` tokens were kept.
+    pub fn observe(&mut self, drafted: usize, accepted: usize) {
+        if drafted > 0 {
+            self.stats.rounds += 1;
+            self.stats.drafted += drafted;
+            self.stats.accepted += accepted;
+            self.len = if accepted == drafted {
+                (self.len * 2).min(self.max_draft)
+            } else {
+                (accepted + 1).clamp(1, self.max_draft)
+            };
+        }
+    }
+}
+
+/// Whether two models share a vocabulary (the same `tokenizer.ggml.tokens`, in order), which a
+/// draft model must: its token ids are verified as the main model's.
+pub fn same_vocabulary(
+    main: &modu_gguf::GgufFile,
+    draft: &modu_gguf::GgufFile,
+) -> Result<(), String> {
+    let tokens = |f: &modu_gguf::GgufFile| {
+        f.get_array("tokenizer.ggml.tokens")
+            .and_then(|a| a.as_strings())
+            .map(|t| t.to_vec())
+    };
+    match (tokens(main), tokens(draft)) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        (Some(a), Some(b)) => {
+            let at = a.iter().zip(&b).position(|(x, y)| x != y);
+            Err(match at {
+                Some(i) => format!(
+                    "the draft model's token {i} is {:?}, the model's {:?}",
+                    b[i], a[i]
+                ),
+                None => format!(
+                    "the draft model has {} tokens, the model {}",
+                    b.len(),
+                    a.len()
+                ),
+            })
+        }
+        _ => Err("a model has no tokenizer.ggml.tokens".into()),
+    }
+}
+
 /// Where the continuation of the most recent earlier occurrence of `history`'s last `n` tokens
 /// starts, for the longest `n` in `n_max..=n_min` that has one.
 fn lookup(history: &[u32], n_max: usize, n_min: usize) -> Option<usize> {

@@ -144,3 +144,88 @@ fn verification_rows_are_the_single_token_logits() {
         assert_eq!(part.len(), before);
     }
 }
+
+/// A draft model of the same vocabulary: Qwen drafting for itself (its drafts are its own greedy
+/// tokens, so nearly all are kept) and the synthetic Qwen2 model (`modu synth`, random weights
+/// with Qwen's tokenizer, so nearly all are rejected) both leave greedy output exactly that of
+/// plain decoding, logprobs to the bit. A model of another vocabulary is refused.
+#[test]
+fn a_draft_model_keeps_greedy_output_exact() {
+    use modu_engine::generate::generate_drafted;
+    use modu_engine::speculate::same_vocabulary;
+    use modu_engine::synth::{synthesize, SynthArch};
+    let file = Arc::new(GgufFile::open(common::model_path("qwen")).unwrap());
+    let m = load("qwen");
+    let mut bytes = Vec::new();
+    synthesize(SynthArch::Qwen2, &file, 1)
+        .unwrap()
+        .write_to(&mut bytes)
+        .unwrap();
+    let synth_file = Arc::new(GgufFile::from_bytes(bytes).unwrap());
+    same_vocabulary(&file, &synth_file).expect("the synthetic model has Qwen's vocabulary");
+    let gemma = GgufFile::open(common::model_path("gemma")).unwrap();
+    assert!(same_vocabulary(&file, &gemma).is_err());
+    let random = load_model(synth_file).unwrap();
+    let rendered = m
+        .template
+        .render(&[ChatMessage::new("user", PROMPTS[0])], true, "", "")
+        .unwrap();
+    let prompt = m.tok.encode(&rendered, true, true).unwrap();
+    let params = GenerateParams {
+        max_tokens: 48,
+        sampling: SamplingParams::greedy(),
+        speculative: Some(SpecConfig {
+            max_draft: 4,
+            ..SpecConfig::default()
+        }),
+        ..GenerateParams::default()
+    };
+    let cont =
+        |_: &str, _: &modu_engine::generate::GeneratedToken| std::ops::ControlFlow::Continue(());
+    let mut cache = m.model.new_cache(prompt.len() + 64);
+    let plain = generate(
+        &*m.model,
+        &m.tok,
+        &mut cache,
+        &prompt,
+        &GenerateParams {
+            speculative: None,
+            ..params.clone()
+        },
+        cont,
+    )
+    .unwrap();
+    for (label, draft, min_kept) in [("itself", &*m.model, 0.9), ("random", &*random, 0.0)] {
+        let mut cache = m.model.new_cache(prompt.len() + 64);
+        let g = generate_drafted(
+            &*m.model,
+            draft,
+            &m.tok,
+            &mut cache,
+            &prompt,
+            &params,
+            &[],
+            cont,
+        )
+        .unwrap();
+        let ids = |g: &modu_engine::generate::Generation| {
+            g.tokens.iter().map(|t| t.id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&g), ids(&plain), "draft {label}: tokens differ");
+        assert_eq!(g.text, plain.text);
+        for (a, b) in plain.tokens.iter().zip(&g.tokens) {
+            assert_eq!(a.logprob.to_bits(), b.logprob.to_bits(), "draft {label}");
+        }
+        assert!(g.spec.drafted > 0, "draft {label}: nothing drafted");
+        assert!(
+            g.spec.acceptance() >= min_kept,
+            "draft {label}: {} of {} kept",
+            g.spec.accepted,
+            g.spec.drafted
+        );
+        eprintln!(
+            "draft {label}: {} drafted, {} kept in {} passes",
+            g.spec.drafted, g.spec.accepted, g.spec.rounds
+        );
+    }
+}
