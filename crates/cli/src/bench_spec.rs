@@ -4,7 +4,8 @@
 //! nothing). Each prompt runs greedy, plain and speculative alternating, `-r` times after a
 //! warm-up pair; the outputs must be identical (the run fails otherwise). Reported per prompt
 //! and per workload: decode tok/s (tokens after the first, over the time after the first), the
-//! ratio, and the share of drafted tokens kept.
+//! ratio, and the share of drafted tokens kept. `--draft MODEL` drafts with a model of the same
+//! vocabulary instead of prompt lookup.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use modu_engine::chat::ChatMessage;
-use modu_engine::generate::{generate, GenerateParams};
+use modu_engine::generate::{generate, generate_drafted, GenerateParams};
 use modu_engine::{SamplingParams, SpecConfig};
 use serde_json::{json, Value};
 
@@ -39,6 +40,9 @@ pub struct SpecBenchArgs {
     /// Most draft tokens checked per forward pass.
     #[arg(long = "spec-draft", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub spec_draft: u16,
+    /// Draft with this model (same vocabulary) instead of prompt lookup.
+    #[arg(long, value_name = "MODEL")]
+    pub draft: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -112,6 +116,18 @@ pub fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         bail!("-r must be at least 1 and -n at least 2");
     }
     let l = load(&a.model)?;
+    let draft = match &a.draft {
+        Some(spec) => {
+            let d = load(&ModelArgs {
+                model: spec.clone(),
+                ..a.model.clone()
+            })?;
+            modu_engine::speculate::same_vocabulary(&l.file, &d.file)
+                .map_err(|e| anyhow::anyhow!("--draft {spec}: {e}"))?;
+            Some(d)
+        }
+        None => None,
+    };
     let tpl = template(&l.file, &None)?;
     let spec = SpecConfig {
         max_draft: a.spec_draft as usize,
@@ -131,18 +147,22 @@ pub fn bench_spec(a: SpecBenchArgs) -> Result<()> {
             };
             let t0 = Instant::now();
             let mut first = None;
-            let g = on_pool(|| {
-                generate(
+            let on_token = |_: &str, _: &modu_engine::generate::GeneratedToken| {
+                first.get_or_insert_with(Instant::now);
+                ControlFlow::Continue(())
+            };
+            let g = on_pool(|| match (&draft, s) {
+                (Some(d), Some(_)) => generate_drafted(
                     &*l.model,
+                    &*d.model,
                     &l.tokenizer,
                     &mut cache,
                     &ids,
                     &params,
-                    |_, _| {
-                        first.get_or_insert_with(Instant::now);
-                        ControlFlow::Continue(())
-                    },
-                )
+                    &[],
+                    on_token,
+                ),
+                _ => generate(&*l.model, &l.tokenizer, &mut cache, &ids, &params, on_token),
             })?;
             let end = Instant::now();
             let decode = (end - first.unwrap_or(t0)).as_secs_f64();
@@ -227,6 +247,7 @@ pub fn bench_spec(a: SpecBenchArgs) -> Result<()> {
             serde_json::to_string_pretty(&json!({
                 "model": a.model.model, "kernels": modu_kernels::simd_level().name(),
                 "n_gen": a.n_gen, "repetitions": a.repetitions, "spec_draft": a.spec_draft,
+                "drafter": a.draft.as_deref().unwrap_or("ngram"),
                 "prompts": rows, "workloads": summary,
             }))?
         );
