@@ -18,7 +18,7 @@ use modu_engine::generate::{generate, generate_drafted, GenerateParams};
 use modu_engine::{SamplingParams, SpecConfig};
 use serde_json::{json, Value};
 
-use crate::run::{load, on_pool, render_chat, template, ModelArgs};
+use crate::run::{load, load_draft, on_pool, render_chat, template, ModelArgs};
 
 /// The committed prompt set (`bench/spec/prompts.jsonl`): English and Korean, copy and chat.
 const DEFAULT_PROMPTS: &str = include_str!("../../../bench/spec/prompts.jsonl");
@@ -116,18 +116,11 @@ pub fn bench_spec(a: SpecBenchArgs) -> Result<()> {
         bail!("-r must be at least 1 and -n at least 2");
     }
     let l = load(&a.model)?;
-    let draft = match &a.draft {
-        Some(spec) => {
-            let d = load(&ModelArgs {
-                model: spec.clone(),
-                ..a.model.clone()
-            })?;
-            modu_engine::speculate::same_vocabulary(&l.file, &d.file)
-                .map_err(|e| anyhow::anyhow!("--draft {spec}: {e}"))?;
-            Some(d)
-        }
-        None => None,
-    };
+    let draft = a
+        .draft
+        .as_deref()
+        .map(|spec| load_draft(&a.model, spec, &l))
+        .transpose()?;
     let tpl = template(&l.file, &None)?;
     let spec = SpecConfig {
         max_draft: a.spec_draft as usize,

@@ -244,6 +244,18 @@ pub struct InfoArgs {
     pub tensors: bool,
 }
 
+/// The `--draft` model `spec`, loaded with `main`'s settings (threads, context), and checked to
+/// share `loaded`'s vocabulary.
+pub fn load_draft(main: &ModelArgs, spec: &str, loaded: &Loaded) -> Result<Loaded> {
+    let d = load(&ModelArgs {
+        model: spec.to_string(),
+        ..main.clone()
+    })?;
+    modu_engine::speculate::same_vocabulary(&loaded.file, &d.file)
+        .map_err(|e| anyhow::anyhow!("--draft {spec}: {e}"))?;
+    Ok(d)
+}
+
 /// A model ready to generate.
 pub struct Loaded {
     pub model: Box<dyn Model>,
@@ -408,18 +420,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    let draft = match &a.draft {
-        Some(spec) => {
-            let d = load(&ModelArgs {
-                model: spec.clone(),
-                ..a.model.clone()
-            })?;
-            modu_engine::speculate::same_vocabulary(&l.file, &d.file)
-                .map_err(|e| anyhow::anyhow!("--draft {spec}: {e}"))?;
-            Some(d)
-        }
-        None => None,
-    };
+    let draft = a
+        .draft
+        .as_deref()
+        .map(|spec| load_draft(&a.model, spec, &l))
+        .transpose()?;
     let on_piece = |piece: &str, _: &modu_engine::generate::GeneratedToken| {
         first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         if !json {

@@ -3,14 +3,9 @@
 //! another vocabulary, or one together with a grammar, is refused with a message naming it.
 //! `modu bench spec --draft MODEL` measures it (and checks the outputs identical itself).
 
-use std::process::Command;
+mod common;
 
-fn modu(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_modu"))
-        .args(args)
-        .output()
-        .expect("spawn modu")
-}
+use common::modu;
 
 const PROMPT: &str = "Copy this line exactly: the quick brown fox jumps over the lazy dog.";
 

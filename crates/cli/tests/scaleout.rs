@@ -13,10 +13,14 @@
 //! * The restarted server rejoins once its `/health` answers, and its modules load on demand:
 //!   a request for an evicted module reloads it (`modu_module_reloads_total`).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use common::Server as Proc;
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
@@ -31,15 +35,6 @@ fn lora(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/golden/lora")
         .join(name)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn serve(port: u16) -> Proc {
