@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod run;
+
 use std::process::{Child, Command, Output, Stdio};
 
 /// Runs `modu ARGS` to completion (stdin closed).
